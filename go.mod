@@ -1,0 +1,13 @@
+module github.com/keyissuer/keyissuer
+
+go 1.26.8
+
+require (
+	github.com/BurntSushi/toml v1.6.0
+	github.com/miekg/pkcs11 v1.1.2
+	go.etcd.io/bbolt v1.4.3
+	golang.org/x/sync v0.25.0
+	golang.org/x/sys v0.50.0
+)
+
+require github.com/stretchr/testify v1.11.1 // indirect
