@@ -1,0 +1,476 @@
+// Package hsm is keyissuer's view of a PKCS#11 token: it generates one-time
+// RSA key pairs inside the token, decrypts with them, and destroys them by
+// handle. It knows nothing of records, HTTP or expiry.
+//
+// The hot path never searches the token (C_FindObjects gets slow with many
+// objects on SoftHSM): a [Key] keeps its object handles. Sessions are
+// long-lived and owned by the [Token]; a session that dies is replaced, with
+// a fresh login and backoff, and while the token is down calls fail fast
+// with [ErrUnavailable]. In session storage, a key's objects live and die
+// with the session that created it, so the Token reports the keys a dead
+// session took with it through [Config.OnLost].
+//
+// github.com/miekg/pkcs11 is used directly rather than crypto11: crypto11's
+// session pool keeps handing out dead sessions after a token fault, it
+// cannot keep a session open for the lifetime of the session objects made in
+// it, and its Delete is not atomic.
+package hsm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Storage says where key objects live.
+type Storage string
+
+const (
+	// StorageSession keeps keys as session objects: in the token's memory
+	// only, gone when the daemon stops. The default.
+	StorageSession Storage = "session"
+	// StorageToken keeps keys as token objects: they survive restarts, and
+	// a network HSM shared by several hosts needs them.
+	StorageToken Storage = "token"
+)
+
+// Key sizes keyissuer accepts. Nothing below 2048 bits.
+var KeySizes = []int{2048, 3072, 4096}
+
+// Config selects and opens a token.
+type Config struct {
+	Module      string  // path of the PKCS#11 module
+	TokenLabel  string  // select the token by label...
+	TokenSerial string  // ...or by serial number (exactly one of the two)
+	PIN         string  // the user PIN; never logged
+	Storage     Storage // session (default) or token
+	LabelPrefix string  // CKA_LABEL and CKA_ID prefix of keyissuer's objects
+	KeyBits     int     // RSA modulus size: 2048 (default), 3072 or 4096
+	Sessions    int     // sessions kept open (default 8)
+	// Paddings the daemon will decrypt with; each is probed at Open to
+	// choose between the token's native mechanism and raw RSA.
+	Paddings []Padding
+	// OnLost is told the IDs of keys whose objects died with a session
+	// (session storage). It is called without locks held and must not
+	// block for long.
+	OnLost func(ids []string)
+	Log    *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.Storage == "" {
+		c.Storage = StorageSession
+	}
+	if c.KeyBits == 0 {
+		c.KeyBits = 2048
+	}
+	if c.Sessions == 0 {
+		c.Sessions = 8
+	}
+	if c.LabelPrefix == "" {
+		c.LabelPrefix = "keyissuer:"
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	if c.OnLost == nil {
+		c.OnLost = func([]string) {}
+	}
+}
+
+func (c *Config) validate() error {
+	switch {
+	case c.Module == "":
+		return errors.New("module path is empty")
+	case (c.TokenLabel == "") == (c.TokenSerial == ""):
+		return errors.New("select the token by exactly one of label or serial")
+	case c.Storage != StorageSession && c.Storage != StorageToken:
+		return fmt.Errorf("unknown storage %q (want session or token)", c.Storage)
+	case c.Sessions < 2:
+		return fmt.Errorf("sessions = %d, want at least 2", c.Sessions)
+	}
+	if !validKeyBits(c.KeyBits) {
+		return fmt.Errorf("key size %d bits not allowed (want 2048, 3072 or 4096)", c.KeyBits)
+	}
+	for _, p := range c.Paddings {
+		if _, err := ParsePadding(string(p)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func validKeyBits(n int) bool {
+	for _, b := range KeySizes {
+		if n == b {
+			return true
+		}
+	}
+	return false
+}
+
+// Info describes the open token, for logs and status.
+type Info struct {
+	Label, Serial, Model, Manufacturer string
+	Storage                            Storage
+	KeyBits                            int
+	Methods                            map[Padding]Method // how each padding is done
+}
+
+// Token is an open, logged-in PKCS#11 token. It is safe for concurrent use.
+type Token struct {
+	cfg  Config
+	mod  *module
+	slot uint
+	info Info
+
+	idle chan *session // sessions not in use; len == cfg.Sessions when all idle
+
+	mu       sync.Mutex
+	down     bool      // the last reconnect failed
+	retryAt  time.Time // while down, calls before this fail fast
+	backoff  time.Duration
+	serial   uint64 // last session serial handed out
+	closed   bool
+	inFlight sync.WaitGroup
+}
+
+// session is one PKCS#11 session. At most one goroutine uses it at a time.
+type session struct {
+	h     pkcs11.SessionHandle
+	owner *owner // nil when the session is broken and must be reopened
+}
+
+// owner tracks the session objects made in one session: they die with it.
+type owner struct {
+	serial uint64
+	dead   atomic.Bool
+	mu     sync.Mutex
+	keys   map[string]struct{}
+}
+
+const (
+	minBackoff = 100 * time.Millisecond
+	maxBackoff = 5 * time.Second
+)
+
+// Open loads the module, finds the token, opens cfg.Sessions sessions,
+// logs in and probes how each configured padding can be done.
+func Open(ctx context.Context, cfg Config) (*Token, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	mod, err := openModule(cfg.Module)
+	if err != nil {
+		return nil, err
+	}
+	t := &Token{cfg: cfg, mod: mod, idle: make(chan *session, cfg.Sessions)}
+	if err := t.init(ctx); err != nil {
+		t.closeSessions()
+		mod.release()
+		return nil, err
+	}
+	return t, nil
+}
+
+func (t *Token) init(ctx context.Context) error {
+	slot, ti, err := t.findSlot()
+	if err != nil {
+		return err
+	}
+	t.slot = slot
+	t.info = Info{
+		Label:        strings.TrimSpace(ti.Label),
+		Serial:       strings.TrimSpace(ti.SerialNumber),
+		Model:        strings.TrimSpace(ti.Model),
+		Manufacturer: strings.TrimSpace(ti.ManufacturerID),
+		Storage:      t.cfg.Storage,
+		KeyBits:      t.cfg.KeyBits,
+		Methods:      map[Padding]Method{},
+	}
+	for range t.cfg.Sessions {
+		s := &session{}
+		if err := t.open(s); err != nil {
+			t.idle <- s
+			return err
+		}
+		t.idle <- s
+	}
+	return t.probe(ctx)
+}
+
+func (t *Token) findSlot() (uint, pkcs11.TokenInfo, error) {
+	slots, err := t.mod.ctx.GetSlotList(true)
+	if err != nil {
+		return 0, pkcs11.TokenInfo{}, fmt.Errorf("failed to list slots: %w", err)
+	}
+	var labels []string
+	for _, slot := range slots {
+		ti, err := t.mod.ctx.GetTokenInfo(slot)
+		if err != nil {
+			continue
+		}
+		label, serial := strings.TrimSpace(ti.Label), strings.TrimSpace(ti.SerialNumber)
+		if (t.cfg.TokenLabel != "" && label == t.cfg.TokenLabel) ||
+			(t.cfg.TokenSerial != "" && serial == t.cfg.TokenSerial) {
+			return slot, ti, nil
+		}
+		labels = append(labels, fmt.Sprintf("%q", label))
+	}
+	want := "label " + fmt.Sprintf("%q", t.cfg.TokenLabel)
+	if t.cfg.TokenSerial != "" {
+		want = "serial " + fmt.Sprintf("%q", t.cfg.TokenSerial)
+	}
+	hint := ""
+	if strings.Contains(strings.ToLower(t.cfg.Module), "softhsm") {
+		conf, ok := os.LookupEnv("SOFTHSM2_CONF")
+		if !ok {
+			conf = "unset, so the system's /etc/softhsm/softhsm2.conf"
+		}
+		hint = fmt.Sprintf("; SoftHSM reads its tokens from SOFTHSM2_CONF (%s): for the development token run ./softhsm-setup.sh and export SOFTHSM2_CONF=$PWD/.softhsm/softhsm2.conf", conf)
+	}
+	return 0, pkcs11.TokenInfo{}, fmt.Errorf("no token with %s in %s (tokens present: %s)%s",
+		want, t.cfg.Module, strings.Join(labels, ", "), hint)
+}
+
+// open (re)opens s as a fresh, logged-in session with a new owner.
+func (t *Token) open(s *session) error {
+	h, err := t.mod.ctx.OpenSession(t.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	if err != nil {
+		return fmt.Errorf("failed to open session: %w", err)
+	}
+	// Login is per application: the first session's login covers the rest.
+	if err := t.mod.ctx.Login(h, pkcs11.CKU_USER, t.cfg.PIN); err != nil &&
+		!isRV(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
+		t.mod.ctx.CloseSession(h)
+		if isRV(err, pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE) {
+			return fmt.Errorf("failed to log in to token %q: wrong PIN: %w", t.info.Label, err)
+		}
+		return fmt.Errorf("failed to log in to token %q: %w", t.info.Label, err)
+	}
+	t.mu.Lock()
+	t.serial++
+	s.h, s.owner = h, &owner{serial: t.serial, keys: map[string]struct{}{}}
+	t.mu.Unlock()
+	return nil
+}
+
+// retire closes a session found dead. In session storage its objects are
+// gone with it (C_CloseSession destroys what survives), so its keys are
+// reported lost.
+func (t *Token) retire(s *session, cause error) {
+	o := s.owner
+	if o == nil {
+		return
+	}
+	t.mod.ctx.CloseSession(s.h)
+	s.h, s.owner = 0, nil
+	o.dead.Store(true)
+	o.mu.Lock()
+	ids := make([]string, 0, len(o.keys))
+	for id := range o.keys {
+		ids = append(ids, id)
+	}
+	o.keys = nil
+	o.mu.Unlock()
+	t.cfg.Log.Warn("token session retired", "session", o.serial, "cause", cause, "keys_lost", len(ids))
+	if len(ids) > 0 {
+		t.cfg.OnLost(ids)
+	}
+}
+
+// do runs fn on an idle session. A fault retires the session and tries to
+// replace it at once; the caller gets ErrUnavailable.
+func (t *Token) do(ctx context.Context, fn func(*session) error) error {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return ErrClosed
+	}
+	if t.down && time.Now().Before(t.retryAt) {
+		t.mu.Unlock()
+		return fmt.Errorf("%w: reconnecting, next attempt in %s", ErrUnavailable, time.Until(t.retryAt).Round(time.Millisecond))
+	}
+	t.inFlight.Add(1)
+	t.mu.Unlock()
+	defer t.inFlight.Done()
+
+	var s *session
+	select {
+	case s = <-t.idle:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { t.idle <- s }()
+
+	if s.owner == nil {
+		if err := t.reconnect(s); err != nil {
+			return err
+		}
+	}
+	err := fn(s)
+	if classify(err) == faultNone {
+		return err
+	}
+	// The session is dead. A fault means the call did nothing, so it is
+	// tried once more on a fresh session: after a token reset every idle
+	// session is dead, and one retry spares the caller finding them all.
+	t.retire(s, err)
+	if t.reconnect(s) != nil {
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	err = fn(s)
+	if classify(err) == faultNone {
+		return err
+	}
+	t.retire(s, err)
+	t.reconnect(s)
+	return fmt.Errorf("%w: %w", ErrUnavailable, err)
+}
+
+// reconnect reopens a broken session, managing the down state and backoff.
+func (t *Token) reconnect(s *session) error {
+	err := t.open(s)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err == nil {
+		if t.down {
+			t.cfg.Log.Info("token reconnected", "label", t.info.Label)
+		}
+		t.down, t.backoff = false, 0
+		return nil
+	}
+	t.backoff = min(max(2*t.backoff, minBackoff), maxBackoff)
+	if !t.down {
+		t.cfg.Log.Error("token down", "label", t.info.Label, "err", err)
+	}
+	t.down, t.retryAt = true, time.Now().Add(t.backoff)
+	return fmt.Errorf("%w: %w", ErrUnavailable, err)
+}
+
+// Check looks at every session once (C_GetSessionInfo), retires those that
+// are dead or logged out, and reopens them. Run it periodically so that
+// dead sessions and their lost keys are found before a request trips on them.
+func (t *Token) Check(ctx context.Context) error {
+	var errs []error
+	for range t.cfg.Sessions {
+		err := t.do(ctx, func(s *session) error {
+			si, err := t.mod.ctx.GetSessionInfo(s.h)
+			if err != nil {
+				return err
+			}
+			if si.State != pkcs11.CKS_RW_USER_FUNCTIONS {
+				// Logged out: private session objects are gone.
+				return pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN)
+			}
+			return nil
+		})
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if errors.Is(err, ErrClosed) {
+			break
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Ready reports whether the token is believed to be up. A false answer means
+// calls fail fast with ErrUnavailable until the next reconnect attempt.
+func (t *Token) Ready() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return !t.down && !t.closed
+}
+
+// Info describes the token.
+func (t *Token) Info() Info { return t.info }
+
+// Close waits for calls in flight, closes every session (destroying the
+// session objects left in them) and releases the module.
+func (t *Token) Close() error {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return nil
+	}
+	t.closed = true
+	t.mu.Unlock()
+	t.inFlight.Wait()
+	t.closeSessions()
+	t.mod.release()
+	return nil
+}
+
+func (t *Token) closeSessions() {
+	for {
+		select {
+		case s := <-t.idle:
+			if s.owner != nil {
+				t.mod.ctx.CloseSession(s.h)
+				s.owner.dead.Store(true)
+				s.h, s.owner = 0, nil
+			}
+		default:
+			return
+		}
+	}
+}
+
+// module is a loaded, initialised PKCS#11 library, shared by every Token of
+// the process: C_Initialize may be called only once per process.
+type module struct {
+	path string
+	ctx  *pkcs11.Ctx
+	refs int
+	ours bool // we called C_Initialize, so we may call C_Finalize
+}
+
+var (
+	modulesMu sync.Mutex
+	modules   = map[string]*module{}
+)
+
+func openModule(path string) (*module, error) {
+	modulesMu.Lock()
+	defer modulesMu.Unlock()
+	if m, ok := modules[path]; ok {
+		m.refs++
+		return m, nil
+	}
+	ctx := pkcs11.New(path)
+	if ctx == nil {
+		return nil, fmt.Errorf("failed to load PKCS#11 module %s", path)
+	}
+	err := ctx.Initialize()
+	if err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+		ctx.Destroy()
+		return nil, fmt.Errorf("failed to initialise PKCS#11 module %s: %w", path, err)
+	}
+	m := &module{path: path, ctx: ctx, refs: 1, ours: err == nil}
+	modules[path] = m
+	return m, nil
+}
+
+func (m *module) release() {
+	modulesMu.Lock()
+	defer modulesMu.Unlock()
+	m.refs--
+	if m.refs > 0 {
+		return
+	}
+	delete(modules, m.path)
+	if m.ours {
+		m.ctx.Finalize()
+	}
+	m.ctx.Destroy()
+}

@@ -1,0 +1,466 @@
+package hsm
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"math/big"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Key is a key pair inside the token, known by its handles. Only its public
+// half ever leaves the token.
+type Key struct {
+	ID        string         // the uniqueId; CKA_ID and CKA_LABEL are prefix+ID
+	Public    *rsa.PublicKey // the public half
+	PublicDER []byte         // DER SubjectPublicKeyInfo of Public
+
+	mu         sync.Mutex // guards the handles (re-found after a token reset)
+	priv, pub  pkcs11.ObjectHandle
+	owner      *owner      // session storage: the session the objects live in
+	spent      atomic.Bool // a decrypt was attempted
+	destroyed  atomic.Bool
+	tokenStore bool
+}
+
+// Size is the modulus length in bytes: the only valid ciphertext length.
+func (k *Key) Size() int { return k.Public.Size() }
+
+// Alive reports whether the key's objects can still exist in the token. A
+// key whose session died is not alive.
+func (k *Key) Alive() bool {
+	return !k.destroyed.Load() && (k.owner == nil || !k.owner.dead.Load())
+}
+
+func (t *Token) label(id string) []byte { return []byte(t.cfg.LabelPrefix + id) }
+
+// Generate makes a new key pair in the token for id. The private half is
+// sensitive, never extractable and can only decrypt.
+func (t *Token) Generate(ctx context.Context, id string) (*Key, error) {
+	if id == "" {
+		return nil, errors.New("empty key id")
+	}
+	token := t.cfg.Storage == StorageToken
+	label := t.label(id)
+	pubTmpl := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, token),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY_RECOVER, false),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, t.cfg.KeyBits),
+		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, label),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+	}
+	privTmpl := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, token),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN_RECOVER, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, label),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+	}
+	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)}
+
+	var k *Key
+	err := t.do(ctx, func(s *session) error {
+		pub, priv, err := t.mod.ctx.GenerateKeyPair(s.h, mech, pubTmpl, privTmpl)
+		if err != nil {
+			return err
+		}
+		k = &Key{ID: id, pub: pub, priv: priv, tokenStore: token}
+		if err := t.readPublic(s, k); err != nil {
+			t.mod.ctx.DestroyObject(s.h, priv)
+			t.mod.ctx.DestroyObject(s.h, pub)
+			return err
+		}
+		if !token {
+			k.owner = s.owner
+			s.owner.mu.Lock()
+			s.owner.keys[id] = struct{}{}
+			s.owner.mu.Unlock()
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("failed to generate key %s: %w", id, err)
+	}
+	return k, nil
+}
+
+func (t *Token) readPublic(s *session, k *Key) error {
+	attrs, err := t.mod.ctx.GetAttributeValue(s.h, k.pub, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_MODULUS, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, nil),
+	})
+	if err != nil {
+		return err
+	}
+	n := new(big.Int).SetBytes(attrs[0].Value)
+	e := new(big.Int).SetBytes(attrs[1].Value)
+	if !e.IsInt64() || e.Int64() != 65537 || n.BitLen() != t.cfg.KeyBits {
+		return fmt.Errorf("token returned an unexpected public key (%d bits, e=%s)", n.BitLen(), e)
+	}
+	k.Public = &rsa.PublicKey{N: n, E: 65537}
+	k.PublicDER, err = x509.MarshalPKIXPublicKey(k.Public)
+	return err
+}
+
+// Decrypt decrypts ciphertext with k's private half inside the token. A key
+// allows one attempt: a second call returns ErrKeySpent, unless the first
+// failed with ErrUnavailable (nothing reached the token's decrypt). Every
+// rejection of the ciphertext is ErrDecrypt.
+func (t *Token) Decrypt(ctx context.Context, k *Key, p Padding, ciphertext []byte) ([]byte, error) {
+	method, ok := t.info.Methods[p]
+	if !ok {
+		return nil, fmt.Errorf("padding %q was not probed at start-up", p)
+	}
+	if len(ciphertext) != k.Size() {
+		return nil, ErrDecrypt
+	}
+	if !k.Alive() {
+		return nil, ErrKeyLost
+	}
+	if !k.spent.CompareAndSwap(false, true) {
+		return nil, ErrKeySpent
+	}
+	var out []byte
+	err := t.do(ctx, func(s *session) error {
+		priv, err := t.handles(s, k)
+		if err != nil {
+			return err
+		}
+		out, err = t.decrypt(s, priv, p, method, k.Size(), ciphertext)
+		return err
+	})
+	switch {
+	case err == nil:
+		return out, nil
+	case errors.Is(err, ErrUnavailable):
+		k.spent.Store(false) // no decrypt happened: a retry may try again
+		return nil, err
+	case isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID), errors.Is(err, ErrKeyLost):
+		return nil, ErrKeyLost
+	case errors.Is(err, ErrDecrypt):
+		return nil, ErrDecrypt
+	case isRV(err, pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE,
+		pkcs11.CKR_DATA_INVALID, pkcs11.CKR_DATA_LEN_RANGE,
+		// SoftHSM 2.6 reports bad padding, and a ciphertext not below
+		// the modulus, as a general error.
+		pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_FUNCTION_FAILED):
+		return nil, ErrDecrypt
+	default:
+		return nil, fmt.Errorf("failed to decrypt with key %s: %w", k.ID, err)
+	}
+}
+
+func (t *Token) decrypt(s *session, priv pkcs11.ObjectHandle, p Padding, m Method, size int, ct []byte) ([]byte, error) {
+	if err := t.mod.ctx.DecryptInit(s.h, p.mechanism(m), priv); err != nil {
+		return nil, err
+	}
+	out, err := t.mod.ctx.Decrypt(s.h, ct)
+	if err != nil || m == Native {
+		return out, err
+	}
+	// Raw RSA yields k bytes; should a token strip leading zeros, pad
+	// them back, as the decoder needs k bytes.
+	em := out
+	if len(out) > size {
+		clear(out)
+		return nil, ErrDecrypt
+	}
+	if len(out) < size {
+		em = make([]byte, size)
+		copy(em[size-len(out):], out)
+		clear(out)
+	}
+	msg, err := p.decode(em)
+	clear(em)
+	return msg, err
+}
+
+// handles returns k's private handle. In token storage, a handle that no
+// longer resolves (after the token was reset) is looked up again by CKA_ID,
+// once; session objects cannot come back.
+func (t *Token) handles(s *session, k *Key) (pkcs11.ObjectHandle, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !k.tokenStore {
+		return k.priv, nil
+	}
+	if _, err := t.mod.ctx.GetObjectSize(s.h, k.priv); err == nil || !isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
+		return k.priv, nil
+	}
+	priv, err := t.find(s, pkcs11.CKO_PRIVATE_KEY, k.ID)
+	if err != nil {
+		return 0, err
+	}
+	pub, err := t.find(s, pkcs11.CKO_PUBLIC_KEY, k.ID)
+	if err != nil {
+		return 0, err
+	}
+	k.priv, k.pub = priv, pub
+	return priv, nil
+}
+
+func (t *Token) find(s *session, class uint, id string) (pkcs11.ObjectHandle, error) {
+	hs, err := t.findAll(s, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, t.label(id)),
+	})
+	if err != nil {
+		return 0, err
+	}
+	if len(hs) != 1 {
+		return 0, ErrKeyLost
+	}
+	return hs[0], nil
+}
+
+func (t *Token) findAll(s *session, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
+	if err := t.mod.ctx.FindObjectsInit(s.h, tmpl); err != nil {
+		return nil, err
+	}
+	var all []pkcs11.ObjectHandle
+	for {
+		hs, _, err := t.mod.ctx.FindObjects(s.h, 256)
+		if err != nil {
+			t.mod.ctx.FindObjectsFinal(s.h)
+			return nil, err
+		}
+		if len(hs) == 0 {
+			break
+		}
+		all = append(all, hs...)
+	}
+	return all, t.mod.ctx.FindObjectsFinal(s.h)
+}
+
+// Destroy destroys both halves of k, the private half first. Objects already
+// gone count as destroyed. On error the key is unusable (it is spent) and
+// Destroy may be called again.
+func (t *Token) Destroy(ctx context.Context, k *Key) error {
+	k.spent.Store(true)
+	if k.destroyed.Load() {
+		return nil
+	}
+	if !k.Alive() {
+		// The session that held the objects is closed, and them with it.
+		k.destroyed.Store(true)
+		return nil
+	}
+	err := t.do(ctx, func(s *session) error {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		for _, h := range []*pkcs11.ObjectHandle{&k.priv, &k.pub} {
+			if *h == 0 {
+				continue
+			}
+			if err := t.mod.ctx.DestroyObject(s.h, *h); err != nil &&
+				!isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
+				return err
+			}
+			*h = 0
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("failed to destroy key %s: %w", k.ID, err)
+	}
+	k.destroyed.Store(true)
+	if o := k.owner; o != nil {
+		o.mu.Lock()
+		delete(o.keys, k.ID)
+		o.mu.Unlock()
+	}
+	return nil
+}
+
+// Object is one of keyissuer's objects found in the token.
+type Object struct {
+	ID      string // the key id (label without the prefix)
+	Private bool   // private or public half
+	Token   bool   // a token object (else a session object of this process)
+	handle  pkcs11.ObjectHandle
+}
+
+// List finds every key object under the configured label prefix that this
+// process can see: token objects, and its own session objects. It searches
+// the token, so it is slow with many objects; it is meant for start-up
+// reconciliation and for tests, never for the hot path.
+func (t *Token) List(ctx context.Context) ([]Object, error) {
+	var objs []Object
+	err := t.do(ctx, func(s *session) error {
+		objs = objs[:0]
+		for _, class := range []uint{pkcs11.CKO_PRIVATE_KEY, pkcs11.CKO_PUBLIC_KEY} {
+			hs, err := t.findAll(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)})
+			if err != nil {
+				return err
+			}
+			for _, h := range hs {
+				attrs, err := t.mod.ctx.GetAttributeValue(s.h, h, []*pkcs11.Attribute{
+					pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
+					pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil),
+				})
+				if err != nil {
+					if isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
+						continue // destroyed meanwhile
+					}
+					return err
+				}
+				id, ok := strings.CutPrefix(string(attrs[0].Value), t.cfg.LabelPrefix)
+				if !ok {
+					continue // not ours: never touched
+				}
+				objs = append(objs, Object{
+					ID:      id,
+					Private: class == pkcs11.CKO_PRIVATE_KEY,
+					Token:   len(attrs[1].Value) == 1 && attrs[1].Value[0] != 0,
+					handle:  h,
+				})
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("failed to list key objects: %w", err)
+	}
+	return objs, nil
+}
+
+// DestroyObject destroys one object found by List. Gone already is fine.
+func (t *Token) DestroyObject(ctx context.Context, o Object) error {
+	err := t.do(ctx, func(s *session) error {
+		err := t.mod.ctx.DestroyObject(s.h, o.handle)
+		if isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
+			return nil
+		}
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("failed to destroy object %s: %w", o.ID, err)
+	}
+	return nil
+}
+
+// Adopt builds a Key for an existing token object pair found by List, so a
+// restarted daemon can use keys it issued before (token storage).
+func (t *Token) Adopt(ctx context.Context, objs []Object) (*Key, error) {
+	k := &Key{tokenStore: true}
+	for _, o := range objs {
+		k.ID = o.ID
+		if o.Private {
+			k.priv = o.handle
+		} else {
+			k.pub = o.handle
+		}
+	}
+	if k.priv == 0 || k.pub == 0 {
+		return nil, fmt.Errorf("key %s: %w (a half is missing)", k.ID, ErrKeyLost)
+	}
+	err := t.do(ctx, func(s *session) error { return t.readPublic(s, k) })
+	if err != nil {
+		return nil, fmt.Errorf("failed to adopt key %s: %w", k.ID, err)
+	}
+	return k, nil
+}
+
+// probe decides, for each configured padding, whether the token does it
+// natively or it must be done raw, by decrypting a known message with a
+// throw-away session key.
+func (t *Token) probe(ctx context.Context) error {
+	if len(t.cfg.Paddings) == 0 {
+		return nil
+	}
+	mechs, err := t.mechanisms()
+	if err != nil {
+		return err
+	}
+	saved := t.cfg.Storage
+	t.cfg.Storage = StorageSession
+	k, err := t.Generate(ctx, "probe")
+	t.cfg.Storage = saved
+	if err != nil {
+		return err
+	}
+	defer t.Destroy(context.WithoutCancel(ctx), k)
+
+	for _, p := range t.cfg.Paddings {
+		msg := []byte("keyissuer probe")
+		ct, err := encrypt(k.Public, p, msg)
+		if err != nil {
+			return err
+		}
+		var tried []string
+		for _, m := range []Method{Native, Raw} {
+			if !mechs[p.mechanism(m)[0].Mechanism] {
+				continue
+			}
+			var got []byte
+			err := t.do(ctx, func(s *session) error {
+				var err error
+				got, err = t.decrypt(s, k.priv, p, m, k.Size(), ct)
+				return err
+			})
+			if err == nil && string(got) == string(msg) {
+				t.info.Methods[p] = m
+				break
+			}
+			tried = append(tried, fmt.Sprintf("%s: %v", m, err))
+		}
+		if _, ok := t.info.Methods[p]; !ok {
+			return fmt.Errorf("token %q cannot decrypt padding %s (tried %s)", t.info.Label, p, strings.Join(tried, "; "))
+		}
+	}
+	return nil
+}
+
+func (t *Token) mechanisms() (map[uint]bool, error) {
+	ms, err := t.mod.ctx.GetMechanismList(t.slot)
+	if err != nil {
+		return nil, fmt.Errorf("failed to list mechanisms: %w", err)
+	}
+	set := make(map[uint]bool, len(ms))
+	for _, m := range ms {
+		set[m.Mechanism] = true
+	}
+	return set, nil
+}
+
+// encrypt is what a client does: it lets the probe and tests make
+// ciphertexts for any supported padding.
+func encrypt(pub *rsa.PublicKey, p Padding, msg []byte) ([]byte, error) {
+	s := schemes[p]
+	if !s.oaep {
+		return rsa.EncryptPKCS1v15(rand.Reader, pub, msg)
+	}
+	return rsa.EncryptOAEPWithOptions(rand.Reader, pub, msg, &rsa.OAEPOptions{Hash: s.hash, MGFHash: s.mgf})
+}
+
+// Encrypt encrypts msg to pub with padding p, as a client would. It is for
+// tests and tools; keyissuer itself never encrypts.
+func Encrypt(pub *rsa.PublicKey, p Padding, msg []byte) ([]byte, error) {
+	if _, err := ParsePadding(string(p)); err != nil {
+		return nil, err
+	}
+	return encrypt(pub, p, msg)
+}
