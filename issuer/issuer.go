@@ -1,0 +1,641 @@
+// Package issuer runs the life of keyissuer's one-time keys: a pool of
+// pre-generated key pairs, a record per issued key, the one decrypt each key
+// allows, the reaper that destroys keys nobody used, and the reconciliation
+// of token and records at start-up.
+//
+// The order of record transitions and token calls is what makes a key
+// decrypt at most once, ever: a decrypt first moves the record from issued to
+// consuming, durably and as a compare-and-swap, and only then asks the token.
+// Whatever happens after the claim (a crash, a failed destroy), the record is
+// no longer issued, so no later request reaches the key; start-up
+// reconciliation and the reaper destroy what a crash left behind.
+package issuer
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/keyissuer/keyissuer/hsm"
+	"github.com/keyissuer/keyissuer/issuer/store"
+)
+
+// Token is the part of the PKCS#11 token the issuer uses; [*hsm.Token]
+// implements it. Implementations are safe for concurrent use. Calls fail
+// with [hsm.ErrUnavailable] when the token is down (retryable, nothing was
+// decrypted), [hsm.ErrKeyLost] when a key's objects are gone, and Decrypt
+// with [hsm.ErrDecrypt] for every rejected ciphertext.
+type Token interface {
+	Generate(ctx context.Context, id string) (*hsm.Key, error)
+	Decrypt(ctx context.Context, k *hsm.Key, p hsm.Padding, ciphertext []byte) ([]byte, error)
+	Destroy(ctx context.Context, k *hsm.Key) error
+	// List, DestroyObject and Adopt serve start-up reconciliation only.
+	List(ctx context.Context) ([]hsm.Object, error)
+	DestroyObject(ctx context.Context, o hsm.Object) error
+	Adopt(ctx context.Context, objs []hsm.Object) (*hsm.Key, error)
+	// Check finds dead sessions; Ready says whether the token is up.
+	Check(ctx context.Context) error
+	Ready() bool
+}
+
+var _ Token = (*hsm.Token)(nil)
+
+// Store keeps the records; [*store.Bolt] implements it. Writes are durable
+// when they return. Transition is a compare-and-swap that fails with a
+// *[store.StateError] when the record is not in state from. Get and
+// Transition return [store.ErrNotFound] for an unknown uniqueId.
+type Store interface {
+	Create(ctx context.Context, r store.Record) error
+	Get(ctx context.Context, id string) (store.Record, error)
+	Transition(ctx context.Context, id string, from, to store.State, at time.Time) (store.Record, error)
+	Active(ctx context.Context, before time.Time, limit int) ([]store.Record, error)
+	Prune(ctx context.Context, before time.Time, limit int) (int, error)
+}
+
+var _ Store = (*store.Bolt)(nil)
+
+// Errors callers branch on. Retryable: ErrPoolEmpty and ErrUnavailable.
+var (
+	ErrPoolEmpty   = errors.New("no key ready: the pool stayed empty for the whole wait")
+	ErrUnavailable = errors.New("token unavailable")
+	ErrNotFound    = errors.New("unknown uniqueId")
+	ErrConsumed    = errors.New("key already used")
+	ErrExpired     = errors.New("key expired")
+	ErrLost        = errors.New("key lost by the token")
+	// ErrDecrypt covers every failed decrypt: bad padding, wrong salt. The
+	// key is destroyed all the same.
+	ErrDecrypt = errors.New("decryption failed")
+	// ErrCiphertext means the ciphertext cannot be for this key (its length
+	// is not the modulus size). The key is not consumed.
+	ErrCiphertext = errors.New("ciphertext length does not match the key size")
+)
+
+// Config wires an Issuer. Zero durations and sizes take the defaults noted.
+type Config struct {
+	Token   Token
+	Store   Store
+	Storage hsm.Storage // what reconciliation may expect of the token
+	Padding hsm.Padding // the scheme clients encrypt with
+	Log     *slog.Logger
+
+	TTL          time.Duration // a key's time to live once issued (10m)
+	PoolSize     int           // keys kept ready (64)
+	Generators   int           // concurrent key generations (2)
+	ApplyWait    time.Duration // how long Apply waits on an empty pool (2s)
+	Retention    time.Duration // how long finished records are kept (720h)
+	ReapInterval time.Duration // how often the reaper runs (5s)
+
+	// Now is the clock (time.Now).
+	Now func() time.Time
+	// AfterClaim, if set, runs after a decrypt has claimed its record and
+	// before the token decrypts. Tests use it to crash at that instant.
+	AfterClaim func(uniqueID string)
+}
+
+func (c *Config) setDefaults() {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&c.TTL, 10*time.Minute)
+	def(&c.ApplyWait, 2*time.Second)
+	def(&c.Retention, 30*24*time.Hour)
+	def(&c.ReapInterval, 5*time.Second)
+	if c.PoolSize == 0 {
+		c.PoolSize = 64
+	}
+	if c.Generators == 0 {
+		c.Generators = 2
+	}
+	if c.Storage == "" {
+		c.Storage = hsm.StorageSession
+	}
+	if c.Padding == "" {
+		c.Padding = hsm.OAEPSHA256
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+}
+
+// Issuer hands out one-time keys and performs their one decrypt. It is safe
+// for concurrent use.
+type Issuer struct {
+	cfg  Config
+	log  *slog.Logger
+	pool *pool
+
+	mu      sync.Mutex
+	keys    map[string]*hsm.Key // issued, not yet claimed
+	pending []*hsm.Key          // destroys to retry
+	lost    []string            // ids reported lost by the token
+	kick    chan struct{}       // wakes the maintenance loop
+
+	stats stats
+}
+
+// New makes an Issuer. Call Run to reconcile, fill the pool and maintain.
+func New(cfg Config) (*Issuer, error) {
+	cfg.setDefaults()
+	switch {
+	case cfg.Token == nil || cfg.Store == nil:
+		return nil, errors.New("issuer needs a token and a store")
+	case cfg.PoolSize < 1 || cfg.Generators < 1:
+		return nil, fmt.Errorf("pool size %d and generators %d must be at least 1", cfg.PoolSize, cfg.Generators)
+	case cfg.TTL < time.Second:
+		return nil, fmt.Errorf("ttl %s is too short", cfg.TTL)
+	}
+	return &Issuer{
+		cfg:  cfg,
+		log:  cfg.Log,
+		pool: newPool(cfg.PoolSize),
+		keys: map[string]*hsm.Key{},
+		kick: make(chan struct{}, 1),
+	}, nil
+}
+
+// KeysLost is the token's [hsm.Config.OnLost] callback: the keys died with
+// their session. Their records are marked lost by the maintenance loop.
+func (is *Issuer) KeysLost(ids []string) {
+	is.mu.Lock()
+	is.lost = append(is.lost, ids...)
+	is.mu.Unlock()
+	select {
+	case is.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Reconcile makes the records and the token agree. Call it once at
+// start-up, before Run and before any request.
+//
+// In session storage every active record is from a previous run, whose keys
+// died with it: issued ones become lost, consuming ones consumed. In token
+// storage the key objects survive: an issued record whose two halves are
+// present is adopted and can still decrypt; any other object under the
+// prefix is destroyed, and records whose key is missing become lost.
+func (is *Issuer) Reconcile(ctx context.Context) error {
+	recs, err := is.cfg.Store.Active(ctx, time.Unix(1<<40, 0), 0)
+	if err != nil {
+		return err
+	}
+	objs := map[string][]hsm.Object{}
+	if is.cfg.Storage == hsm.StorageToken {
+		list, err := is.cfg.Token.List(ctx)
+		if err != nil {
+			return err
+		}
+		for _, o := range list {
+			objs[o.ID] = append(objs[o.ID], o)
+		}
+	}
+	now := is.cfg.Now()
+	var adopted, lost, consumed, destroyed int
+	for _, r := range recs {
+		if r.State == store.Issued {
+			if os, ok := objs[r.UniqueID]; ok {
+				k, err := is.cfg.Token.Adopt(ctx, os)
+				if err == nil {
+					delete(objs, r.UniqueID)
+					is.mu.Lock()
+					is.keys[r.UniqueID] = k
+					is.mu.Unlock()
+					adopted++
+					continue
+				}
+				if !errors.Is(err, hsm.ErrKeyLost) {
+					return err
+				}
+			}
+			if _, err := is.cfg.Store.Transition(ctx, r.UniqueID, store.Issued, store.Lost, now); err != nil {
+				return err
+			}
+			lost++
+			continue
+		}
+		// Consuming: the decrypt may have happened before the crash.
+		if _, err := is.cfg.Store.Transition(ctx, r.UniqueID, store.Consuming, store.Consumed, now); err != nil {
+			return err
+		}
+		consumed++
+	}
+	for _, os := range objs {
+		for _, o := range os {
+			if err := is.cfg.Token.DestroyObject(ctx, o); err != nil {
+				return err
+			}
+			destroyed++
+		}
+	}
+	is.log.Info("reconciled token and records", "storage", is.cfg.Storage,
+		"adopted", adopted, "lost", lost, "consumed", consumed, "objects_destroyed", destroyed)
+	return nil
+}
+
+// Run fills the pool and runs the reaper until ctx is done. Call Reconcile
+// first, and serve no request before it returns. On return the pool's keys
+// are destroyed and, in session storage, the records of keys that die with
+// the daemon are marked lost.
+func (is *Issuer) Run(ctx context.Context) error {
+	g, gctx := errgroup.WithContext(ctx)
+	for range is.cfg.Generators {
+		g.Go(func() error { is.generate(gctx); return nil })
+	}
+	g.Go(func() error { is.maintain(gctx); return nil })
+	g.Wait()
+
+	stop, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	is.drain(stop)
+	if is.cfg.Storage == hsm.StorageSession {
+		is.mu.Lock()
+		ids := make([]string, 0, len(is.keys))
+		for id := range is.keys {
+			ids = append(ids, id)
+		}
+		is.mu.Unlock()
+		for _, id := range ids {
+			is.markLost(stop, id)
+		}
+	}
+	return nil
+}
+
+// Issued is a freshly issued key.
+type Issued struct {
+	UniqueID  string
+	Salt      string
+	PublicKey []byte // DER SubjectPublicKeyInfo
+	ExpiresAt time.Time
+}
+
+const (
+	uniqueIDLen = 32
+	saltLen     = 12
+)
+
+// Apply issues a key from the pool, recording it durably before it is
+// returned. It fails with ErrPoolEmpty or ErrUnavailable when no key is
+// ready within the configured wait.
+func (is *Issuer) Apply(ctx context.Context, customerID, clientID string) (Issued, error) {
+	k, err := is.take(ctx, is.cfg.ApplyWait)
+	if err != nil {
+		return Issued{}, err
+	}
+	salt, err := newID(saltLen)
+	if err != nil {
+		is.destroy(ctx, k)
+		return Issued{}, err
+	}
+	now := is.cfg.Now().UTC()
+	rec := store.Record{
+		UniqueID:   k.ID,
+		Salt:       salt,
+		CustomerID: customerID,
+		ClientID:   clientID,
+		State:      store.Issued,
+		IssuedAt:   now,
+		ExpiresAt:  now.Add(is.cfg.TTL),
+	}
+	is.mu.Lock()
+	is.keys[k.ID] = k
+	is.mu.Unlock()
+	if err := is.cfg.Store.Create(ctx, rec); err != nil {
+		is.mu.Lock()
+		delete(is.keys, k.ID)
+		is.mu.Unlock()
+		is.destroy(ctx, k)
+		return Issued{}, err
+	}
+	is.stats.issued.Add(1)
+	return Issued{UniqueID: k.ID, Salt: salt, PublicKey: k.PublicDER, ExpiresAt: rec.ExpiresAt}, nil
+}
+
+// Record returns the record of uniqueID, or ErrNotFound.
+func (is *Issuer) Record(ctx context.Context, uniqueID string) (store.Record, error) {
+	r, err := is.cfg.Store.Get(ctx, uniqueID)
+	if errors.Is(err, store.ErrNotFound) {
+		return r, ErrNotFound
+	}
+	return r, err
+}
+
+// Decrypt performs the one decrypt the key of uniqueID allows and returns
+// the password: the plaintext less the salt it must end with. After the
+// first attempt the key is destroyed, whether it succeeded or not.
+//
+// It fails with ErrNotFound, ErrConsumed, ErrExpired or ErrLost when the key
+// cannot decrypt; ErrCiphertext (key untouched) when the ciphertext has the
+// wrong length; ErrUnavailable (key untouched, retry) when the token is
+// down; ErrDecrypt when the padding or the salt is wrong.
+func (is *Issuer) Decrypt(ctx context.Context, uniqueID string, ciphertext []byte) ([]byte, error) {
+	rec, err := is.Record(ctx, uniqueID)
+	if err != nil {
+		return nil, err
+	}
+	now := is.cfg.Now()
+	if err := stateErr(rec.State); err != nil {
+		return nil, err
+	}
+	is.mu.Lock()
+	k := is.keys[uniqueID]
+	is.mu.Unlock()
+	switch {
+	case rec.State == store.Consuming:
+		return nil, ErrConsumed
+	case !now.Before(rec.ExpiresAt):
+		is.expire(ctx, rec)
+		return nil, ErrExpired
+	case k == nil || !k.Alive():
+		is.markLost(ctx, uniqueID)
+		return nil, ErrLost
+	case len(ciphertext) != k.Size():
+		return nil, fmt.Errorf("%w: got %d bytes, want %d", ErrCiphertext, len(ciphertext), k.Size())
+	case !is.cfg.Token.Ready():
+		return nil, ErrUnavailable
+	}
+
+	// The claim: from here on the key can never decrypt again.
+	if _, err := is.cfg.Store.Transition(ctx, uniqueID, store.Issued, store.Consuming, now); err != nil {
+		return nil, transitionErr(err)
+	}
+	is.mu.Lock()
+	delete(is.keys, uniqueID)
+	is.mu.Unlock()
+	if is.cfg.AfterClaim != nil {
+		is.cfg.AfterClaim(uniqueID)
+	}
+
+	pt, derr := is.cfg.Token.Decrypt(ctx, k, is.cfg.Padding, ciphertext)
+	if errors.Is(derr, hsm.ErrUnavailable) && is.release(ctx, k) {
+		return nil, ErrUnavailable
+	}
+	is.destroy(ctx, k)
+	final := store.Consumed
+	if errors.Is(derr, hsm.ErrKeyLost) {
+		final = store.Lost
+	}
+	if _, err := is.cfg.Store.Transition(context.WithoutCancel(ctx), uniqueID, store.Consuming, final, is.cfg.Now()); err != nil {
+		// The key is destroyed and the record stays consuming, which no
+		// request can pass; the reaper or the next start-up finishes it.
+		is.log.Error("failed to record a consumed key", "unique_id", uniqueID, "err", err)
+	}
+	is.stats.decrypts.Add(1)
+	switch {
+	case derr == nil:
+	case final == store.Lost:
+		return nil, ErrLost
+	case errors.Is(derr, hsm.ErrDecrypt), errors.Is(derr, hsm.ErrKeySpent), errors.Is(derr, hsm.ErrUnavailable):
+		return nil, ErrDecrypt
+	default:
+		is.log.Error("decrypt failed in the token", "unique_id", uniqueID, "err", derr)
+		return nil, ErrDecrypt
+	}
+	password, ok := stripSalt(pt, rec.Salt)
+	if !ok {
+		clear(pt)
+		return nil, ErrDecrypt
+	}
+	return password, nil
+}
+
+// release gives a claimed key back after the token failed before
+// decrypting anything. It reports whether the key is issued again.
+func (is *Issuer) release(ctx context.Context, k *hsm.Key) bool {
+	is.mu.Lock()
+	is.keys[k.ID] = k
+	is.mu.Unlock()
+	_, err := is.cfg.Store.Transition(context.WithoutCancel(ctx), k.ID, store.Consuming, store.Issued, is.cfg.Now())
+	if err == nil {
+		return true
+	}
+	is.mu.Lock()
+	delete(is.keys, k.ID)
+	is.mu.Unlock()
+	return false
+}
+
+// stripSalt checks, in constant time, that pt ends with salt and returns the
+// password before it.
+func stripSalt(pt []byte, salt string) ([]byte, bool) {
+	n := len(pt) - len(salt)
+	if n < 0 {
+		return nil, false
+	}
+	return pt[:n], subtle.ConstantTimeCompare(pt[n:], []byte(salt)) == 1
+}
+
+func stateErr(s store.State) error {
+	switch s {
+	case store.Issued, store.Consuming:
+		return nil
+	case store.Consumed:
+		return ErrConsumed
+	case store.Expired:
+		return ErrExpired
+	case store.Lost:
+		return ErrLost
+	}
+	return fmt.Errorf("record in unknown state %q", s)
+}
+
+// transitionErr turns a lost compare-and-swap into what the record is now.
+func transitionErr(err error) error {
+	var se *store.StateError
+	if errors.As(err, &se) {
+		if se.Current.State == store.Consuming {
+			return ErrConsumed
+		}
+		return stateErr(se.Current.State)
+	}
+	if errors.Is(err, store.ErrNotFound) {
+		return ErrNotFound
+	}
+	return err
+}
+
+// expire moves an issued record to expired and destroys its key.
+func (is *Issuer) expire(ctx context.Context, r store.Record) {
+	if _, err := is.cfg.Store.Transition(ctx, r.UniqueID, store.Issued, store.Expired, is.cfg.Now()); err != nil {
+		return
+	}
+	is.mu.Lock()
+	k := is.keys[r.UniqueID]
+	delete(is.keys, r.UniqueID)
+	is.mu.Unlock()
+	if k != nil {
+		is.destroy(ctx, k)
+	}
+	is.stats.expired.Add(1)
+}
+
+// markLost moves an issued record to lost and forgets its key.
+func (is *Issuer) markLost(ctx context.Context, id string) {
+	_, err := is.cfg.Store.Transition(ctx, id, store.Issued, store.Lost, is.cfg.Now())
+	is.mu.Lock()
+	k := is.keys[id]
+	delete(is.keys, id)
+	is.mu.Unlock()
+	if k != nil {
+		is.destroy(ctx, k) // the objects may still be there in token storage
+	}
+	if err == nil {
+		is.stats.lost.Add(1)
+	}
+}
+
+// destroy destroys k, queueing it for the reaper to retry on failure.
+func (is *Issuer) destroy(ctx context.Context, k *hsm.Key) {
+	err := is.cfg.Token.Destroy(context.WithoutCancel(ctx), k)
+	if err == nil || errors.Is(err, hsm.ErrKeyLost) {
+		return
+	}
+	is.log.Warn("failed to destroy key, will retry", "unique_id", k.ID, "err", err)
+	is.mu.Lock()
+	is.pending = append(is.pending, k)
+	is.mu.Unlock()
+}
+
+// maintain runs the reaper and session checks until ctx is done.
+func (is *Issuer) maintain(ctx context.Context) {
+	tick := time.NewTicker(is.cfg.ReapInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-is.kick:
+			is.accountLost(ctx)
+		case <-tick.C:
+			if err := is.cfg.Token.Check(ctx); err != nil {
+				is.log.Warn("token check found faults", "err", err)
+			}
+			is.accountLost(ctx)
+			is.Reap(ctx)
+		}
+	}
+}
+
+func (is *Issuer) accountLost(ctx context.Context) {
+	is.mu.Lock()
+	ids := is.lost
+	is.lost = nil
+	is.mu.Unlock()
+	for _, id := range ids {
+		is.markLost(ctx, id)
+	}
+}
+
+// reapBatch bounds one reaper pass; the next tick takes the rest.
+const reapBatch = 1000
+
+// Reap destroys the keys of records past expiry, retries failed destroys
+// and prunes records past retention. Its cost follows the number of keys
+// due, not the number of records.
+func (is *Issuer) Reap(ctx context.Context) {
+	now := is.cfg.Now()
+	due, err := is.cfg.Store.Active(ctx, now, reapBatch)
+	if err != nil {
+		is.log.Error("reaper failed to scan records", "err", err)
+	}
+	for _, r := range due {
+		if r.State == store.Issued {
+			is.expire(ctx, r)
+			continue
+		}
+		// Consuming past expiry: a decrypt whose final write failed.
+		is.cfg.Store.Transition(ctx, r.UniqueID, store.Consuming, store.Consumed, now)
+	}
+
+	is.mu.Lock()
+	retry := is.pending
+	is.pending = nil
+	is.mu.Unlock()
+	for _, k := range retry {
+		is.destroy(ctx, k)
+	}
+
+	if n, err := is.cfg.Store.Prune(ctx, now.Add(-is.cfg.Retention), reapBatch); err != nil {
+		is.log.Error("reaper failed to prune records", "err", err)
+	} else if n > 0 {
+		is.log.Debug("pruned records", "count", n)
+	}
+}
+
+// Stats is a snapshot of the issuer's state, for health and status.
+type Stats struct {
+	PoolReady, PoolSize int
+	Outstanding         int // issued keys not yet claimed
+	PendingDestroys     int
+	TokenReady          bool
+	Generated, GenerateErrors,
+	Issued, Decrypts, Expired, Lost int64
+	GenerateTime time.Duration // total time spent generating keys
+}
+
+// Stats returns a snapshot.
+func (is *Issuer) Stats() Stats {
+	is.mu.Lock()
+	out, pend := len(is.keys), len(is.pending)
+	is.mu.Unlock()
+	return Stats{
+		PoolReady:       len(is.pool.ready),
+		PoolSize:        is.cfg.PoolSize,
+		Outstanding:     out,
+		PendingDestroys: pend,
+		TokenReady:      is.cfg.Token.Ready(),
+		Generated:       is.stats.generatedN.Load(),
+		GenerateErrors:  is.stats.genErrors.Load(),
+		Issued:          is.stats.issued.Load(),
+		Decrypts:        is.stats.decrypts.Load(),
+		Expired:         is.stats.expired.Load(),
+		Lost:            is.stats.lost.Load(),
+		GenerateTime:    time.Duration(is.stats.genNanos.Load()),
+	}
+}
+
+type stats struct {
+	generatedN, genErrors, genNanos atomic.Int64
+	issued, decrypts, expired, lost atomic.Int64
+}
+
+func (s *stats) generated(d time.Duration, err error) {
+	if err != nil {
+		s.genErrors.Add(1)
+		return
+	}
+	s.generatedN.Add(1)
+	s.genNanos.Add(int64(d))
+}
+
+const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+// newID returns n characters of [A-Za-z0-9] from crypto/rand, without
+// modulo bias.
+func newID(n int) (string, error) {
+	out := make([]byte, 0, n)
+	buf := make([]byte, n+n/4+8)
+	for len(out) < n {
+		if _, err := rand.Read(buf); err != nil {
+			return "", fmt.Errorf("failed to read random bytes: %w", err)
+		}
+		for _, b := range buf {
+			if b < 248 && len(out) < n { // 248 = 4*62
+				out = append(out, alphabet[b%62])
+			}
+		}
+	}
+	return string(out), nil
+}

@@ -1,0 +1,100 @@
+package issuer
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/keyissuer/keyissuer/hsm"
+)
+
+// pool holds pre-generated key pairs, because a key costs 100–200 ms of
+// token time and Apply must not wait for one. The number of keys in the
+// pool and being generated never exceeds its size: a generator takes a slot
+// before it generates, and Apply gives the slot back.
+type pool struct {
+	ready chan *hsm.Key
+	slots chan struct{}
+}
+
+func newPool(size int) *pool {
+	p := &pool{ready: make(chan *hsm.Key, size), slots: make(chan struct{}, size)}
+	for range size {
+		p.slots <- struct{}{}
+	}
+	return p
+}
+
+// generate keeps the pool full until ctx is done.
+func (is *Issuer) generate(ctx context.Context) {
+	var backoff time.Duration
+	for {
+		select {
+		case <-is.pool.slots:
+		case <-ctx.Done():
+			return
+		}
+		id, err := newID(uniqueIDLen)
+		var k *hsm.Key
+		if err == nil {
+			start := time.Now()
+			k, err = is.cfg.Token.Generate(ctx, id)
+			is.stats.generated(time.Since(start), err)
+		}
+		if err != nil {
+			is.pool.slots <- struct{}{}
+			if ctx.Err() != nil {
+				return
+			}
+			backoff = min(max(2*backoff, 100*time.Millisecond), 5*time.Second)
+			is.log.Warn("key generation failed", "err", err, "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+				return
+			}
+			continue
+		}
+		backoff = 0
+		is.pool.ready <- k // never blocks: the slot reserved room
+	}
+}
+
+// take hands out a pooled key, waiting up to wait for one. Keys whose
+// session died while they waited are dropped.
+func (is *Issuer) take(ctx context.Context, wait time.Duration) (*hsm.Key, error) {
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	for {
+		select {
+		case k := <-is.pool.ready:
+			is.pool.slots <- struct{}{}
+			if !k.Alive() {
+				continue
+			}
+			return k, nil
+		case <-timer.C:
+			if !is.cfg.Token.Ready() {
+				return nil, ErrUnavailable
+			}
+			return nil, ErrPoolEmpty
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// drain destroys the keys left in the pool. Call it once the generators
+// have stopped.
+func (is *Issuer) drain(ctx context.Context) {
+	for {
+		select {
+		case k := <-is.pool.ready:
+			if err := is.cfg.Token.Destroy(ctx, k); err != nil && !errors.Is(err, hsm.ErrKeyLost) {
+				is.log.Warn("failed to destroy pooled key", "err", err)
+			}
+		default:
+			return
+		}
+	}
+}
