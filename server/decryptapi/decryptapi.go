@@ -1,0 +1,261 @@
+// Package decryptapi serves the local decrypt API that the wallet's
+// password-decrypt service calls over a Unix socket: HTTP/1.1 and JSON, so
+// that curl --unix-socket works. Errors are {"error": {"code", "message"}}
+// with a stable code per outcome.
+package decryptapi
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/keyissuer/keyissuer/issuer"
+	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/server/jsonbody"
+)
+
+// Issuer performs the one decrypt of a key; [*issuer.Issuer] implements it.
+// Its methods are safe for concurrent use and return the issuer package's
+// sentinel errors.
+type Issuer interface {
+	Decrypt(ctx context.Context, uniqueID string, ciphertext []byte) ([]byte, error)
+	Record(ctx context.Context, uniqueID string) (store.Record, error)
+	Stats() issuer.Stats
+}
+
+var _ Issuer = (*issuer.Issuer)(nil)
+
+// Error codes.
+const (
+	CodeParamIllegal   = "PARAM_ILLEGAL"
+	CodeKeyNotFound    = "KEY_NOT_FOUND"
+	CodeKeyConsumed    = "KEY_CONSUMED"
+	CodeKeyExpired     = "KEY_EXPIRED"
+	CodeKeyLost        = "KEY_LOST"
+	CodeDecryptFailed  = "DECRYPT_FAILED"
+	CodeHSMUnavailable = "HSM_UNAVAILABLE"
+	CodeInternal       = "INTERNAL"
+	CodeNotFound       = "NOT_FOUND"
+	CodeMethod         = "METHOD_NOT_ALLOWED"
+)
+
+// maxBody bounds a request: a 4096-bit ciphertext is 684 base64 bytes.
+const maxBody = 8 << 10
+
+// Handler serves the decrypt API.
+type Handler struct {
+	issuer Issuer
+	log    *slog.Logger
+	mux    *http.ServeMux
+}
+
+// New returns the handler.
+func New(is Issuer, log *slog.Logger) *Handler {
+	h := &Handler{issuer: is, log: log, mux: http.NewServeMux()}
+	h.mux.HandleFunc("/v1/decrypt", only(http.MethodPost, h.decrypt))
+	h.mux.HandleFunc("/v1/keys/{uniqueId}", only(http.MethodGet, h.key))
+	h.mux.HandleFunc("/v1/health", only(http.MethodGet, h.health))
+	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, CodeNotFound, "no such endpoint")
+	})
+	return h
+}
+
+// only answers other methods with a JSON 405, as every error here is JSON.
+func only(method string, fn http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != method {
+			w.Header().Set("Allow", method)
+			writeError(w, http.StatusMethodNotAllowed, CodeMethod, "use "+method)
+			return
+		}
+		fn(w, r)
+	}
+}
+
+// ServeHTTP implements http.Handler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
+
+// DecryptResponse is the answer to a successful decrypt.
+type DecryptResponse struct {
+	Password string `json:"password"` // standard base64 of the password bytes
+}
+
+func (h *Handler) decrypt(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err != nil {
+		writeError(w, http.StatusBadRequest, CodeParamIllegal, "the body is too large or could not be read")
+		return
+	}
+	f, err := jsonbody.Parse(body, "uniqueId", "ciphertext")
+	if err != nil {
+		writeError(w, http.StatusBadRequest, CodeParamIllegal, err.Error())
+		return
+	}
+	id, ctB64 := f["uniqueId"], f["ciphertext"]
+	if err := ValidUniqueID(id); err != nil {
+		writeError(w, http.StatusBadRequest, CodeParamIllegal, err.Error())
+		return
+	}
+	if ctB64 == "" {
+		writeError(w, http.StatusBadRequest, CodeParamIllegal, "ciphertext is missing or empty")
+		return
+	}
+	ct, err := base64.StdEncoding.Strict().DecodeString(ctB64)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, CodeParamIllegal, "ciphertext is not valid standard base64")
+		return
+	}
+	pw, err := h.issuer.Decrypt(r.Context(), id, ct)
+	if err != nil {
+		status, code, msg := h.mapError(err, id)
+		writeError(w, status, code, msg)
+		return
+	}
+	out := make([]byte, base64.StdEncoding.EncodedLen(len(pw)))
+	base64.StdEncoding.Encode(out, pw)
+	clear(pw)
+	// Written by hand so the password's only copies are ones we clear.
+	buf := make([]byte, 0, len(out)+16)
+	buf = append(buf, `{"password":"`...)
+	buf = append(buf, out...)
+	buf = append(buf, `"}`...)
+	clear(out)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusOK)
+	w.Write(buf)
+	clear(buf)
+}
+
+// mapError is the one place issuer errors become codes and statuses.
+func (h *Handler) mapError(err error, id string) (int, string, string) {
+	switch {
+	case errors.Is(err, issuer.ErrNotFound):
+		return http.StatusNotFound, CodeKeyNotFound, "no key with this uniqueId"
+	case errors.Is(err, issuer.ErrConsumed):
+		return http.StatusGone, CodeKeyConsumed, "the key was already used for a decrypt"
+	case errors.Is(err, issuer.ErrExpired):
+		return http.StatusGone, CodeKeyExpired, "the key expired before it was used"
+	case errors.Is(err, issuer.ErrLost):
+		return http.StatusGone, CodeKeyLost, "the key was lost by the token (it restarted or failed); the merchant must apply again"
+	case errors.Is(err, issuer.ErrDecrypt):
+		return http.StatusUnprocessableEntity, CodeDecryptFailed, "decryption failed; the key is destroyed"
+	case errors.Is(err, issuer.ErrCiphertext):
+		return http.StatusBadRequest, CodeParamIllegal, err.Error()
+	case errors.Is(err, issuer.ErrUnavailable):
+		return http.StatusServiceUnavailable, CodeHSMUnavailable, "the token is unavailable; the key was not used, retry"
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return http.StatusServiceUnavailable, CodeHSMUnavailable, "the request was cancelled; retry"
+	}
+	h.log.Error("decrypt failed", "unique_id", id, "err", err)
+	return http.StatusInternalServerError, CodeInternal, "internal error"
+}
+
+// KeyResponse is the state of a key, for support and audit. It holds
+// neither the salt nor key material.
+type KeyResponse struct {
+	UniqueID   string `json:"uniqueId"`
+	State      string `json:"state"`
+	CustomerID string `json:"customerId,omitempty"`
+	ClientID   string `json:"clientId,omitempty"`
+	IssuedAt   string `json:"issuedAt"`
+	ExpiresAt  string `json:"expiresAt"`
+	ClosedAt   string `json:"closedAt,omitempty"`
+}
+
+func (h *Handler) key(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("uniqueId")
+	if err := ValidUniqueID(id); err != nil {
+		writeError(w, http.StatusBadRequest, CodeParamIllegal, err.Error())
+		return
+	}
+	rec, err := h.issuer.Record(r.Context(), id)
+	if err != nil {
+		status, code, msg := h.mapError(err, id)
+		writeError(w, status, code, msg)
+		return
+	}
+	resp := KeyResponse{
+		UniqueID:   rec.UniqueID,
+		State:      string(rec.State),
+		CustomerID: rec.CustomerID,
+		ClientID:   rec.ClientID,
+		IssuedAt:   rec.IssuedAt.UTC().Format(time.RFC3339Nano),
+		ExpiresAt:  rec.ExpiresAt.UTC().Format(time.RFC3339Nano),
+	}
+	if !rec.ClosedAt.IsZero() {
+		resp.ClosedAt = rec.ClosedAt.UTC().Format(time.RFC3339Nano)
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// HealthResponse reports the daemon's state.
+type HealthResponse struct {
+	Status          string `json:"status"` // ok, or degraded when the token is down
+	TokenReady      bool   `json:"tokenReady"`
+	PoolReady       int    `json:"poolReady"`
+	PoolSize        int    `json:"poolSize"`
+	OutstandingKeys int    `json:"outstandingKeys"` // issued, unused key pairs in the token
+	PendingDestroys int    `json:"pendingDestroys"`
+}
+
+func (h *Handler) health(w http.ResponseWriter, r *http.Request) {
+	s := h.issuer.Stats()
+	resp := HealthResponse{
+		Status:          "ok",
+		TokenReady:      s.TokenReady,
+		PoolReady:       s.PoolReady,
+		PoolSize:        s.PoolSize,
+		OutstandingKeys: s.Outstanding,
+		PendingDestroys: s.PendingDestroys,
+	}
+	status := http.StatusOK
+	if !s.TokenReady {
+		resp.Status, status = "degraded", http.StatusServiceUnavailable
+	}
+	writeJSON(w, status, resp)
+}
+
+// ValidUniqueID checks the shape of a uniqueId: 32 characters of
+// [A-Za-z0-9].
+func ValidUniqueID(id string) error {
+	if len(id) != 32 {
+		return errors.New("uniqueId must be 32 characters of A-Z, a-z, 0-9")
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9') {
+			return errors.New("uniqueId must be 32 characters of A-Z, a-z, 0-9")
+		}
+	}
+	return nil
+}
+
+// ErrorResponse is the body of every error.
+type ErrorResponse struct {
+	Error ErrorBody `json:"error"`
+}
+
+// ErrorBody is a code and a message safe to show.
+type ErrorBody struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg string) {
+	writeJSON(w, status, ErrorResponse{Error: ErrorBody{Code: code, Message: msg}})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, _ := json.Marshal(v)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	w.Write(b)
+}
