@@ -48,8 +48,8 @@ type Daemon struct {
 	sockMade      bool // the socket file is ours to remove
 }
 
-// New opens the token and the store, reconciles them, and binds the
-// listeners. Nothing is served until Run.
+// New binds the listeners, opens the token and the store, and reconciles
+// them. Nothing is served until Run.
 func New(ctx context.Context, cfg config.Config, opts Options) (*Daemon, error) {
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
@@ -71,6 +71,16 @@ func (d *Daemon) open(ctx context.Context) error {
 	pin, err := cfg.Token.ReadPIN()
 	if err != nil {
 		return err
+	}
+	// Listeners first: a second daemon pointed at the same socket must stop
+	// here, before its reconciliation destroys the first one's keys.
+	mode, _ := cfg.SocketMode()
+	if d.sockLn, err = ListenUnix(cfg.Decrypt.Socket, mode); err != nil {
+		return err
+	}
+	d.sockMade = true
+	if d.apiLn, err = net.Listen("tcp", cfg.API.Listen); err != nil {
+		return fmt.Errorf("failed to listen on api.listen %s: %w", cfg.API.Listen, err)
 	}
 	var is atomic.Pointer[issuer.Issuer]
 	d.token, err = hsm.Open(ctx, hsm.Config{
@@ -125,14 +135,6 @@ func (d *Daemon) open(ctx context.Context) error {
 		return fmt.Errorf("failed to reconcile token and records: %w", err)
 	}
 
-	mode, _ := cfg.SocketMode()
-	if d.sockLn, err = ListenUnix(cfg.Decrypt.Socket, mode); err != nil {
-		return err
-	}
-	d.sockMade = true
-	if d.apiLn, err = net.Listen("tcp", cfg.API.Listen); err != nil {
-		return fmt.Errorf("failed to listen on api.listen %s: %w", cfg.API.Listen, err)
-	}
 	return nil
 }
 
