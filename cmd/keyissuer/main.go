@@ -1,0 +1,226 @@
+// Command keyissuer is the command-line client of keyissuerd: it applies for
+// a key as a merchant would, encrypts a password as a merchant's page would,
+// and decrypts or inspects a key over the local socket as the
+// password-decrypt service would.
+//
+// Usage:
+//
+//	keyissuer apply   [-url URL] [-customer-id ID]
+//	keyissuer encrypt -public-key B64 -salt SALT [-padding P] < password
+//	keyissuer decrypt [-socket PATH] -unique-id ID < ciphertext.b64
+//	keyissuer key     [-socket PATH] -unique-id ID
+//	keyissuer health  [-socket PATH]
+//	keyissuer version
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"runtime/debug"
+	"strings"
+	"time"
+
+	"github.com/keyissuer/keyissuer/hsm"
+	"github.com/keyissuer/keyissuer/server/decryptclient"
+)
+
+const usage = `keyissuer: the keyissuerd client
+
+  keyissuer apply   [-url URL] [-customer-id ID]        apply for a public key (prints publicKeyInfo)
+  keyissuer encrypt -public-key B64 -salt SALT [-padding P] < password
+                                                        encrypt password+salt (prints base64)
+  keyissuer decrypt [-socket PATH] -unique-id ID < ciphertext.b64
+                                                        the key's one decrypt (prints the password)
+  keyissuer key     [-socket PATH] -unique-id ID        a key's state
+  keyissuer health  [-socket PATH]                      the daemon's health
+  keyissuer version
+`
+
+const (
+	defaultURL    = "http://127.0.0.1:8080/ams/api/v1/customer/applyPublicKey"
+	defaultSocket = "run/decrypt.sock"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	err := run(ctx, os.Args[1], os.Args[2:], os.Stdin, os.Stdout)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(2)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "keyissuer:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, cmd string, args []string, stdin io.Reader, stdout io.Writer) error {
+	fs := flag.NewFlagSet("keyissuer "+cmd, flag.ContinueOnError)
+	socket := fs.String("socket", defaultSocket, "keyissuerd's decrypt socket")
+	uniqueID := fs.String("unique-id", "", "the key's uniqueId")
+	switch cmd {
+	case "apply":
+		url := fs.String("url", defaultURL, "the applyPublicKey endpoint")
+		customerID := fs.String("customer-id", "", "customerId to send (optional)")
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		return apply(ctx, *url, *customerID, stdout)
+	case "encrypt":
+		pub := fs.String("public-key", "", "publicKey from apply (base64 DER)")
+		salt := fs.String("salt", "", "salt from apply")
+		padding := fs.String("padding", string(hsm.OAEPSHA256), "padding: "+paddingNames())
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		return encrypt(*pub, *salt, *padding, stdin, stdout)
+	case "decrypt":
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		if *uniqueID == "" {
+			return errors.New("decrypt: -unique-id is required")
+		}
+		in, err := io.ReadAll(io.LimitReader(stdin, 64<<10))
+		if err != nil {
+			return err
+		}
+		ct, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(in)))
+		if err != nil {
+			return errors.New("decrypt: standard input is not base64")
+		}
+		pw, err := decryptclient.New(*socket).Decrypt(ctx, *uniqueID, ct)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(stdout, "%s\n", pw)
+		clear(pw)
+		return err
+	case "key":
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		if *uniqueID == "" {
+			return errors.New("key: -unique-id is required")
+		}
+		k, err := decryptclient.New(*socket).Key(ctx, *uniqueID)
+		if err != nil {
+			return err
+		}
+		return printJSON(stdout, k)
+	case "health":
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		h, err := decryptclient.New(*socket).Health(ctx)
+		if h != nil {
+			printJSON(stdout, h)
+		}
+		return err
+	case "version", "-version", "--version":
+		fmt.Fprintln(stdout, "keyissuer", version())
+		return nil
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	return fmt.Errorf("unknown command %q\n\n%s", cmd, usage)
+}
+
+func apply(ctx context.Context, url, customerID string, stdout io.Writer) error {
+	body := []byte(`{}`)
+	if customerID != "" {
+		body, _ = json.Marshal(map[string]string{"customerId": customerID})
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json; charset=UTF-8")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	var out struct {
+		Result struct {
+			ResultCode, ResultStatus, ResultMessage string
+		} `json:"result"`
+		PublicKeyInfo json.RawMessage `json:"publicKeyInfo"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&out); err != nil {
+		return fmt.Errorf("apply: unexpected answer (HTTP %d): %w", resp.StatusCode, err)
+	}
+	if out.Result.ResultStatus != "S" {
+		return fmt.Errorf("apply: %s/%s: %s", out.Result.ResultCode, out.Result.ResultStatus, out.Result.ResultMessage)
+	}
+	return printJSON(stdout, out.PublicKeyInfo)
+}
+
+func encrypt(pubB64, salt, padding string, stdin io.Reader, stdout io.Writer) error {
+	if pubB64 == "" || salt == "" {
+		return errors.New("encrypt: -public-key and -salt are required")
+	}
+	der, err := base64.StdEncoding.DecodeString(pubB64)
+	if err != nil {
+		return errors.New("encrypt: -public-key is not base64")
+	}
+	pub, err := x509.ParsePKIXPublicKey(der)
+	if err != nil {
+		return fmt.Errorf("encrypt: -public-key: %w", err)
+	}
+	rsaPub, ok := pub.(*rsa.PublicKey)
+	if !ok {
+		return errors.New("encrypt: -public-key is not an RSA key")
+	}
+	pw, err := io.ReadAll(io.LimitReader(stdin, 4096))
+	if err != nil {
+		return err
+	}
+	pw = bytes.TrimRight(pw, "\r\n")
+	ct, err := hsm.Encrypt(rsaPub, hsm.Padding(padding), append(pw, salt...))
+	clear(pw)
+	if err != nil {
+		return fmt.Errorf("encrypt: %w", err)
+	}
+	_, err = fmt.Fprintln(stdout, base64.StdEncoding.EncodeToString(ct))
+	return err
+}
+
+func paddingNames() string {
+	var names []string
+	for _, p := range hsm.Paddings() {
+		names = append(names, string(p))
+	}
+	return strings.Join(names, ", ")
+}
+
+func printJSON(w io.Writer, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", b)
+	return err
+}
+
+func version() string {
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		return bi.Main.Version
+	}
+	return "unknown"
+}
