@@ -4,7 +4,7 @@
 GO       ?= go
 BIN      := bin
 PKGS     := ./...
-export SOFTHSM2_CONF ?= $(CURDIR)/.softhsm/softhsm2.conf
+CONFIG   ?= config.example.toml
 
 .PHONY: all build run test lint fmt clean softhsm
 
@@ -18,15 +18,19 @@ softhsm: .softhsm/user.pin
 .softhsm/user.pin:
 	./softhsm-setup.sh
 
-# Runs keyissuerd in the foreground with config.example.toml; Ctrl-C stops it
-# cleanly (pooled keys destroyed, records marked).
+# Runs keyissuerd in the foreground with $(CONFIG) (config.example.toml) on
+# the dev token; Ctrl-C stops it cleanly (pooled keys destroyed, records
+# marked).
+run: export SOFTHSM2_CONF := $(CURDIR)/.softhsm/softhsm2.conf
 run: build softhsm
-	$(BIN)/keyissuerd -config config.example.toml
+	$(BIN)/keyissuerd -config $(CONFIG)
 
 # Every test with the race detector. Integration tests make their own SoftHSM
 # tokens in a temp dir (hsm/hsmtest); the dev token is not touched.
+# On a machine without SoftHSM, softhsm-setup.sh installs it (as root) or
+# says how.
 test:
-	@command -v softhsm2-util >/dev/null || { echo "softhsm2 is missing: run ./softhsm-setup.sh (as root it installs it)"; exit 1; }
+	@command -v softhsm2-util >/dev/null || ./softhsm-setup.sh
 	$(GO) vet $(PKGS)
 	$(GO) test -race -count=1 -timeout 15m $(PKGS)
 
