@@ -7,6 +7,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -132,6 +133,11 @@ func Load(path string) (Config, error) {
 	var c Config
 	md, err := toml.DecodeFile(path, &c)
 	if err != nil {
+		// The TOML library quotes the bad value; a PIN must not be shown.
+		var pe toml.ParseError
+		if errors.As(err, &pe) && pe.LastKey == "token.pin" {
+			return Config{}, fmt.Errorf("failed to read config %s: line %d: token.pin: not a valid TOML string (value not shown); quote the PIN", path, pe.Position.Line)
+		}
 		return Config{}, fmt.Errorf("failed to read config %s: %w", path, err)
 	}
 	if und := md.Undecoded(); len(und) > 0 {
@@ -200,6 +206,10 @@ func (c *Config) resolve(dir string) {
 			*p = filepath.Join(dir, *p)
 		}
 	}
+	// A bare library name is left to the dynamic loader's search path.
+	if m := c.Token.Module; strings.Contains(m, "/") && !filepath.IsAbs(m) {
+		c.Token.Module = filepath.Join(dir, m)
+	}
 }
 
 // Validate checks every field and names the first bad one.
@@ -218,13 +228,15 @@ func (c *Config) Validate() error {
 	case (t.Label == "") == (t.Serial == ""):
 		return bad("token.label", "set exactly one of token.label and token.serial")
 	case pins != 1:
-		return bad("token.pin_file", "set exactly one of token.pin_env, token.pin_file and token.pin")
+		return bad("token.pin_env/pin_file/pin", "set exactly one of token.pin_env, token.pin_file and token.pin")
 	case t.PIN != "" && !t.AllowPlainPIN:
 		return bad("token.pin", "a PIN in the config file is refused; use pin_env or pin_file (or set allow_plain_pin = true for a throw-away token)")
 	case t.Storage != string(hsm.StorageSession) && t.Storage != string(hsm.StorageToken):
 		return bad("token.storage", "%q is not session or token", t.Storage)
 	case t.LabelPrefix == "" || len(t.LabelPrefix) > 32:
 		return bad("token.label_prefix", "must be 1 to 32 characters")
+	case c.Pool.Generators < 1 || c.Pool.Generators > 64:
+		return bad("pool.generators", "%d is not between 1 and 64", c.Pool.Generators)
 	case t.Sessions < c.Pool.Generators+1:
 		return bad("token.sessions", "%d is too few: need at least pool.generators + 1 = %d", t.Sessions, c.Pool.Generators+1)
 	case t.Sessions > 256:
@@ -259,13 +271,13 @@ func (c *Config) Validate() error {
 	switch {
 	case c.Pool.Size < 1 || c.Pool.Size > 100000:
 		return bad("pool.size", "%d is not between 1 and 100000", c.Pool.Size)
-	case c.Pool.Generators < 1 || c.Pool.Generators > 64:
-		return bad("pool.generators", "%d is not between 1 and 64", c.Pool.Generators)
 	case c.API.MaxBodyBytes < 64 || c.API.MaxBodyBytes > 1<<20:
 		return bad("api.max_body_bytes", "%d is not between 64 and 1048576", c.API.MaxBodyBytes)
 	}
-	if _, _, err := net.SplitHostPort(c.API.Listen); err != nil {
+	if _, port, err := net.SplitHostPort(c.API.Listen); err != nil {
 		return bad("api.listen", "%q is not host:port", c.API.Listen)
+	} else if n, err := strconv.ParseUint(port, 10, 16); err != nil || (n == 0 && port != "0") {
+		return bad("api.listen", "%q: the port must be a number from 0 to 65535", c.API.Listen)
 	}
 	if _, err := c.SocketMode(); err != nil {
 		return bad("decrypt.mode", "%v", err)
@@ -310,14 +322,20 @@ func (t Token) ReadPIN() (string, error) {
 		}
 		pin = v
 	case t.PINFile != "":
-		fi, err := os.Stat(t.PINFile)
+		// One open: the mode checked is the mode of the file read.
+		f, err := os.Open(t.PINFile)
+		if err != nil {
+			return "", fmt.Errorf("token.pin_file: %w", err)
+		}
+		defer f.Close()
+		fi, err := f.Stat()
 		if err != nil {
 			return "", fmt.Errorf("token.pin_file: %w", err)
 		}
 		if fi.Mode().Perm()&0o077 != 0 {
 			return "", fmt.Errorf("token.pin_file: %s is readable by others (mode %04o); chmod 600 it", t.PINFile, fi.Mode().Perm())
 		}
-		b, err := os.ReadFile(t.PINFile)
+		b, err := io.ReadAll(io.LimitReader(f, 4096))
 		if err != nil {
 			return "", fmt.Errorf("token.pin_file: %w", err)
 		}

@@ -12,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"path"
 	"time"
 
 	"github.com/keyissuer/keyissuer/issuer"
@@ -56,6 +57,9 @@ type Handler struct {
 
 // New returns the handler.
 func New(is Issuer, log *slog.Logger) *Handler {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	h := &Handler{issuer: is, log: log, mux: http.NewServeMux()}
 	h.mux.HandleFunc("/v1/decrypt", only(http.MethodPost, h.decrypt))
 	h.mux.HandleFunc("/v1/keys/{uniqueId}", only(http.MethodGet, h.key))
@@ -78,8 +82,15 @@ func only(method string, fn http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
-// ServeHTTP implements http.Handler.
-func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
+// ServeHTTP implements http.Handler. Untidy paths get a JSON 404 here,
+// where ServeMux would redirect with an HTML body.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if p := r.URL.Path; p == "" || path.Clean(p) != p {
+		writeError(w, http.StatusNotFound, CodeNotFound, "no such endpoint")
+		return
+	}
+	h.mux.ServeHTTP(w, r)
+}
 
 // DecryptResponse is the answer to a successful decrypt.
 type DecryptResponse struct {
@@ -147,7 +158,7 @@ func (h *Handler) mapError(err error, id string) (int, string, string) {
 	case errors.Is(err, issuer.ErrDecrypt):
 		return http.StatusUnprocessableEntity, CodeDecryptFailed, "decryption failed; the key is destroyed"
 	case errors.Is(err, issuer.ErrCiphertext):
-		return http.StatusBadRequest, CodeParamIllegal, err.Error()
+		return http.StatusBadRequest, CodeParamIllegal, "the ciphertext's length is not the key's size; the key was not used"
 	case errors.Is(err, issuer.ErrUnavailable):
 		return http.StatusServiceUnavailable, CodeHSMUnavailable, "the token is unavailable; the key was not used, retry"
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):

@@ -73,6 +73,9 @@ type Handler struct {
 
 // New returns the handler. maxBody caps request bodies.
 func New(is Issuer, log *slog.Logger, maxBody int64) *Handler {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	return &Handler{issuer: is, log: log, maxBody: maxBody}
 }
 
