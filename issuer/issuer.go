@@ -358,7 +358,11 @@ func (is *Issuer) Decrypt(ctx context.Context, uniqueID string, ciphertext []byt
 	case !now.Before(rec.ExpiresAt):
 		is.expire(ctx, rec)
 		return nil, ErrExpired
-	case k == nil || !k.Alive():
+	case k == nil:
+		// An issued record always has its key in the map; the key went
+		// after the record was read, to a concurrent claim.
+		return nil, is.raced(ctx, uniqueID)
+	case !k.Alive():
 		is.markLost(ctx, uniqueID)
 		return nil, ErrLost
 	case len(ciphertext) != k.Size():
@@ -409,6 +413,22 @@ func (is *Issuer) Decrypt(ctx context.Context, uniqueID string, ciphertext []byt
 		return nil, ErrDecrypt
 	}
 	return password, nil
+}
+
+// raced says what became of a key that a concurrent request took between
+// this one's read of the record and its look at the map.
+func (is *Issuer) raced(ctx context.Context, uniqueID string) error {
+	rec, err := is.Record(ctx, uniqueID)
+	switch {
+	case err != nil:
+		return err
+	case rec.State == store.Consuming:
+		return ErrConsumed
+	case rec.State == store.Issued:
+		// Claimed, then given back after a token fault: unused, retry.
+		return ErrUnavailable
+	}
+	return stateErr(rec.State)
 }
 
 // release gives a claimed key back after the token failed before
@@ -481,9 +501,12 @@ func (is *Issuer) expire(ctx context.Context, r store.Record) {
 	is.stats.expired.Add(1)
 }
 
-// markLost moves an issued record to lost and forgets its key.
+// markLost moves an issued record to lost and forgets its key. If the
+// record is no longer issued, its key belongs to whoever moved it.
 func (is *Issuer) markLost(ctx context.Context, id string) {
-	_, err := is.cfg.Store.Transition(ctx, id, store.Issued, store.Lost, is.cfg.Now())
+	if _, err := is.cfg.Store.Transition(ctx, id, store.Issued, store.Lost, is.cfg.Now()); err != nil {
+		return
+	}
 	is.mu.Lock()
 	k := is.keys[id]
 	delete(is.keys, id)
@@ -491,9 +514,7 @@ func (is *Issuer) markLost(ctx context.Context, id string) {
 	if k != nil {
 		is.destroy(ctx, k) // the objects may still be there in token storage
 	}
-	if err == nil {
-		is.stats.lost.Add(1)
-	}
+	is.stats.lost.Add(1)
 }
 
 // destroy destroys k, queueing it for the reaper to retry on failure.
