@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -187,7 +188,7 @@ func (is *Issuer) KeysLost(ids []string) {
 // present is adopted and can still decrypt; any other object under the
 // prefix is destroyed, and records whose key is missing become lost.
 func (is *Issuer) Reconcile(ctx context.Context) error {
-	recs, err := is.cfg.Store.Active(ctx, time.Unix(1<<40, 0), 0)
+	recs, err := is.cfg.Store.Active(ctx, time.Unix(0, math.MaxInt64), 0)
 	if err != nil {
 		return err
 	}

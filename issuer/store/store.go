@@ -301,8 +301,8 @@ func (b *Bolt) Active(ctx context.Context, before time.Time, limit int) ([]Recor
 	return out, nil
 }
 
-// Prune deletes up to limit finished records that closed before the given
-// time, and returns how many it deleted.
+// Prune deletes up to limit (all if limit <= 0) finished records that
+// closed before the given time, and returns how many it deleted.
 func (b *Bolt) Prune(ctx context.Context, before time.Time, limit int) (int, error) {
 	var n int
 	end := timeKey(before, "")
@@ -311,7 +311,7 @@ func (b *Bolt) Prune(ctx context.Context, before time.Time, limit int) (int, err
 		idx := tx.Bucket(bucketClosed)
 		recs := tx.Bucket(bucketRecords)
 		c := idx.Cursor()
-		for k, _ := c.First(); k != nil && bytes.Compare(k, end) < 0 && n < limit; k, _ = c.First() {
+		for k, _ := c.First(); k != nil && bytes.Compare(k, end) < 0 && (limit <= 0 || n < limit); k, _ = c.First() {
 			if err := recs.Delete(k[8:]); err != nil {
 				return err
 			}
