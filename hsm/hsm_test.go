@@ -18,22 +18,9 @@ import (
 
 func TestMain(m *testing.M) { hsmtest.Main(m) }
 
-// SoftHSM sees only tokens that exist when the module is initialised, so
-// the package's tests share one token made before the first Open; each test
-// keeps to its own label prefix.
-var (
-	tokenOnce sync.Once
-	testTok   hsmtest.Token
-)
-
-func softToken(t testing.TB) hsmtest.Token {
-	t.Helper()
-	tokenOnce.Do(func() { testTok = hsmtest.NewToken(t) })
-	if testTok.Label == "" {
-		t.Fatal("no test token")
-	}
-	return testTok
-}
+// The package's tests share one token (hsmtest.Shared); each keeps to its
+// own label prefix.
+func softToken(t testing.TB) hsmtest.Token { return hsmtest.Shared(t) }
 
 func openToken(t testing.TB, storage Storage, mutate ...func(*Config)) *Token {
 	t.Helper()

@@ -22,11 +22,6 @@ import (
 
 func TestMain(m *testing.M) { hsmtest.Main(m) }
 
-var (
-	tokenOnce sync.Once
-	softTok   hsmtest.Token
-)
-
 // env is one daemon's worth of parts; restart reopens them on the same
 // token and store file, as a restarted daemon would.
 type env struct {
@@ -43,7 +38,6 @@ type env struct {
 
 func newEnv(t testing.TB, storage hsm.Storage) *env {
 	t.Helper()
-	tokenOnce.Do(func() { softTok = hsmtest.NewToken(t) })
 	e := &env{
 		t:       t,
 		storage: storage,
@@ -60,6 +54,7 @@ func newEnv(t testing.TB, storage hsm.Storage) *env {
 func (e *env) open() {
 	t := e.t
 	t.Helper()
+	softTok := hsmtest.Shared(t)
 	var err error
 	var is atomic.Pointer[issuer.Issuer]
 	e.tok, err = hsm.Open(context.Background(), hsm.Config{

@@ -171,6 +171,26 @@ func NewToken(t testing.TB) Token {
 	return tok
 }
 
+// shared is the process's [Shared] token, made on first use.
+var (
+	sharedOnce sync.Once
+	shared     Token
+)
+
+// Shared returns one token for the whole test binary, made by [NewToken] on
+// the first call. Tests that share it keep apart by using their own object
+// label prefixes. The first call must come before the module is initialised
+// in this process, as for NewToken; the usual way is to call Shared in every
+// test before opening the token.
+func Shared(t testing.TB) Token {
+	t.Helper()
+	sharedOnce.Do(func() { shared = NewToken(t) })
+	if shared.Label == "" {
+		t.Fatal("hsmtest: the shared token could not be made (see the first test that asked for it)")
+	}
+	return shared
+}
+
 // NewTokens returns n tokens made by [NewToken].
 func NewTokens(t testing.TB, n int) []Token {
 	t.Helper()

@@ -75,15 +75,10 @@ func runChild(path string) int {
 	return 0
 }
 
-var (
-	tokenOnce sync.Once
-	softTok   hsmtest.Token
-)
-
 // setup writes a config for a daemon on the package's SoftHSM token.
 func setup(t *testing.T, storage string) (cfgPath string, prefix string) {
 	t.Helper()
-	tokenOnce.Do(func() { softTok = hsmtest.NewToken(t) })
+	softTok := hsmtest.Shared(t)
 	dir, err := os.MkdirTemp("", "kid") // short: socket paths are limited to 108 bytes
 	if err != nil {
 		t.Fatal(err)
@@ -308,6 +303,7 @@ func encryptFor(t *testing.T, k publicKeyInfo, password string) []byte {
 // process: for token storage, once the daemon is gone.
 func tokenObjects(t *testing.T, prefix string) map[string]int {
 	t.Helper()
+	softTok := hsmtest.Shared(t)
 	tok, err := hsm.Open(context.Background(), hsm.Config{
 		Module: softTok.Module, TokenLabel: softTok.Label, PIN: softTok.PIN,
 		Storage: hsm.StorageToken, LabelPrefix: prefix, Sessions: 2,
@@ -331,6 +327,7 @@ func TestEndToEnd(t *testing.T) {
 	for _, storage := range []string{"session", "token"} {
 		t.Run(storage, func(t *testing.T) {
 			cfgPath, prefix := setup(t, storage)
+			softTok := hsmtest.Shared(t)
 			c := start(t, cfgPath)
 			fi, err := os.Stat(c.socket)
 			if err != nil || fi.Mode().Perm() != 0o600 || fi.Mode()&os.ModeSocket == 0 {
