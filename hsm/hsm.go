@@ -21,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"strings"
 	"sync"
@@ -392,8 +393,12 @@ func (t *Token) Ready() bool {
 	return !t.down && !t.closed
 }
 
-// Info describes the token.
-func (t *Token) Info() Info { return t.info }
+// Info describes the token. The caller owns the copy.
+func (t *Token) Info() Info {
+	i := t.info
+	i.Methods = maps.Clone(t.info.Methods)
+	return i
+}
 
 // Close waits for calls in flight, closes every session (destroying the
 // session objects left in them) and releases the module.
