@@ -141,6 +141,7 @@ type Issuer struct {
 	mu      sync.Mutex
 	keys    map[string]*hsm.Key // issued, not yet claimed
 	pending []*hsm.Key          // destroys to retry
+	tally   tally               // outstanding keys by holder (quota.go)
 	lost    []string            // ids reported lost by the token
 	kick    chan struct{}       // wakes the maintenance loop
 
@@ -211,7 +212,7 @@ func (is *Issuer) Reconcile(ctx context.Context) error {
 				if err == nil {
 					delete(objs, r.UniqueID)
 					is.mu.Lock()
-					is.keys[r.UniqueID] = k
+					is.trackLocked(k, holderOf(r), false)
 					is.mu.Unlock()
 					adopted++
 					continue
@@ -289,14 +290,26 @@ const (
 
 // Apply issues a key from the pool, recording it durably before it is
 // returned. It fails with ErrPoolEmpty or ErrUnavailable when no key is
-// ready within the configured wait.
+// ready within the configured wait. [Issuer.ApplyWithin] adds quotas.
 func (is *Issuer) Apply(ctx context.Context, customerID, clientID string) (Issued, error) {
+	return is.ApplyWithin(ctx, customerID, clientID, Limits{})
+}
+
+// apply issues a key to h, taking over the quota reservation made for h.
+func (is *Issuer) apply(ctx context.Context, h holder) (Issued, error) {
+	customerID, clientID := h.customer, h.client
 	k, err := is.take(ctx, is.cfg.ApplyWait)
 	if err != nil {
+		is.mu.Lock()
+		is.unreserveLocked(h)
+		is.mu.Unlock()
 		return Issued{}, err
 	}
 	salt, err := newID(saltLen)
 	if err != nil {
+		is.mu.Lock()
+		is.unreserveLocked(h)
+		is.mu.Unlock()
 		is.destroy(ctx, k)
 		return Issued{}, err
 	}
@@ -311,11 +324,11 @@ func (is *Issuer) Apply(ctx context.Context, customerID, clientID string) (Issue
 		ExpiresAt:  now.Add(is.cfg.TTL),
 	}
 	is.mu.Lock()
-	is.keys[k.ID] = k
+	is.trackLocked(k, h, true)
 	is.mu.Unlock()
 	if err := is.cfg.Store.Create(ctx, rec); err != nil {
 		is.mu.Lock()
-		delete(is.keys, k.ID)
+		is.untrackLocked(k.ID)
 		is.mu.Unlock()
 		is.destroy(ctx, k)
 		return Issued{}, err
@@ -377,14 +390,14 @@ func (is *Issuer) Decrypt(ctx context.Context, uniqueID string, ciphertext []byt
 		return nil, transitionErr(err)
 	}
 	is.mu.Lock()
-	delete(is.keys, uniqueID)
+	is.untrackLocked(uniqueID)
 	is.mu.Unlock()
 	if is.cfg.AfterClaim != nil {
 		is.cfg.AfterClaim(uniqueID)
 	}
 
 	pt, derr := is.cfg.Token.Decrypt(ctx, k, is.cfg.Padding, ciphertext)
-	if errors.Is(derr, hsm.ErrUnavailable) && is.release(ctx, k) {
+	if errors.Is(derr, hsm.ErrUnavailable) && is.release(ctx, k, holderOf(rec)) {
 		return nil, ErrUnavailable
 	}
 	is.destroy(ctx, k)
@@ -434,16 +447,16 @@ func (is *Issuer) raced(ctx context.Context, uniqueID string) error {
 
 // release gives a claimed key back after the token failed before
 // decrypting anything. It reports whether the key is issued again.
-func (is *Issuer) release(ctx context.Context, k *hsm.Key) bool {
+func (is *Issuer) release(ctx context.Context, k *hsm.Key, h holder) bool {
 	is.mu.Lock()
-	is.keys[k.ID] = k
+	is.trackLocked(k, h, false)
 	is.mu.Unlock()
 	_, err := is.cfg.Store.Transition(context.WithoutCancel(ctx), k.ID, store.Consuming, store.Issued, is.cfg.Now())
 	if err == nil {
 		return true
 	}
 	is.mu.Lock()
-	delete(is.keys, k.ID)
+	is.untrackLocked(k.ID)
 	is.mu.Unlock()
 	return false
 }
@@ -493,8 +506,7 @@ func (is *Issuer) expire(ctx context.Context, r store.Record) {
 		return
 	}
 	is.mu.Lock()
-	k := is.keys[r.UniqueID]
-	delete(is.keys, r.UniqueID)
+	k := is.untrackLocked(r.UniqueID)
 	is.mu.Unlock()
 	if k != nil {
 		is.destroy(ctx, k)
@@ -509,8 +521,7 @@ func (is *Issuer) markLost(ctx context.Context, id string) {
 		return
 	}
 	is.mu.Lock()
-	k := is.keys[id]
-	delete(is.keys, id)
+	k := is.untrackLocked(id)
 	is.mu.Unlock()
 	if k != nil {
 		is.destroy(ctx, k) // the objects may still be there in token storage
