@@ -1,0 +1,336 @@
+// Package audit writes keyissuer's audit trail: an append-only file of JSON
+// lines, one per security event (a key issued, a decrypt attempted, a key
+// destroyed, a request refused, a configuration reloaded, a token fault).
+//
+// Every line carries a sequence number and the SHA-256 of the line before
+// it, so [Verify] finds any line that was edited, inserted or removed,
+// except at the very end of the chain: anchor the head (GET /v1/status on
+// the admin listener reports it) somewhere the host cannot rewrite.
+//
+// A line never holds a secret: events are typed, with fields for
+// identifiers, outcomes and reasons only; no PIN, salt, password,
+// ciphertext or key material has a field to go in.
+package audit
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Event types. They are the audit file's vocabulary: add, never rename.
+const (
+	DaemonStarted      = "daemon.started"       // Detail: version; Token: label/serial
+	DaemonStopped      = "daemon.stopped"       // Count: pooled keys destroyed
+	AuditReopened      = "audit.reopened"       // SIGHUP: the file was reopened (log rotation)
+	KeyIssued          = "key.issued"           // UniqueID, CustomerID, ClientID, Remote
+	KeyDecrypt         = "key.decrypt"          // UniqueID, PeerUID/PID, Outcome
+	KeyDestroyed       = "key.destroyed"        // UniqueID, Reason
+	KeyDestroyFailed   = "key.destroy_failed"   // UniqueID, Detail; retried by the reaper
+	KeyExpired         = "key.expired"          // UniqueID: its time to live ran out
+	KeyLost            = "key.lost"             // UniqueID: the token lost it
+	Reconciled         = "store.reconciled"     // Counts
+	RequestRefused     = "request.refused"      // API, Code, Remote or PeerUID/PID
+	ConfigReloaded     = "config.reloaded"      // Detail: what changed
+	ConfigReloadFailed = "config.reload_failed" // Detail: why; the old config stays
+	TokenDown          = "token.down"           // Detail: the fault
+	TokenUp            = "token.up"             // the token answers again
+)
+
+// Event is one security event. Set Type and the fields that apply.
+type Event struct {
+	Type       string         `json:"event"`
+	UniqueID   string         `json:"unique_id,omitempty"`
+	CustomerID string         `json:"customer_id,omitempty"`
+	ClientID   string         `json:"client_id,omitempty"`
+	API        string         `json:"api,omitempty"`    // apply, decrypt, ...
+	Remote     string         `json:"remote,omitempty"` // TCP peer of the public API
+	Peer       *Peer          `json:"peer,omitempty"`   // Unix-socket peer, when known
+	Outcome    string         `json:"outcome,omitempty"`
+	Code       string         `json:"code,omitempty"` // wire result code of a refusal
+	Reason     string         `json:"reason,omitempty"`
+	Token      string         `json:"token,omitempty"`
+	Count      *int           `json:"count,omitempty"`
+	Counts     map[string]int `json:"counts,omitempty"`
+	Detail     string         `json:"detail,omitempty"` // never a secret
+}
+
+// Peer is the process at the other end of the decrypt socket.
+type Peer struct {
+	UID uint32 `json:"uid"`
+	GID uint32 `json:"gid"`
+	PID int32  `json:"pid"`
+}
+
+// line is an Event as written: sequence and time first, the chain last.
+type line struct {
+	Seq  uint64    `json:"seq"`
+	Time time.Time `json:"time"`
+	Event
+	Prev string `json:"prev"`
+}
+
+// Genesis is the prev of the first line of a new trail.
+var Genesis = hex.EncodeToString(make([]byte, sha256.Size))
+
+// Sync says when the file is fsync'd.
+type Sync string
+
+const (
+	// SyncAlways: Record returns once its line is on disk. Concurrent
+	// records share an fsync.
+	SyncAlways Sync = "always"
+	// SyncInterval: a background fsync every interval; a crash loses at
+	// most that much.
+	SyncInterval Sync = "interval"
+	// SyncNever leaves it to the operating system.
+	SyncNever Sync = "never"
+)
+
+// ErrClosed is returned by Record on a closed Log.
+var ErrClosed = errors.New("audit log closed")
+
+// Options tune a Log.
+type Options struct {
+	Sync     Sync          // default SyncAlways
+	Interval time.Duration // for SyncInterval; default 1s
+	Now      func() time.Time
+}
+
+// Log is an open audit file. It is safe for concurrent use.
+type Log struct {
+	path string
+	opts Options
+
+	// syncMu orders fsyncs (and a reopen) after mu's writes.
+	syncMu sync.Mutex
+	mu     sync.Mutex
+	f      *os.File
+	seq    uint64 // last sequence number written
+	head   string // hash of the last line written
+	closed bool
+
+	written atomic.Uint64 // seq of the last line written to f
+	synced  atomic.Uint64 // seq of the last line known on disk
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+// Open opens or creates the trail at path (mode 0600, its directory 0700)
+// and continues the chain from its last line.
+func Open(path string, opts Options) (*Log, error) {
+	if opts.Sync == "" {
+		opts.Sync = SyncAlways
+	}
+	if opts.Interval <= 0 {
+		opts.Interval = time.Second
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	l := &Log{path: path, opts: opts, head: Genesis}
+	f, err := l.openFile()
+	if err != nil {
+		return nil, err
+	}
+	if err := l.resume(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	l.f = f
+	l.written.Store(l.seq)
+	l.synced.Store(l.seq)
+	if opts.Sync == SyncInterval {
+		l.stop, l.done = make(chan struct{}), make(chan struct{})
+		go l.syncLoop()
+	}
+	return l, nil
+}
+
+func (l *Log) openFile() (*os.File, error) {
+	if err := os.MkdirAll(filepath.Dir(l.path), 0o700); err != nil {
+		return nil, fmt.Errorf("failed to create audit directory: %w", err)
+	}
+	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("failed to open audit file: %w", err)
+	}
+	return f, nil
+}
+
+// tailSize bounds how much of an existing file is read to find its last
+// line; lines are far shorter.
+const tailSize = 64 << 10
+
+// resume reads the last line of f to continue its chain. A torn last line
+// (no newline: a crash mid-write) is closed with a newline and left for
+// Verify to report; the chain continues from the last whole line.
+func (l *Log) resume(f *os.File) error {
+	r, err := os.Open(l.path)
+	if err != nil {
+		return fmt.Errorf("failed to read audit file: %w", err)
+	}
+	defer r.Close()
+	fi, err := r.Stat()
+	if err != nil {
+		return fmt.Errorf("failed to read audit file: %w", err)
+	}
+	if fi.Size() == 0 {
+		return nil
+	}
+	off := max(fi.Size()-tailSize, 0)
+	buf := make([]byte, fi.Size()-off)
+	if _, err := r.ReadAt(buf, off); err != nil && err != io.EOF {
+		return fmt.Errorf("failed to read audit file: %w", err)
+	}
+	if buf[len(buf)-1] != '\n' {
+		if _, err := f.Write([]byte("\n")); err != nil {
+			return fmt.Errorf("failed to close a torn audit line: %w", err)
+		}
+		i := bytes.LastIndexByte(buf, '\n')
+		if i < 0 {
+			return nil // one torn line and nothing else
+		}
+		buf = buf[:i+1]
+	}
+	buf = buf[:len(buf)-1]
+	last := buf[bytes.LastIndexByte(buf, '\n')+1:]
+	var ln line
+	if err := json.Unmarshal(last, &ln); err != nil {
+		return fmt.Errorf("audit file %s: its last line is not an audit line; move the file aside to start a new trail", l.path)
+	}
+	l.seq = ln.Seq
+	l.head = hashLine(last)
+	return nil
+}
+
+func hashLine(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// Record appends e, chained to the line before. With SyncAlways it returns
+// once the line is on disk.
+func (l *Log) Record(e Event) error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return ErrClosed
+	}
+	ln := line{Seq: l.seq + 1, Time: l.opts.Now().UTC(), Event: e, Prev: l.head}
+	b, err := json.Marshal(ln)
+	if err != nil {
+		l.mu.Unlock()
+		return fmt.Errorf("failed to encode audit event %s: %w", e.Type, err)
+	}
+	if _, err := l.f.Write(append(b, '\n')); err != nil {
+		l.mu.Unlock()
+		return fmt.Errorf("failed to write audit event %s: %w", e.Type, err)
+	}
+	l.seq, l.head = ln.Seq, hashLine(b)
+	l.written.Store(ln.Seq)
+	l.mu.Unlock()
+	if l.opts.Sync == SyncAlways {
+		return l.syncTo(ln.Seq)
+	}
+	return nil
+}
+
+// syncTo returns once line seq is on disk. The first caller in fsyncs for
+// everyone written so far; the others find their line covered.
+func (l *Log) syncTo(seq uint64) error {
+	l.syncMu.Lock()
+	defer l.syncMu.Unlock()
+	if l.synced.Load() >= seq {
+		return nil
+	}
+	target := l.written.Load()
+	l.mu.Lock()
+	f := l.f
+	l.mu.Unlock()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("failed to sync audit file: %w", err)
+	}
+	l.synced.Store(target)
+	return nil
+}
+
+func (l *Log) syncLoop() {
+	defer close(l.done)
+	t := time.NewTicker(l.opts.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+			l.syncTo(l.written.Load())
+		}
+	}
+}
+
+// Head is the sequence number and hash of the last line written: the value
+// to anchor elsewhere.
+func (l *Log) Head() (seq uint64, hash string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.seq, l.head
+}
+
+// Path is the file's path.
+func (l *Log) Path() string { return l.path }
+
+// Reopen closes the file and opens the path again, for log rotation: after
+// the file was renamed, a new one is created there. The chain goes on
+// across the two files; the new file's first line is an [AuditReopened]
+// event.
+func (l *Log) Reopen() error {
+	l.syncMu.Lock()
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		l.syncMu.Unlock()
+		return ErrClosed
+	}
+	f, err := l.openFile()
+	if err == nil {
+		l.f.Sync()
+		l.f.Close()
+		l.f = f
+		l.synced.Store(l.written.Load())
+	}
+	l.mu.Unlock()
+	l.syncMu.Unlock()
+	if err != nil {
+		return err
+	}
+	return l.Record(Event{Type: AuditReopened})
+}
+
+// Close syncs and closes the file.
+func (l *Log) Close() error {
+	if l.stop != nil {
+		close(l.stop)
+		<-l.done
+		l.stop = nil
+	}
+	l.syncMu.Lock()
+	defer l.syncMu.Unlock()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil
+	}
+	l.closed = true
+	err := l.f.Sync()
+	return errors.Join(err, l.f.Close())
+}
