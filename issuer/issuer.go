@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -77,6 +78,9 @@ var (
 	// ErrCiphertext means the ciphertext cannot be for this key (its length
 	// is not the modulus size). The key is not consumed.
 	ErrCiphertext = errors.New("ciphertext length does not match the key size")
+	// ErrPadding means a decrypt asked for a padding that is not one of
+	// Config.Paddings. The key is not consumed.
+	ErrPadding = errors.New("padding not accepted")
 )
 
 // Config wires an Issuer. Zero durations and sizes take the defaults noted.
@@ -84,8 +88,13 @@ type Config struct {
 	Token   Token
 	Store   Store
 	Storage hsm.Storage // what reconciliation may expect of the token
-	Padding hsm.Padding // the scheme clients encrypt with
 	Log     *slog.Logger
+
+	// Paddings are the schemes clients may encrypt with, each probed by
+	// the token; the first is the default (oaep-sha256).
+	Paddings []hsm.Padding
+	// Layout says where the salt sits in the plaintext (password-salt).
+	Layout Layout
 
 	TTL          time.Duration // a key's time to live once issued (10m)
 	PoolSize     int           // keys kept ready (64)
@@ -120,8 +129,11 @@ func (c *Config) setDefaults() {
 	if c.Storage == "" {
 		c.Storage = hsm.StorageSession
 	}
-	if c.Padding == "" {
-		c.Padding = hsm.OAEPSHA256
+	if len(c.Paddings) == 0 {
+		c.Paddings = []hsm.Padding{hsm.OAEPSHA256}
+	}
+	if c.Layout == "" {
+		c.Layout = LayoutPasswordSalt
 	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.DiscardHandler)
@@ -158,6 +170,14 @@ func New(cfg Config) (*Issuer, error) {
 		return nil, fmt.Errorf("pool size %d and generators %d must be at least 1", cfg.PoolSize, cfg.Generators)
 	case cfg.TTL < time.Second:
 		return nil, fmt.Errorf("ttl %s is too short", cfg.TTL)
+	}
+	if _, err := ParseLayout(string(cfg.Layout)); err != nil {
+		return nil, err
+	}
+	for _, p := range cfg.Paddings {
+		if _, err := hsm.ParsePadding(string(p)); err != nil {
+			return nil, err
+		}
 	}
 	return &Issuer{
 		cfg:  cfg,
@@ -346,15 +366,28 @@ func (is *Issuer) Record(ctx context.Context, uniqueID string) (store.Record, er
 	return r, err
 }
 
-// Decrypt performs the one decrypt the key of uniqueID allows and returns
-// the password: the plaintext less the salt it must end with. After the
-// first attempt the key is destroyed, whether it succeeded or not.
+// Decrypt performs the one decrypt the key of uniqueID allows, with the
+// default padding, and returns the password: the plaintext less the salt,
+// which must be where Config.Layout puts it. After the first attempt the key
+// is destroyed, whether it succeeded or not.
 //
 // It fails with ErrNotFound, ErrConsumed, ErrExpired or ErrLost when the key
 // cannot decrypt; ErrCiphertext (key untouched) when the ciphertext has the
 // wrong length; ErrUnavailable (key untouched, retry) when the token is
-// down; ErrDecrypt when the padding or the salt is wrong.
+// down; ErrDecrypt when the padding or the salt is wrong, whichever it was.
 func (is *Issuer) Decrypt(ctx context.Context, uniqueID string, ciphertext []byte) ([]byte, error) {
+	return is.DecryptWithPadding(ctx, uniqueID, ciphertext, "")
+}
+
+// DecryptWithPadding is [Issuer.Decrypt] with padding p, which must be one
+// of Config.Paddings ("" means the default, the first). Any other fails
+// with ErrPadding before the key is touched.
+func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphertext []byte, p hsm.Padding) ([]byte, error) {
+	if p == "" {
+		p = is.cfg.Paddings[0]
+	} else if !slices.Contains(is.cfg.Paddings, p) {
+		return nil, ErrPadding
+	}
 	rec, err := is.Record(ctx, uniqueID)
 	if err != nil {
 		return nil, err
@@ -396,7 +429,7 @@ func (is *Issuer) Decrypt(ctx context.Context, uniqueID string, ciphertext []byt
 		is.cfg.AfterClaim(uniqueID)
 	}
 
-	pt, derr := is.cfg.Token.Decrypt(ctx, k, is.cfg.Padding, ciphertext)
+	pt, derr := is.cfg.Token.Decrypt(ctx, k, p, ciphertext)
 	if errors.Is(derr, hsm.ErrUnavailable) && is.release(ctx, k, holderOf(rec)) {
 		return nil, ErrUnavailable
 	}
@@ -421,7 +454,7 @@ func (is *Issuer) Decrypt(ctx context.Context, uniqueID string, ciphertext []byt
 		is.log.Error("decrypt failed in the token", "unique_id", uniqueID, "err", derr)
 		return nil, ErrDecrypt
 	}
-	password, ok := stripSalt(pt, rec.Salt)
+	password, ok := is.cfg.Layout.password(pt, rec.Salt)
 	if !ok {
 		clear(pt)
 		return nil, ErrDecrypt

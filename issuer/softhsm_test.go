@@ -81,7 +81,7 @@ func (e *env) open() {
 		Token:        e.tok,
 		Store:        e.st,
 		Storage:      e.storage,
-		Padding:      hsm.OAEPSHA256,
+		Paddings:     []hsm.Padding{hsm.OAEPSHA256},
 		Log:          slog.New(slog.DiscardHandler),
 		TTL:          time.Minute,
 		PoolSize:     2,

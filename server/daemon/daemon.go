@@ -116,7 +116,7 @@ func (d *Daemon) open(ctx context.Context) error {
 		Token:        d.token,
 		Store:        d.store,
 		Storage:      hsm.Storage(cfg.Token.Storage),
-		Padding:      hsm.Padding(cfg.Keys.Padding),
+		Paddings:     []hsm.Padding{hsm.Padding(cfg.Keys.Padding)},
 		Log:          d.log,
 		TTL:          cfg.Keys.TTL,
 		PoolSize:     cfg.Pool.Size,
