@@ -130,18 +130,24 @@ type Info struct {
 type Token struct {
 	cfg  Config
 	mod  *module
-	slot uint
+	slot atomic.Uint64 // the token's slot; changes only in a reset
 	info Info
 
 	idle chan *session // sessions not in use; len == cfg.Sessions when all idle
 
-	mu       sync.Mutex
-	down     bool      // the last reconnect failed
-	retryAt  time.Time // while down, calls before this fail fast
-	backoff  time.Duration
-	serial   uint64 // last session serial handed out
-	closed   bool
-	inFlight sync.WaitGroup
+	mu         sync.Mutex
+	down       bool      // the token failed its health check
+	recovering bool      // a call is bringing the token back
+	retryAt    time.Time // while down, calls before this fail fast
+	backoff    time.Duration
+	serial     uint64 // last session serial handed out
+	closed     bool
+	inFlight   sync.WaitGroup
+
+	// epoch counts module resets. Object handles do not survive one, and
+	// may even name other objects after it, so a token-storage Key's
+	// handles are trusted only in the epoch they were found in.
+	epoch atomic.Uint64
 }
 
 // session is one PKCS#11 session. At most one goroutine uses it at a time.
@@ -188,7 +194,7 @@ func (t *Token) init(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	t.slot = slot
+	t.slot.Store(uint64(slot))
 	t.info = Info{
 		Label:        strings.TrimSpace(ti.Label),
 		Serial:       strings.TrimSpace(ti.SerialNumber),
@@ -245,7 +251,7 @@ func (t *Token) findSlot() (uint, pkcs11.TokenInfo, error) {
 
 // open (re)opens s as a fresh, logged-in session with a new owner.
 func (t *Token) open(s *session) error {
-	h, err := t.mod.ctx.OpenSession(t.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	h, err := t.mod.ctx.OpenSession(uint(t.slot.Load()), pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {
 		return fmt.Errorf("failed to open session: %w", err)
 	}
@@ -289,20 +295,14 @@ func (t *Token) retire(s *session, cause error) {
 	}
 }
 
-// do runs fn on an idle session. A fault retires the session and tries to
-// replace it at once; the caller gets ErrUnavailable.
+// do runs fn on an idle session. A dead session is replaced and fn tried
+// once more; any other failure makes the token check its health, and a
+// token that fails it is marked down: the call, and every call until the
+// next recovery attempt, fails fast with ErrUnavailable.
 func (t *Token) do(ctx context.Context, fn func(*session) error) error {
-	t.mu.Lock()
-	if t.closed {
-		t.mu.Unlock()
-		return ErrClosed
+	if err := t.enter(ctx); err != nil {
+		return err
 	}
-	if t.down && time.Now().Before(t.retryAt) {
-		t.mu.Unlock()
-		return fmt.Errorf("%w: reconnecting, next attempt in %s", ErrUnavailable, time.Until(t.retryAt).Round(time.Millisecond))
-	}
-	t.inFlight.Add(1)
-	t.mu.Unlock()
 	defer t.inFlight.Done()
 
 	var s *session
@@ -320,10 +320,10 @@ func (t *Token) do(ctx context.Context, fn func(*session) error) error {
 	}
 	err := fn(s)
 	if classify(err) == faultNone {
-		return err
+		return t.vet(err)
 	}
 	// The session is dead. A fault means the call did nothing, so it is
-	// tried once more on a fresh session: after a token reset every idle
+	// tried once more on a fresh session: after a token fault every idle
 	// session is dead, and one retry spares the caller finding them all.
 	t.retire(s, err)
 	if t.reconnect(s) != nil {
@@ -331,37 +331,159 @@ func (t *Token) do(ctx context.Context, fn func(*session) error) error {
 	}
 	err = fn(s)
 	if classify(err) == faultNone {
-		return err
+		return t.vet(err)
 	}
 	t.retire(s, err)
 	t.reconnect(s)
 	return fmt.Errorf("%w: %w", ErrUnavailable, err)
 }
 
-// reconnect reopens a broken session, managing the down state and backoff.
-func (t *Token) reconnect(s *session) error {
-	err := t.open(s)
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if err == nil {
-		if t.down {
-			t.cfg.Log.Info("token reconnected", "label", t.info.Label)
-		}
-		t.down, t.backoff = false, 0
-		return nil
+// vet tells an answer of the token from a symptom of its failure. SoftHSM,
+// for one, reports a missing token directory as CKR_GENERAL_ERROR or an
+// invalid handle, which are also what a bad ciphertext or a gone object
+// look like; so on any token error, the token's health decides.
+func (t *Token) vet(err error) error {
+	if err == nil || errors.Is(err, ErrDecrypt) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
 	}
-	t.backoff = min(max(2*t.backoff, minBackoff), maxBackoff)
-	if !t.down {
-		t.cfg.Log.Error("token down", "label", t.info.Label, "err", err)
+	if herr := t.healthy(); herr != nil {
+		t.markDown(herr)
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
-	t.down, t.retryAt = true, time.Now().Add(t.backoff)
-	return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	return err
 }
 
-// Check looks at every session once (C_GetSessionInfo), retires those that
-// are dead or logged out, and reopens them. Run it periodically so that
-// dead sessions and their lost keys are found before a request trips on them.
+// healthy asks the token for its info: cheap, no session needed, and it
+// fails when the token is gone (a device error, a network HSM out of
+// reach, SoftHSM's token directory missing).
+func (t *Token) healthy() error {
+	_, err := t.mod.ctx.GetTokenInfo(uint(t.slot.Load()))
+	return err
+}
+
+// enter admits a call: at once while the token is up; while it is down,
+// only the one call that tries to recover it, once the backoff has passed.
+func (t *Token) enter(ctx context.Context) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return ErrClosed
+	}
+	if t.down {
+		if t.recovering || time.Now().Before(t.retryAt) {
+			return fmt.Errorf("%w: token down, next attempt in %s", ErrUnavailable, time.Until(t.retryAt).Round(time.Millisecond))
+		}
+		t.recovering = true
+		t.mu.Unlock()
+		err := t.recover(ctx)
+		t.mu.Lock()
+		t.recovering = false
+		if err != nil {
+			return err
+		}
+	}
+	t.inFlight.Add(1)
+	return nil
+}
+
+// recover brings a down token back once it answers again. A module whose
+// token went away may not see it return until it is re-initialised
+// (SoftHSM keeps failing), so an unhealthy token gets a reset, which in
+// session storage loses every key (reported through OnLost). In token
+// storage the module is reset even when the token answers, because its
+// view of the objects may be stale.
+func (t *Token) recover(ctx context.Context) error {
+	err := t.healthy()
+	if err != nil || t.cfg.Storage == StorageToken {
+		if err = t.reset(ctx); err == nil {
+			err = t.healthy()
+		}
+	}
+	if err != nil {
+		t.markDown(err)
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	t.mu.Lock()
+	t.down, t.backoff = false, 0
+	t.mu.Unlock()
+	t.cfg.Log.Info("token recovered", "label", t.info.Label)
+	return nil
+}
+
+// markDown records a failed health check and schedules the next attempt.
+func (t *Token) markDown(cause error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.backoff = min(max(2*t.backoff, minBackoff), maxBackoff)
+	if !t.down {
+		t.cfg.Log.Error("token down", "label", t.info.Label, "err", cause)
+	}
+	t.down, t.retryAt = true, time.Now().Add(t.backoff)
+}
+
+// reconnect reopens a broken session.
+func (t *Token) reconnect(s *session) error {
+	if err := t.open(s); err != nil {
+		t.markDown(err)
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// reset takes every session, closes them, re-initialises the module (unless
+// another Token of this process shares it), finds the token again and
+// reopens the sessions. Handles found before are void after it.
+func (t *Token) reset(ctx context.Context) error {
+	held := make([]*session, 0, t.cfg.Sessions)
+	defer func() {
+		for _, s := range held {
+			t.idle <- s
+		}
+	}()
+	timer := time.NewTimer(10 * time.Second)
+	defer timer.Stop()
+	for len(held) < t.cfg.Sessions {
+		select {
+		case s := <-t.idle:
+			held = append(held, s)
+		case <-timer.C:
+			return errors.New("sessions still busy after 10s")
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	for _, s := range held {
+		t.retire(s, errors.New("token reset"))
+	}
+	if err := t.mod.reinit(); err != nil {
+		return err
+	}
+	slot, _, err := t.findSlot()
+	if err != nil {
+		return err
+	}
+	t.slot.Store(uint64(slot))
+	t.epoch.Add(1)
+	for _, s := range held {
+		if err := t.open(s); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Check asks the token for its health, then looks at every session once
+// (C_GetSessionInfo), retires those that are dead or logged out, and
+// reopens them; while the token is down, it tries to recover it. Run it
+// periodically, so that an outage, dead sessions and their lost keys are
+// found before a request trips on them.
 func (t *Token) Check(ctx context.Context) error {
+	if t.Ready() {
+		if err := t.healthy(); err != nil {
+			t.markDown(err)
+			return fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+	}
 	var errs []error
 	for range t.cfg.Sessions {
 		err := t.do(ctx, func(s *session) error {
@@ -464,6 +586,22 @@ func openModule(path string) (*module, error) {
 	m := &module{path: path, ctx: ctx, refs: 1, ours: err == nil}
 	modules[path] = m
 	return m, nil
+}
+
+// reinit re-initialises the module so that it reads its tokens afresh. A
+// module shared with another Token of this process is left alone: that
+// Token's sessions would die under it.
+func (m *module) reinit() error {
+	modulesMu.Lock()
+	defer modulesMu.Unlock()
+	if m.refs > 1 || !m.ours {
+		return nil
+	}
+	m.ctx.Finalize()
+	if err := m.ctx.Initialize(); err != nil {
+		return fmt.Errorf("failed to re-initialise PKCS#11 module %s: %w", m.path, err)
+	}
+	return nil
 }
 
 func (m *module) release() {

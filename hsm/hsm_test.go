@@ -6,6 +6,8 @@ import (
 	"crypto/x509"
 	"errors"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -461,4 +463,121 @@ func TestConcurrentGenerateDecryptDestroy(t *testing.T) {
 	if ids := listIDs(t, tok); len(ids) != 0 {
 		t.Errorf("objects left: %v", ids)
 	}
+}
+
+// moveTokenDir takes the test binary's SoftHSM token directory away, as a
+// real fault would, and returns the function that brings it back.
+func moveTokenDir(t testing.TB) (restore func()) {
+	t.Helper()
+	dir := filepath.Join(filepath.Dir(os.Getenv("SOFTHSM2_CONF")), "tokens")
+	if err := os.Rename(dir, dir+".away"); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	restore = func() {
+		once.Do(func() {
+			if err := os.Rename(dir+".away", dir); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	t.Cleanup(restore)
+	return restore
+}
+
+// waitReady runs Check until the token has recovered.
+func waitReady(t testing.TB, tok *Token) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if tok.Check(context.Background()) == nil && tok.Ready() {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatal("the token did not recover within 30s")
+}
+
+// A real outage on SoftHSM: the token directory disappears under an open
+// Token. Calls fail with ErrUnavailable (fast, once the token is known to
+// be down) and a key caught in a decrypt is not spent; when the directory
+// returns, the Token recovers by itself and the key decrypts, once.
+func TestTokenOutageAndRecovery(t *testing.T) {
+	for _, storage := range storages {
+		t.Run(string(storage), func(t *testing.T) {
+			ctx := context.Background()
+			tok := openToken(t, storage)
+			k, err := tok.Generate(ctx, "outage")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ct, _ := Encrypt(k.Public, OAEPSHA256, []byte("pw"))
+			restore := moveTokenDir(t)
+
+			if err := tok.Check(ctx); !errors.Is(err, ErrUnavailable) {
+				t.Fatalf("Check during the outage: %v, want ErrUnavailable", err)
+			}
+			if tok.Ready() {
+				t.Error("Ready during the outage")
+			}
+			if _, err := tok.Decrypt(ctx, k, OAEPSHA256, ct); !errors.Is(err, ErrUnavailable) {
+				t.Errorf("Decrypt during the outage: %v, want ErrUnavailable", err)
+			}
+			if _, err := tok.Generate(ctx, "during"); !errors.Is(err, ErrUnavailable) {
+				t.Errorf("Generate during the outage: %v, want ErrUnavailable", err)
+			}
+
+			restore()
+			waitReady(t, tok)
+			got, err := tok.Decrypt(ctx, k, OAEPSHA256, ct)
+			switch {
+			case storage == StorageSession:
+				// The module was reset: session objects are gone, and
+				// OnLost said so (see TestDeadSessionReportsItsKeysLost).
+				if !errors.Is(err, ErrKeyLost) {
+					t.Errorf("Decrypt after recovery: %q, %v; want ErrKeyLost", got, err)
+				}
+			case err != nil || string(got) != "pw":
+				t.Fatalf("Decrypt after recovery: %q, %v", got, err)
+			default:
+				if _, err := tok.Decrypt(ctx, k, OAEPSHA256, ct); !errors.Is(err, ErrKeySpent) {
+					t.Errorf("second Decrypt: %v, want ErrKeySpent", err)
+				}
+			}
+			if err := tok.Destroy(ctx, k); err != nil {
+				t.Fatal(err)
+			}
+			k2, err := tok.Generate(ctx, "after")
+			if err != nil {
+				t.Fatalf("Generate after recovery: %v", err)
+			}
+			tok.Destroy(ctx, k2)
+			if ids := listIDs(t, tok); len(ids) != 0 {
+				t.Errorf("objects left: %v", ids)
+			}
+		})
+	}
+}
+
+// An outage that strikes while the token is believed up: the failing call
+// itself finds out, through the token's health, and answers ErrUnavailable
+// rather than calling the key lost or the ciphertext bad.
+func TestOutageFoundByACall(t *testing.T) {
+	ctx := context.Background()
+	tok := openToken(t, StorageToken)
+	k, err := tok.Generate(ctx, "call")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ct, _ := Encrypt(k.Public, OAEPSHA1, []byte("pw"))
+	restore := moveTokenDir(t)
+	if _, err := tok.Decrypt(ctx, k, OAEPSHA1, ct); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("Decrypt: %v, want ErrUnavailable", err)
+	}
+	restore()
+	waitReady(t, tok)
+	if got, err := tok.Decrypt(ctx, k, OAEPSHA1, ct); err != nil || string(got) != "pw" {
+		t.Errorf("Decrypt after recovery: %q, %v", got, err)
+	}
+	tok.Destroy(ctx, k)
 }

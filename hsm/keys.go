@@ -25,6 +25,7 @@ type Key struct {
 	mu         sync.Mutex // guards the handles (re-found after a token reset)
 	priv, pub  pkcs11.ObjectHandle
 	owner      *owner      // session storage: the session the objects live in
+	epoch      uint64      // token storage: the Token epoch the handles belong to
 	spent      atomic.Bool // a decrypt was attempted
 	destroyed  atomic.Bool
 	tokenStore bool
@@ -87,7 +88,7 @@ func (t *Token) Generate(ctx context.Context, id string) (*Key, error) {
 		if err != nil {
 			return err
 		}
-		k = &Key{ID: id, pub: pub, priv: priv, tokenStore: token}
+		k = &Key{ID: id, pub: pub, priv: priv, tokenStore: token, epoch: t.epoch.Load()}
 		if err := t.readPublic(s, k); err != nil {
 			t.mod.ctx.DestroyObject(s.h, priv)
 			t.mod.ctx.DestroyObject(s.h, pub)
@@ -145,11 +146,18 @@ func (t *Token) Decrypt(ctx context.Context, k *Key, p Padding, ciphertext []byt
 	}
 	var out []byte
 	err := t.do(ctx, func(s *session) error {
-		priv, err := t.handles(s, k)
+		priv, err := t.handles(s, k, false)
 		if err != nil {
 			return err
 		}
 		out, err = t.decrypt(s, priv, p, method, k.Size(), ciphertext)
+		if k.tokenStore && isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID) {
+			// C_DecryptInit refused the handle: nothing was decrypted.
+			if priv, err = t.handles(s, k, true); err != nil {
+				return err
+			}
+			out, err = t.decrypt(s, priv, p, method, k.Size(), ciphertext)
+		}
 		return err
 	})
 	switch {
@@ -198,18 +206,24 @@ func (t *Token) decrypt(s *session, priv pkcs11.ObjectHandle, p Padding, m Metho
 	return msg, err
 }
 
-// handles returns k's private handle. In token storage, a handle that no
-// longer resolves (after the token was reset) is looked up again by CKA_ID,
-// once; session objects cannot come back.
-func (t *Token) handles(s *session, k *Key) (pkcs11.ObjectHandle, error) {
+// handles returns k's private handle. In token storage, handles from
+// before a module reset are void and are looked up again by CKA_ID, as they
+// are when refresh is set because the token said a handle is invalid
+// (SoftHSM drops its handles when the last session closes). Session objects
+// cannot come back.
+func (t *Token) handles(s *session, k *Key, refresh bool) (pkcs11.ObjectHandle, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if !k.tokenStore {
+	return t.handlesLocked(s, k, refresh)
+}
+
+func (t *Token) handlesLocked(s *session, k *Key, refresh bool) (pkcs11.ObjectHandle, error) {
+	epoch := t.epoch.Load()
+	if !k.tokenStore || (k.epoch == epoch && !refresh) {
 		return k.priv, nil
 	}
-	if _, err := t.mod.ctx.GetObjectSize(s.h, k.priv); err == nil || !isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
-		return k.priv, nil
-	}
+	// Each half is looked up on its own: a destroy may have got through
+	// one of them before the handles went stale.
 	priv, err := t.find(s, pkcs11.CKO_PRIVATE_KEY, k.ID)
 	if err != nil {
 		return 0, err
@@ -218,20 +232,27 @@ func (t *Token) handles(s *session, k *Key) (pkcs11.ObjectHandle, error) {
 	if err != nil {
 		return 0, err
 	}
-	k.priv, k.pub = priv, pub
+	k.priv, k.pub, k.epoch = priv, pub, epoch
+	if priv == 0 {
+		return 0, ErrKeyLost
+	}
 	return priv, nil
 }
 
+// find returns the handle of the one object of class under id's label, or
+// 0 if there is none.
 func (t *Token) find(s *session, class uint, id string) (pkcs11.ObjectHandle, error) {
 	hs, err := t.findAll(s, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
 		pkcs11.NewAttribute(pkcs11.CKA_ID, t.label(id)),
 	})
-	if err != nil {
+	switch {
+	case err != nil:
 		return 0, err
-	}
-	if len(hs) != 1 {
-		return 0, ErrKeyLost
+	case len(hs) > 1:
+		return 0, fmt.Errorf("%d objects of class %d under the label of key %s", len(hs), class, id)
+	case len(hs) == 0:
+		return 0, nil
 	}
 	return hs[0], nil
 }
@@ -271,15 +292,15 @@ func (t *Token) Destroy(ctx context.Context, k *Key) error {
 	err := t.do(ctx, func(s *session) error {
 		k.mu.Lock()
 		defer k.mu.Unlock()
-		for _, h := range []*pkcs11.ObjectHandle{&k.priv, &k.pub} {
-			if *h == 0 {
-				continue
-			}
-			if err := t.mod.ctx.DestroyObject(s.h, *h); err != nil &&
-				!isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
+		for refresh := range 2 {
+			if _, err := t.handlesLocked(s, k, refresh == 1); err != nil && !errors.Is(err, ErrKeyLost) {
 				return err
 			}
-			*h = 0
+			err := t.destroyHandles(s, k)
+			if !k.tokenStore || !isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
+				return err
+			}
+			// A stale handle: look the objects up by CKA_ID and try again.
 		}
 		return nil
 	})
@@ -291,6 +312,22 @@ func (t *Token) Destroy(ctx context.Context, k *Key) error {
 		o.mu.Lock()
 		delete(o.keys, k.ID)
 		o.mu.Unlock()
+	}
+	return nil
+}
+
+// destroyHandles destroys k's objects, the private half first. In session
+// storage an invalid handle means the object is gone already.
+func (t *Token) destroyHandles(s *session, k *Key) error {
+	for _, h := range []*pkcs11.ObjectHandle{&k.priv, &k.pub} {
+		if *h == 0 {
+			continue
+		}
+		err := t.mod.ctx.DestroyObject(s.h, *h)
+		if err != nil && (k.tokenStore || !isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID)) {
+			return err
+		}
+		*h = 0
 	}
 	return nil
 }
@@ -365,7 +402,7 @@ func (t *Token) DestroyObject(ctx context.Context, o Object) error {
 // Adopt builds a Key for an existing token object pair found by List, so a
 // restarted daemon can use keys it issued before (token storage).
 func (t *Token) Adopt(ctx context.Context, objs []Object) (*Key, error) {
-	k := &Key{tokenStore: true}
+	k := &Key{tokenStore: true, epoch: t.epoch.Load()}
 	for _, o := range objs {
 		k.ID = o.ID
 		if o.Private {
@@ -435,7 +472,7 @@ func (t *Token) probe(ctx context.Context) error {
 }
 
 func (t *Token) mechanisms() (map[uint]bool, error) {
-	ms, err := t.mod.ctx.GetMechanismList(t.slot)
+	ms, err := t.mod.ctx.GetMechanismList(uint(t.slot.Load()))
 	if err != nil {
 		return nil, fmt.Errorf("failed to list mechanisms: %w", err)
 	}
