@@ -61,8 +61,12 @@ func (is *Issuer) generate(ctx context.Context) {
 }
 
 // take hands out a pooled key, waiting up to wait for one. Keys whose
-// session died while they waited are dropped.
+// session died while they waited are dropped. While the token is down no
+// key is handed out: its decrypt could not happen until the token is back.
 func (is *Issuer) take(ctx context.Context, wait time.Duration) (*hsm.Key, error) {
+	if !is.cfg.Token.Ready() {
+		return nil, ErrUnavailable
+	}
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	for {
