@@ -1,0 +1,158 @@
+package hsm
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rsa"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/miekg/pkcs11"
+)
+
+// destroyLabelled destroys every object under label when the test ends:
+// signing keys are token objects and outlive the Token.
+func destroyLabelled(t testing.TB, tok *Token, label string) {
+	t.Helper()
+	t.Cleanup(func() {
+		err := tok.do(context.Background(), func(s *session) error {
+			hs, err := tok.findAll(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, label)})
+			if err != nil {
+				return err
+			}
+			for _, h := range hs {
+				if err := tok.mod.ctx.DestroyObject(s.h, h); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Errorf("failed to clean up %q: %v", label, err)
+		}
+	})
+}
+
+func TestSigningKey(t *testing.T) {
+	ctx := context.Background()
+	tok := openToken(t, StorageSession)
+	label := "sign-" + tok.cfg.LabelPrefix[:len(tok.cfg.LabelPrefix)-1]
+	destroyLabelled(t, tok, label)
+
+	if _, err := tok.Signer(ctx, label); !errors.Is(err, ErrNoSigningKey) {
+		t.Fatalf("Signer() before creation = %v, want ErrNoSigningKey", err)
+	}
+	s, created, err := tok.CreateSigningKey(ctx, label, 2048)
+	if err != nil || !created {
+		t.Fatalf("CreateSigningKey() = %v, created %v", err, created)
+	}
+	again, created, err := tok.CreateSigningKey(ctx, label, 2048)
+	if err != nil || created || !again.Public().Equal(s.Public()) {
+		t.Fatalf("second CreateSigningKey() = %v, created %v; want the same key, not created", err, created)
+	}
+
+	// Signatures verify as a wallet SDK checks them: SHA256withRSA.
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Go(func() {
+			msg := fmt.Appendf(nil, "POST /ams/api/v1/customer/applyPublicKey\nclient.%d.{}", i)
+			sig, err := again.Sign(ctx, msg)
+			if err != nil {
+				t.Errorf("Sign() = %v", err)
+				return
+			}
+			digest := sha256.Sum256(msg)
+			if err := rsa.VerifyPKCS1v15(s.Public(), crypto.SHA256, digest[:], sig); err != nil {
+				t.Errorf("signature does not verify: %v", err)
+			}
+		})
+	}
+	wg.Wait()
+
+	// The private half is a sensitive, never extractable, sign-only token
+	// object; the public half only verifies.
+	err = tok.do(ctx, func(ss *session) error {
+		for _, tc := range []struct {
+			class uint
+			want  map[uint]bool
+		}{
+			{pkcs11.CKO_PRIVATE_KEY, map[uint]bool{
+				pkcs11.CKA_TOKEN: true, pkcs11.CKA_PRIVATE: true, pkcs11.CKA_SENSITIVE: true,
+				pkcs11.CKA_EXTRACTABLE: false, pkcs11.CKA_NEVER_EXTRACTABLE: true, pkcs11.CKA_SIGN: true,
+				pkcs11.CKA_DECRYPT: false, pkcs11.CKA_UNWRAP: false, pkcs11.CKA_DERIVE: false,
+			}},
+			{pkcs11.CKO_PUBLIC_KEY, map[uint]bool{
+				pkcs11.CKA_TOKEN: true, pkcs11.CKA_VERIFY: true, pkcs11.CKA_ENCRYPT: false, pkcs11.CKA_WRAP: false,
+			}},
+		} {
+			hs, err := tok.findAll(ss, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_CLASS, tc.class),
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+			})
+			if err != nil {
+				return err
+			}
+			if len(hs) != 1 {
+				t.Fatalf("%d objects of class %d under %q, want 1", len(hs), tc.class, label)
+			}
+			for typ, want := range tc.want {
+				attrs, err := tok.mod.ctx.GetAttributeValue(ss.h, hs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(typ, nil)})
+				if err != nil {
+					return fmt.Errorf("attribute %#x: %w", typ, err)
+				}
+				if got := attrs[0].Value; !bytes.Equal(got, []byte{boolByte(want)}) {
+					t.Errorf("class %d attribute %#x = %v, want %v", tc.class, typ, got, want)
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A later Token finds the same key.
+	tok2 := openToken(t, StorageSession)
+	s2, err := tok2.Signer(ctx, label)
+	if err != nil || !s2.Public().Equal(s.Public()) {
+		t.Errorf("Signer() from another Token = %v; want the same key", err)
+	}
+}
+
+func boolByte(b bool) byte {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func TestSigningKeyLabels(t *testing.T) {
+	ctx := context.Background()
+	tok := openToken(t, StorageSession)
+	for _, label := range []string{"", tok.cfg.LabelPrefix + "signing"} {
+		if _, err := tok.Signer(ctx, label); err == nil || errors.Is(err, ErrNoSigningKey) {
+			t.Errorf("Signer(%q) = %v, want a label error", label, err)
+		}
+		if _, _, err := tok.CreateSigningKey(ctx, label, 2048); err == nil {
+			t.Errorf("CreateSigningKey(%q) succeeded", label)
+		}
+	}
+	if _, _, err := tok.CreateSigningKey(ctx, "sign-bits", 1024); err == nil {
+		t.Error("CreateSigningKey() made a 1024-bit key")
+	}
+
+	// A one-time decrypt key cannot be used: its private half may not sign.
+	k, err := tok.Generate(ctx, "not-a-signer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tok.Destroy(ctx, k)
+	ts := &Signer{t: tok, label: "x", pub: k.Public, priv: k.priv}
+	if _, err := ts.Sign(ctx, []byte("msg")); err == nil {
+		t.Error("Sign() with a decrypt-only key succeeded")
+	}
+}
