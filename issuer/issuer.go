@@ -108,6 +108,12 @@ type Config struct {
 	// AfterClaim, if set, runs after a decrypt has claimed its record and
 	// before the token decrypts. Tests use it to crash at that instant.
 	AfterClaim func(uniqueID string)
+	// OnEvent, if set, is told of every [Event]: keys generated, issued,
+	// decrypted, expired, lost and destroyed, reaper passes. It is called
+	// synchronously, without the issuer's locks, from many goroutines: it
+	// must be quick and safe for concurrent use. Metrics and the audit
+	// trail hang here.
+	OnEvent func(ctx context.Context, e Event)
 }
 
 func (c *Config) setDefaults() {
@@ -152,7 +158,7 @@ type Issuer struct {
 
 	mu      sync.Mutex
 	keys    map[string]*hsm.Key // issued, not yet claimed
-	pending []*hsm.Key          // destroys to retry
+	pending []pendingDestroy    // destroys to retry
 	tally   tally               // outstanding keys by holder (quota.go)
 	lost    []string            // ids reported lost by the token
 	kick    chan struct{}       // wakes the maintenance loop
@@ -244,6 +250,7 @@ func (is *Issuer) Reconcile(ctx context.Context) error {
 			if _, err := is.cfg.Store.Transition(ctx, r.UniqueID, store.Issued, store.Lost, now); err != nil {
 				return err
 			}
+			is.emit(ctx, Event{Kind: EventLost, UniqueID: r.UniqueID})
 			lost++
 			continue
 		}
@@ -253,16 +260,19 @@ func (is *Issuer) Reconcile(ctx context.Context) error {
 		}
 		consumed++
 	}
-	for _, os := range objs {
+	for id, os := range objs {
 		for _, o := range os {
 			if err := is.cfg.Token.DestroyObject(ctx, o); err != nil {
 				return err
 			}
 			destroyed++
 		}
+		is.emit(ctx, Event{Kind: EventDestroyed, UniqueID: id, Reason: ReasonReconciled})
 	}
 	is.log.Info("reconciled token and records", "storage", is.cfg.Storage,
 		"adopted", adopted, "lost", lost, "consumed", consumed, "objects_destroyed", destroyed)
+	is.emit(ctx, Event{Kind: EventReconciled, Reconciled: ReconcileCounts{
+		Adopted: adopted, Lost: lost, Consumed: consumed, Destroyed: destroyed}})
 	return nil
 }
 
@@ -330,7 +340,7 @@ func (is *Issuer) apply(ctx context.Context, h holder) (Issued, error) {
 		is.mu.Lock()
 		is.unreserveLocked(h)
 		is.mu.Unlock()
-		is.destroy(ctx, k)
+		is.destroy(ctx, k, ReasonUnissued)
 		return Issued{}, err
 	}
 	now := is.cfg.Now().UTC()
@@ -350,10 +360,11 @@ func (is *Issuer) apply(ctx context.Context, h holder) (Issued, error) {
 		is.mu.Lock()
 		is.untrackLocked(k.ID)
 		is.mu.Unlock()
-		is.destroy(ctx, k)
+		is.destroy(ctx, k, ReasonUnissued)
 		return Issued{}, err
 	}
 	is.stats.issued.Add(1)
+	is.emit(ctx, Event{Kind: EventIssued, UniqueID: k.ID, CustomerID: customerID, ClientID: clientID})
 	return Issued{UniqueID: k.ID, Salt: salt, PublicKey: k.PublicDER, ExpiresAt: rec.ExpiresAt}, nil
 }
 
@@ -382,7 +393,8 @@ func (is *Issuer) Decrypt(ctx context.Context, uniqueID string, ciphertext []byt
 // DecryptWithPadding is [Issuer.Decrypt] with padding p, which must be one
 // of Config.Paddings ("" means the default, the first). Any other fails
 // with ErrPadding before the key is touched.
-func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphertext []byte, p hsm.Padding) ([]byte, error) {
+func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphertext []byte, p hsm.Padding) (_ []byte, err error) {
+	defer func() { is.emit(ctx, Event{Kind: EventDecrypt, UniqueID: uniqueID, Err: err}) }()
 	if p == "" {
 		p = is.cfg.Paddings[0]
 	} else if !slices.Contains(is.cfg.Paddings, p) {
@@ -433,7 +445,7 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	if errors.Is(derr, hsm.ErrUnavailable) && is.release(ctx, k, holderOf(rec)) {
 		return nil, ErrUnavailable
 	}
-	is.destroy(ctx, k)
+	is.destroy(ctx, k, ReasonConsumed)
 	final := store.Consumed
 	if errors.Is(derr, hsm.ErrKeyLost) {
 		final = store.Lost
@@ -538,11 +550,12 @@ func (is *Issuer) expire(ctx context.Context, r store.Record) {
 	if _, err := is.cfg.Store.Transition(ctx, r.UniqueID, store.Issued, store.Expired, is.cfg.Now()); err != nil {
 		return
 	}
+	is.emit(ctx, Event{Kind: EventExpired, UniqueID: r.UniqueID})
 	is.mu.Lock()
 	k := is.untrackLocked(r.UniqueID)
 	is.mu.Unlock()
 	if k != nil {
-		is.destroy(ctx, k)
+		is.destroy(ctx, k, ReasonExpired)
 	}
 	is.stats.expired.Add(1)
 }
@@ -553,24 +566,36 @@ func (is *Issuer) markLost(ctx context.Context, id string) {
 	if _, err := is.cfg.Store.Transition(ctx, id, store.Issued, store.Lost, is.cfg.Now()); err != nil {
 		return
 	}
+	is.emit(ctx, Event{Kind: EventLost, UniqueID: id})
 	is.mu.Lock()
 	k := is.untrackLocked(id)
 	is.mu.Unlock()
 	if k != nil {
-		is.destroy(ctx, k) // the objects may still be there in token storage
+		is.destroy(ctx, k, ReasonLost) // the objects may still be there in token storage
 	}
 	is.stats.lost.Add(1)
 }
 
-// destroy destroys k, queueing it for the reaper to retry on failure.
-func (is *Issuer) destroy(ctx context.Context, k *hsm.Key) {
+// pendingDestroy is a destroy that failed, for the reaper to retry.
+type pendingDestroy struct {
+	k   *hsm.Key
+	why string
+}
+
+// destroy destroys k, queueing it for the reaper to retry on failure. why
+// is a Reason*, for the event.
+func (is *Issuer) destroy(ctx context.Context, k *hsm.Key, why string) {
 	err := is.cfg.Token.Destroy(context.WithoutCancel(ctx), k)
+	if err == nil {
+		is.emit(ctx, Event{Kind: EventDestroyed, UniqueID: k.ID, Reason: why})
+	}
 	if err == nil || errors.Is(err, hsm.ErrKeyLost) {
 		return
 	}
 	is.log.Warn("failed to destroy key, will retry", "unique_id", k.ID, "err", err)
+	is.emit(ctx, Event{Kind: EventDestroyFailed, UniqueID: k.ID, Reason: why, Err: err})
 	is.mu.Lock()
-	is.pending = append(is.pending, k)
+	is.pending = append(is.pending, pendingDestroy{k, why})
 	is.mu.Unlock()
 }
 
@@ -611,6 +636,8 @@ const reapBatch = 1000
 // and prunes records past retention. Its cost follows the number of keys
 // due, not the number of records.
 func (is *Issuer) Reap(ctx context.Context) {
+	start := time.Now()
+	defer func() { is.emit(ctx, Event{Kind: EventReaped, Duration: time.Since(start)}) }()
 	now := is.cfg.Now()
 	due, err := is.cfg.Store.Active(ctx, now, reapBatch)
 	if err != nil {
@@ -629,8 +656,8 @@ func (is *Issuer) Reap(ctx context.Context) {
 	retry := is.pending
 	is.pending = nil
 	is.mu.Unlock()
-	for _, k := range retry {
-		is.destroy(ctx, k)
+	for _, p := range retry {
+		is.destroy(ctx, p.k, p.why)
 	}
 
 	if n, err := is.cfg.Store.Prune(ctx, now.Add(-is.cfg.Retention), reapBatch); err != nil {

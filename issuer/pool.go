@@ -40,6 +40,7 @@ func (is *Issuer) generate(ctx context.Context) {
 			start := time.Now()
 			k, err = is.cfg.Token.Generate(ctx, id)
 			is.stats.generated(time.Since(start), err)
+			is.emit(ctx, Event{Kind: EventGenerated, Duration: time.Since(start), Err: err})
 		}
 		if err != nil {
 			is.pool.slots <- struct{}{}
@@ -91,11 +92,15 @@ func (is *Issuer) take(ctx context.Context, wait time.Duration) (*hsm.Key, error
 // drain destroys the keys left in the pool. Call it once the generators
 // have stopped.
 func (is *Issuer) drain(ctx context.Context) {
+	n := 0
+	defer func() { is.emit(ctx, Event{Kind: EventDrained, Count: n}) }()
 	for {
 		select {
 		case k := <-is.pool.ready:
 			if err := is.cfg.Token.Destroy(ctx, k); err != nil && !errors.Is(err, hsm.ErrKeyLost) {
 				is.log.Warn("failed to destroy pooled key", "err", err)
+			} else if err == nil {
+				n++
 			}
 		default:
 			return
