@@ -148,6 +148,8 @@ type Token struct {
 	// may even name other objects after it, so a token-storage Key's
 	// handles are trusted only in the epoch they were found in.
 	epoch atomic.Uint64
+
+	faults faultCounts // for metrics (faults.go)
 }
 
 // session is one PKCS#11 session. At most one goroutine uses it at a time.
@@ -290,6 +292,7 @@ func (t *Token) retire(s *session, cause error) {
 	o.keys = nil
 	o.mu.Unlock()
 	t.cfg.Log.Warn("token session retired", "session", o.serial, "cause", cause, "keys_lost", len(ids))
+	t.faults.retired.Add(1)
 	if len(ids) > 0 {
 		t.cfg.OnLost(ids)
 	}
@@ -406,6 +409,7 @@ func (t *Token) recover(ctx context.Context) error {
 	t.mu.Lock()
 	t.down, t.backoff = false, 0
 	t.mu.Unlock()
+	t.faults.recovered.Add(1)
 	t.cfg.Log.Info("token recovered", "label", t.info.Label)
 	return nil
 }
@@ -417,6 +421,7 @@ func (t *Token) markDown(cause error) {
 	t.backoff = min(max(2*t.backoff, minBackoff), maxBackoff)
 	if !t.down {
 		t.cfg.Log.Error("token down", "label", t.info.Label, "err", cause)
+		t.faults.down.Add(1)
 	}
 	t.down, t.retryAt = true, time.Now().Add(t.backoff)
 }
