@@ -29,6 +29,10 @@ type Config struct {
 	API     API     `toml:"api"`
 	Decrypt Decrypt `toml:"decrypt"`
 	Log     Log     `toml:"log"`
+
+	// Limits and Clients: see access.go.
+	Limits  Limits   `toml:"limits"`
+	Clients []Client `toml:"clients"`
 }
 
 // Token selects the PKCS#11 token and says how keys live in it.
@@ -106,6 +110,32 @@ type API struct {
 	ReadTimeout  time.Duration `toml:"read_timeout"`
 	WriteTimeout time.Duration `toml:"write_timeout"`
 	IdleTimeout  time.Duration `toml:"idle_timeout"`
+
+	// Request signatures and the blocklist (access.go).
+	//
+	// AllowUnsigned accepts requests without a Signature header, as from
+	// an anonymous caller, or as from the registered client their
+	// Client-Id names. For local development only: anyone who reaches
+	// api.listen can then apply. A request that carries a Signature is
+	// always verified. Default false.
+	AllowUnsigned bool `toml:"allow_unsigned"`
+	// ClockSkew is how far a signed request's Request-Time may be from
+	// the daemon's clock, either way (default 5m).
+	ClockSkew time.Duration `toml:"clock_skew"`
+	// SigningKeyLabel is the CKA_LABEL of the RSA key pair in the token
+	// that signs every response; it must exist at start-up (create it
+	// with `keyissuer signing-key -create`). Empty (the default) leaves
+	// responses unsigned, which the wallet SDKs reject.
+	SigningKeyLabel string `toml:"signing_key_label"`
+	// SigningKeyVersion is the keyVersion of response signatures
+	// (default 1).
+	SigningKeyVersion int `toml:"signing_key_version"`
+	// BlocklistFile lists blocked customerIds, one per line ('#' starts a
+	// comment); their applies get USER_STATUS_ABNORMAL. It is read at
+	// start-up and again within BlocklistPoll (default 5s) of every
+	// change, without a restart. Empty (the default): no blocklist.
+	BlocklistFile string        `toml:"blocklist_file"`
+	BlocklistPoll time.Duration `toml:"blocklist_poll"`
 }
 
 // Decrypt sets the local decrypt socket.
@@ -197,6 +227,7 @@ func (c *Config) SetDefaults() {
 	str(&c.Decrypt.Mode, "0600")
 	str(&c.Log.Level, "info")
 	str(&c.Log.Format, "auto")
+	c.setAccessDefaults()
 }
 
 // resolve makes relative paths relative to dir, the config file's folder.
@@ -210,6 +241,7 @@ func (c *Config) resolve(dir string) {
 	if m := c.Token.Module; strings.Contains(m, "/") && !filepath.IsAbs(m) {
 		c.Token.Module = filepath.Join(dir, m)
 	}
+	c.resolveAccess(dir)
 }
 
 // Validate checks every field and names the first bad one.
@@ -292,7 +324,7 @@ func (c *Config) Validate() error {
 	default:
 		return bad("log.format", "%q is not auto, text or json", c.Log.Format)
 	}
-	return nil
+	return c.validateAccess()
 }
 
 // SocketMode parses Decrypt.Mode.

@@ -98,6 +98,12 @@ func TestExampleShowsDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The example turns on what local development needs.
+	if !example.API.AllowUnsigned || example.API.SigningKeyLabel == "" {
+		t.Errorf("the example has allow_unsigned %v, signing_key_label %q; want true and the dev token's key",
+			example.API.AllowUnsigned, example.API.SigningKeyLabel)
+	}
+	example.API.AllowUnsigned, example.API.SigningKeyLabel = false, ""
 	// The paths differ by the file's folder only.
 	for _, p := range []struct{ ex, min *string }{
 		{&example.Token.PINFile, &minimal.Token.PINFile},
@@ -117,6 +123,9 @@ func TestExampleShowsDefaults(t *testing.T) {
 
 var (
 	sectionRE = regexp.MustCompile(`^\[([a-z_]+)\]\s*$`)
+	// arrayRE matches an array of tables or a sub-table, live or commented
+	// out ("# [[clients]]", "# [clients.public_keys]").
+	arrayRE = regexp.MustCompile(`^(#\s*)?(\[\[([a-z_]+)\]\]|\[([a-z_]+\.[a-z_]+)\])\s*$`)
 	// keyRE matches a key line, live or commented out ("# pin = ...").
 	keyRE = regexp.MustCompile(`^(#\s*)?([a-z_]+)\s*=`)
 )
@@ -138,6 +147,11 @@ func TestExampleDocumentsEveryKey(t *testing.T) {
 		line := strings.TrimSpace(sc.Text())
 		if m := sectionRE.FindStringSubmatch(line); m != nil {
 			section, commented = m[1], false
+			continue
+		}
+		if m := arrayRE.FindStringSubmatch(line); m != nil {
+			section = m[3] + m[4]
+			mentioned[section] = true
 			continue
 		}
 		if line == "" {
@@ -177,6 +191,10 @@ func configKeys(typ reflect.Type, prefix string) []string {
 		}
 		if f.Type.Kind() == reflect.Struct {
 			keys = append(keys, configKeys(f.Type, prefix+name+".")...)
+			continue
+		}
+		if f.Type.Kind() == reflect.Slice && f.Type.Elem().Kind() == reflect.Struct {
+			keys = append(keys, configKeys(f.Type.Elem(), prefix+name+".")...) // [[name]]
 			continue
 		}
 		keys = append(keys, prefix+name)
