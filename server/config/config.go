@@ -68,9 +68,14 @@ type Token struct {
 type Keys struct {
 	// Bits is the RSA modulus size: 2048 (default), 3072 or 4096.
 	Bits int `toml:"bits"`
-	// Padding is the scheme clients encrypt with: oaep-sha256 (default),
-	// oaep-sha256-mgf1-sha1, oaep-sha1 or pkcs1v15.
-	Padding string `toml:"padding"`
+	// Paddings are the schemes clients may encrypt with, each probed at
+	// start-up: oaep-sha256, oaep-sha256-mgf1-sha1, oaep-sha1, pkcs1v15.
+	// The first applies when a decrypt names none; listing more than one
+	// needs decrypt.allow_client_padding. Default ["oaep-sha256"].
+	Paddings []string `toml:"paddings"`
+	// Layout says where the salt sits in the plaintext: password-salt
+	// (default), salt-password, password|salt or none (no salt check).
+	Layout string `toml:"layout"`
 	// TTL is how long an issued key waits for its decrypt (default 10m).
 	TTL time.Duration `toml:"ttl"`
 	// Retention is how long records of finished keys are kept (default
@@ -144,6 +149,22 @@ type Decrypt struct {
 	Socket string `toml:"socket"`
 	// Mode is the socket file's permission bits, octal (default "0600").
 	Mode string `toml:"mode"`
+
+	// Access control (decrypt.go).
+	//
+	// Group is the socket file's group, a name or a numeric gid (default:
+	// the daemon's group). With mode "0660" its members can connect.
+	Group string `toml:"group"`
+	// AllowedUIDs and AllowedGIDs say whose processes may call: each
+	// connection's peer, as the kernel reports it (SO_PEERCRED), must
+	// have one of the uids, or one of the gids as its effective or a
+	// supplementary group. The daemon's own user and root are always
+	// allowed; with both lists empty (the default) nobody else is.
+	AllowedUIDs []uint32 `toml:"allowed_uids"`
+	AllowedGIDs []uint32 `toml:"allowed_gids"`
+	// AllowClientPadding lets a decrypt request name its padding, one of
+	// keys.paddings (default false: the first of keys.paddings applies).
+	AllowClientPadding bool `toml:"allow_client_padding"`
 }
 
 // Log sets logging.
@@ -207,7 +228,7 @@ func (c *Config) SetDefaults() {
 	str(&c.Token.LabelPrefix, "keyissuer:")
 	num(&c.Token.Sessions, 8)
 	num(&c.Keys.Bits, 2048)
-	str(&c.Keys.Padding, string(hsm.OAEPSHA256))
+	c.setDecryptDefaults()
 	dur(&c.Keys.TTL, 10*time.Minute)
 	dur(&c.Keys.Retention, 30*24*time.Hour)
 	dur(&c.Keys.ReapInterval, 5*time.Second)
@@ -274,8 +295,8 @@ func (c *Config) Validate() error {
 	case t.Sessions > 256:
 		return bad("token.sessions", "%d is more than 256", t.Sessions)
 	}
-	if _, err := hsm.ParsePadding(c.Keys.Padding); err != nil {
-		return bad("keys.padding", "%v", err)
+	if err := c.validateDecrypt(); err != nil {
+		return err
 	}
 	switch c.Keys.Bits {
 	case 2048, 3072, 4096:

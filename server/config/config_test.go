@@ -57,7 +57,8 @@ func TestLoadExample(t *testing.T) {
 		{"token.label_prefix", c.Token.LabelPrefix, "keyissuer:"},
 		{"token.sessions", c.Token.Sessions, 8},
 		{"keys.bits", c.Keys.Bits, 2048},
-		{"keys.padding", c.Keys.Padding, "oaep-sha256"},
+		{"keys.paddings", strings.Join(c.Keys.Paddings, ","), "oaep-sha256"},
+		{"keys.layout", c.Keys.Layout, "password-salt"},
 		{"keys.ttl", c.Keys.TTL, 10 * time.Minute},
 		{"keys.retention", c.Keys.Retention, 720 * time.Hour},
 		{"keys.reap_interval", c.Keys.ReapInterval, 5 * time.Second},
@@ -73,6 +74,10 @@ func TestLoadExample(t *testing.T) {
 		{"api.idle_timeout", c.API.IdleTimeout, 60 * time.Second},
 		{"decrypt.socket", abs(c.Decrypt.Socket), filepath.Join(root, "run/decrypt.sock")},
 		{"decrypt.mode", c.Decrypt.Mode, "0600"},
+		{"decrypt.group", c.Decrypt.Group, ""},
+		{"decrypt.allowed_uids", len(c.Decrypt.AllowedUIDs), 0},
+		{"decrypt.allowed_gids", len(c.Decrypt.AllowedGIDs), 0},
+		{"decrypt.allow_client_padding", c.Decrypt.AllowClientPadding, false},
 		{"log.level", c.Log.Level, "info"},
 		{"log.format", c.Log.Format, "auto"},
 	}
@@ -273,9 +278,9 @@ func TestLoad(t *testing.T) {
 		},
 		{
 			name: "every key size and padding",
-			body: base + "[keys]\nbits = 4096\npadding = \"oaep-sha256-mgf1-sha1\"\nttl = \"10s\"\n",
+			body: base + "[keys]\nbits = 4096\npaddings = [\"oaep-sha256-mgf1-sha1\"]\nttl = \"10s\"\n",
 			check: func(tb testing.TB, c config.Config) {
-				if c.Keys.Bits != 4096 || c.Keys.Padding != "oaep-sha256-mgf1-sha1" || c.Keys.TTL != 10*time.Second {
+				if c.Keys.Bits != 4096 || len(c.Keys.Paddings) != 1 || c.Keys.Paddings[0] != "oaep-sha256-mgf1-sha1" || c.Keys.TTL != 10*time.Second {
 					tb.Errorf("keys = %+v", c.Keys)
 				}
 			},
@@ -379,7 +384,8 @@ func TestLoadErrors(t *testing.T) {
 		{"sessions below the default generators + 1", base + "sessions = 2\n", "token.sessions"},
 		{"too many sessions", base + "sessions = 257\n", "token.sessions"},
 		{"bits 1024", base + "[keys]\nbits = 1024\n", "keys.bits"},
-		{"padding oaep-md5", base + "[keys]\npadding = \"oaep-md5\"\n", "keys.padding"},
+		{"padding oaep-md5", base + "[keys]\npaddings = [\"oaep-md5\"]\n", "keys.paddings"},
+		{"the old keys.padding", base + "[keys]\npadding = \"oaep-sha256\"\n", "keys.padding"},
 		{"ttl 1s", base + "[keys]\nttl = \"1s\"\n", "keys.ttl"},
 		// TOML integers are nanoseconds for a time.Duration: 600ns.
 		{"ttl as integer 600", base + "[keys]\nttl = 600\n", "keys.ttl"},

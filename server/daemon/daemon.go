@@ -23,6 +23,7 @@ import (
 	"github.com/keyissuer/keyissuer/issuer/store"
 	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/decryptapi"
+	"github.com/keyissuer/keyissuer/server/peercred"
 	"github.com/keyissuer/keyissuer/server/publicapi"
 )
 
@@ -75,7 +76,11 @@ func (d *Daemon) open(ctx context.Context) error {
 	// Listeners first: a second daemon pointed at the same socket must stop
 	// here, before its reconciliation destroys the first one's keys.
 	mode, _ := cfg.SocketMode()
-	if d.sockLn, err = ListenUnix(cfg.Decrypt.Socket, mode); err != nil {
+	gid, err := cfg.SocketGroup()
+	if err != nil {
+		return fmt.Errorf("decrypt.group: %w", err)
+	}
+	if d.sockLn, err = ListenUnix(cfg.Decrypt.Socket, mode, gid); err != nil {
 		return err
 	}
 	d.sockMade = true
@@ -92,7 +97,7 @@ func (d *Daemon) open(ctx context.Context) error {
 		LabelPrefix: cfg.Token.LabelPrefix,
 		KeyBits:     cfg.Keys.Bits,
 		Sessions:    cfg.Token.Sessions,
-		Paddings:    []hsm.Padding{hsm.Padding(cfg.Keys.Padding)},
+		Paddings:    cfg.Paddings(),
 		OnLost: func(ids []string) {
 			if i := is.Load(); i != nil {
 				i.KeysLost(ids)
@@ -104,9 +109,16 @@ func (d *Daemon) open(ctx context.Context) error {
 		return fmt.Errorf("failed to open token: %w", err)
 	}
 	info := d.token.Info()
+	// Each padding with how the token does it: native, or raw RSA and
+	// the daemon's own constant-time decoding.
+	var methods []any
+	for _, p := range cfg.Paddings() {
+		methods = append(methods, slog.String(string(p), string(info.Methods[p])))
+	}
 	d.log.Info("token open", "label", info.Label, "serial", info.Serial, "model", info.Model,
 		"manufacturer", info.Manufacturer, "storage", info.Storage, "key_bits", info.KeyBits,
-		"padding", cfg.Keys.Padding, "padding_method", info.Methods[hsm.Padding(cfg.Keys.Padding)])
+		"padding_default", cfg.Keys.Paddings[0], slog.Group("paddings", methods...),
+		"layout", cfg.Keys.Layout)
 
 	d.store, err = store.Open(cfg.Store.Path, store.Options{CommitDelay: cfg.Store.CommitDelay})
 	if err != nil {
@@ -116,7 +128,8 @@ func (d *Daemon) open(ctx context.Context) error {
 		Token:        d.token,
 		Store:        d.store,
 		Storage:      hsm.Storage(cfg.Token.Storage),
-		Paddings:     []hsm.Padding{hsm.Padding(cfg.Keys.Padding)},
+		Paddings:     cfg.Paddings(),
+		Layout:       issuer.Layout(cfg.Keys.Layout),
 		Log:          d.log,
 		TTL:          cfg.Keys.TTL,
 		PoolSize:     cfg.Pool.Size,
@@ -162,7 +175,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
 	}
 	sock := &http.Server{
-		Handler:           decryptapi.New(d.issuer, d.log),
+		Handler: decryptapi.New(d.issuer, decryptapi.Config{
+			Log:                d.log,
+			Peers:              peercred.Policy{UIDs: d.cfg.Decrypt.AllowedUIDs, GIDs: d.cfg.Decrypt.AllowedGIDs},
+			AllowClientPadding: d.cfg.Decrypt.AllowClientPadding,
+		}),
+		ConnContext:       peercred.ConnContext, // who is calling, from the kernel
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -222,12 +240,20 @@ func (d *Daemon) close() {
 	}
 }
 
-// ListenUnix listens on a Unix socket at path with the given mode. It
-// refuses to start when a live server answers there, removes only a stale
-// socket file, and never removes anything that is not a socket.
-func ListenUnix(path string, mode os.FileMode) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return nil, fmt.Errorf("failed to create socket directory: %w", err)
+// ListenUnix listens on a Unix socket at path with the given mode and, if
+// gid is not -1, group. It refuses to start when a live server answers
+// there, removes only a stale socket file, and never removes anything that
+// is not a socket. A directory it has to create gets mode 0750 and the same
+// group, so that the group can reach the socket.
+func ListenUnix(path string, mode os.FileMode, gid int) (net.Listener, error) {
+	dir := filepath.Dir(path)
+	if _, err := os.Stat(dir); os.IsNotExist(err) {
+		if err := os.MkdirAll(dir, 0o750); err != nil {
+			return nil, fmt.Errorf("failed to create socket directory: %w", err)
+		}
+		if err := os.Chown(dir, -1, gid); err != nil {
+			return nil, fmt.Errorf("failed to give socket directory %s group %d: %w", dir, gid, err)
+		}
 	}
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
@@ -250,6 +276,11 @@ func ListenUnix(path string, mode os.FileMode) (net.Listener, error) {
 		return nil, fmt.Errorf("failed to listen on decrypt.socket %s: %w", path, err)
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(false) // close() removes it, after the token is closed
+	if err := os.Chown(path, -1, gid); err != nil {
+		ln.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("failed to give %s group %d (keyissuerd must be root or a member): %w", path, gid, err)
+	}
 	if err := os.Chmod(path, mode); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("failed to set mode of %s: %w", path, err)

@@ -2,6 +2,11 @@
 // password-decrypt service calls over a Unix socket: HTTP/1.1 and JSON, so
 // that curl --unix-socket works. Errors are {"error": {"code", "message"}}
 // with a stable code per outcome.
+//
+// Every request is checked against a [peercred.Policy] with the identity
+// the kernel gives for the connection's peer, which the server puts in the
+// request's context with [peercred.ConnContext]; a peer that is not allowed,
+// or whose identity is unknown, gets 403 FORBIDDEN and a log line.
 package decryptapi
 
 import (
@@ -15,16 +20,19 @@ import (
 	"path"
 	"time"
 
+	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/issuer/store"
 	"github.com/keyissuer/keyissuer/server/jsonbody"
+	"github.com/keyissuer/keyissuer/server/peercred"
 )
 
 // Issuer performs the one decrypt of a key; [*issuer.Issuer] implements it.
 // Its methods are safe for concurrent use and return the issuer package's
 // sentinel errors.
 type Issuer interface {
-	Decrypt(ctx context.Context, uniqueID string, ciphertext []byte) ([]byte, error)
+	// DecryptWithPadding decrypts with padding p, "" for the default.
+	DecryptWithPadding(ctx context.Context, uniqueID string, ciphertext []byte, p hsm.Padding) ([]byte, error)
 	Record(ctx context.Context, uniqueID string) (store.Record, error)
 	Stats() issuer.Stats
 }
@@ -40,6 +48,7 @@ const (
 	CodeKeyLost        = "KEY_LOST"
 	CodeDecryptFailed  = "DECRYPT_FAILED"
 	CodeHSMUnavailable = "HSM_UNAVAILABLE"
+	CodeForbidden      = "FORBIDDEN"
 	CodeInternal       = "INTERNAL"
 	CodeNotFound       = "NOT_FOUND"
 	CodeMethod         = "METHOD_NOT_ALLOWED"
@@ -48,19 +57,32 @@ const (
 // maxBody bounds a request: a 4096-bit ciphertext is 684 base64 bytes.
 const maxBody = 8 << 10
 
+// Config sets up a Handler.
+type Config struct {
+	Log *slog.Logger
+	// Peers says who may call. Its zero value allows only the daemon's
+	// own user and root.
+	Peers peercred.Policy
+	// AllowClientPadding lets a decrypt name its padding in a "padding"
+	// field, one of those the issuer accepts. Without it the field is
+	// refused and the issuer's default padding applies.
+	AllowClientPadding bool
+}
+
 // Handler serves the decrypt API.
 type Handler struct {
 	issuer Issuer
+	cfg    Config
 	log    *slog.Logger
 	mux    *http.ServeMux
 }
 
 // New returns the handler.
-func New(is Issuer, log *slog.Logger) *Handler {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+func New(is Issuer, cfg Config) *Handler {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	h := &Handler{issuer: is, log: log, mux: http.NewServeMux()}
+	h := &Handler{issuer: is, cfg: cfg, log: cfg.Log, mux: http.NewServeMux()}
 	h.mux.HandleFunc("/v1/decrypt", only(http.MethodPost, h.decrypt))
 	h.mux.HandleFunc("/v1/keys/{uniqueId}", only(http.MethodGet, h.key))
 	h.mux.HandleFunc("/v1/health", only(http.MethodGet, h.health))
@@ -85,11 +107,32 @@ func only(method string, fn http.HandlerFunc) http.HandlerFunc {
 // ServeHTTP implements http.Handler. Untidy paths get a JSON 404 here,
 // where ServeMux would redirect with an HTML body.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !h.allowed(r) {
+		writeError(w, http.StatusForbidden, CodeForbidden, "this user may not use the decrypt socket")
+		return
+	}
 	if p := r.URL.Path; p == "" || path.Clean(p) != p {
 		writeError(w, http.StatusNotFound, CodeNotFound, "no such endpoint")
 		return
 	}
 	h.mux.ServeHTTP(w, r)
+}
+
+// allowed checks the peer before anything else is looked at, and logs a
+// refusal with the peer's ids: the audit trail of who knocked.
+func (h *Handler) allowed(r *http.Request) bool {
+	c, err := peercred.FromContext(r.Context())
+	if err != nil {
+		h.log.Warn("decrypt socket: refused a request from an unknown peer", "err", err,
+			"method", r.Method, "path", r.URL.Path)
+		return false
+	}
+	if !h.cfg.Peers.Allows(c) {
+		h.log.Warn("decrypt socket: refused a peer", "uid", c.UID, "gid", c.GID, "pid", c.PID,
+			"groups", c.Groups, "method", r.Method, "path", r.URL.Path)
+		return false
+	}
+	return true
 }
 
 // DecryptResponse is the answer to a successful decrypt.
@@ -103,7 +146,7 @@ func (h *Handler) decrypt(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, CodeParamIllegal, "the body is too large or could not be read")
 		return
 	}
-	f, err := jsonbody.Parse(body, "uniqueId", "ciphertext")
+	f, err := jsonbody.Parse(body, "uniqueId", "ciphertext", "padding")
 	if err != nil {
 		writeError(w, http.StatusBadRequest, CodeParamIllegal, err.Error())
 		return
@@ -122,7 +165,16 @@ func (h *Handler) decrypt(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, CodeParamIllegal, "ciphertext is not valid standard base64")
 		return
 	}
-	pw, err := h.issuer.Decrypt(r.Context(), id, ct)
+	padding, named := f["padding"]
+	switch {
+	case named && !h.cfg.AllowClientPadding:
+		writeError(w, http.StatusBadRequest, CodeParamIllegal, "padding may not be chosen by the caller here (decrypt.allow_client_padding is off); leave it out")
+		return
+	case named && padding == "":
+		writeError(w, http.StatusBadRequest, CodeParamIllegal, "padding is empty; name one or leave it out")
+		return
+	}
+	pw, err := h.issuer.DecryptWithPadding(r.Context(), id, ct, hsm.Padding(padding))
 	if err != nil {
 		status, code, msg := h.mapError(err, id)
 		writeError(w, status, code, msg)
@@ -157,6 +209,8 @@ func (h *Handler) mapError(err error, id string) (int, string, string) {
 		return http.StatusGone, CodeKeyLost, "the key was lost by the token (it restarted or failed); the merchant must apply again"
 	case errors.Is(err, issuer.ErrDecrypt):
 		return http.StatusUnprocessableEntity, CodeDecryptFailed, "decryption failed; the key is destroyed"
+	case errors.Is(err, issuer.ErrPadding):
+		return http.StatusBadRequest, CodeParamIllegal, "padding is not one the daemon accepts (keys.paddings); the key was not used"
 	case errors.Is(err, issuer.ErrCiphertext):
 		return http.StatusBadRequest, CodeParamIllegal, "the ciphertext's length is not the key's size; the key was not used"
 	case errors.Is(err, issuer.ErrUnavailable):
@@ -177,7 +231,8 @@ type KeyResponse struct {
 	ClientID   string `json:"clientId,omitempty"`
 	IssuedAt   string `json:"issuedAt"`
 	ExpiresAt  string `json:"expiresAt"`
-	ClosedAt   string `json:"closedAt,omitempty"`
+	ClosedAt   string `json:"closedAt,omitempty"`   // when it was consumed, expired or lost
+	ConsumedAt string `json:"consumedAt,omitempty"` // when its one decrypt finished
 }
 
 func (h *Handler) key(w http.ResponseWriter, r *http.Request) {
@@ -202,6 +257,9 @@ func (h *Handler) key(w http.ResponseWriter, r *http.Request) {
 	}
 	if !rec.ClosedAt.IsZero() {
 		resp.ClosedAt = rec.ClosedAt.UTC().Format(time.RFC3339Nano)
+		if rec.State == store.Consumed {
+			resp.ConsumedAt = resp.ClosedAt
+		}
 	}
 	writeJSON(w, http.StatusOK, resp)
 }

@@ -13,15 +13,18 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/issuer/store"
 	"github.com/keyissuer/keyissuer/server/decryptapi"
+	"github.com/keyissuer/keyissuer/server/peercred"
 )
 
 // fakeIssuer answers Decrypt with password or decryptErr, Record with
@@ -37,17 +40,19 @@ type fakeIssuer struct {
 	calls       int
 	ids         []string
 	ciphertexts [][]byte
+	paddings    []hsm.Padding
 	recordIDs   []string
 }
 
 var _ decryptapi.Issuer = (*fakeIssuer)(nil)
 
-func (f *fakeIssuer) Decrypt(ctx context.Context, uniqueID string, ciphertext []byte) ([]byte, error) {
+func (f *fakeIssuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphertext []byte, p hsm.Padding) ([]byte, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls++
 	f.ids = append(f.ids, uniqueID)
 	f.ciphertexts = append(f.ciphertexts, bytes.Clone(ciphertext))
+	f.paddings = append(f.paddings, p)
 	if f.decryptErr != nil {
 		return nil, f.decryptErr
 	}
@@ -78,8 +83,11 @@ var (
 )
 
 func newHandler(is decryptapi.Issuer) http.Handler {
-	return decryptapi.New(is, slog.New(slog.DiscardHandler))
+	return decryptapi.New(is, decryptapi.Config{Log: slog.New(slog.DiscardHandler)})
 }
+
+// self is the test's own identity, which the default policy allows.
+var self = peercred.Cred{UID: uint32(os.Geteuid()), GID: uint32(os.Getegid()), PID: int32(os.Getpid())}
 
 type answer struct {
 	status int
@@ -87,13 +95,23 @@ type answer struct {
 	raw    []byte
 }
 
+// do sends a request from the test's own user.
 func do(tb testing.TB, h http.Handler, method, path string, body []byte) answer {
+	tb.Helper()
+	return doAs(tb, h, &self, method, path, body)
+}
+
+// doAs sends a request from peer c; nil for none known.
+func doAs(tb testing.TB, h http.Handler, c *peercred.Cred, method, path string, body []byte) answer {
 	tb.Helper()
 	var r io.Reader
 	if body != nil {
 		r = bytes.NewReader(body)
 	}
 	req := httptest.NewRequest(method, path, r)
+	if c != nil {
+		req = req.WithContext(peercred.NewContext(req.Context(), *c))
+	}
 	req.Header.Set("Content-Type", "application/json")
 	rec := httptest.NewRecorder()
 	h.ServeHTTP(rec, req)
@@ -142,6 +160,7 @@ func TestDecrypt(t *testing.T) {
 		// As the issuer wraps it.
 		{"ciphertext length", fmt.Errorf("%w: got 3 bytes, want 256", issuer.ErrCiphertext), http.StatusBadRequest, decryptapi.CodeParamIllegal},
 		{"token unavailable", issuer.ErrUnavailable, http.StatusServiceUnavailable, decryptapi.CodeHSMUnavailable},
+		{"padding not accepted", issuer.ErrPadding, http.StatusBadRequest, decryptapi.CodeParamIllegal},
 		{"deadline", context.DeadlineExceeded, http.StatusServiceUnavailable, decryptapi.CodeHSMUnavailable},
 		{"unknown error", errors.New("bbolt: secret-cause at page 7"), http.StatusInternalServerError, decryptapi.CodeInternal},
 	}
@@ -345,6 +364,7 @@ func TestKey(t *testing.T) {
 				"issuedAt":   "2030-01-01T19:04:05.000000006Z",
 				"expiresAt":  "2030-01-01T19:14:05.000000006Z",
 				"closedAt":   "2030-01-01T19:05:00Z",
+				"consumedAt": "2030-01-01T19:05:00Z",
 			},
 		},
 		{
@@ -464,6 +484,7 @@ func TestOverUnixSocket(t *testing.T) {
 	}
 	fake := &fakeIssuer{password: testPassword, stats: issuer.Stats{TokenReady: true}}
 	srv := httptest.NewUnstartedServer(newHandler(fake))
+	srv.Config.ConnContext = peercred.ConnContext // the peer is this process
 	srv.Listener.Close()
 	srv.Listener = ln
 	srv.Start()
