@@ -30,6 +30,10 @@ type Config struct {
 	Decrypt Decrypt `toml:"decrypt"`
 	Log     Log     `toml:"log"`
 
+	// Admin and Audit: see ops.go.
+	Admin Admin `toml:"admin"`
+	Audit Audit `toml:"audit"`
+
 	// Limits and Clients: see access.go.
 	Limits  Limits   `toml:"limits"`
 	Clients []Client `toml:"clients"`
@@ -249,6 +253,7 @@ func (c *Config) SetDefaults() {
 	str(&c.Log.Level, "info")
 	str(&c.Log.Format, "auto")
 	c.setAccessDefaults()
+	c.setOpsDefaults()
 }
 
 // resolve makes relative paths relative to dir, the config file's folder.
@@ -263,6 +268,7 @@ func (c *Config) resolve(dir string) {
 		c.Token.Module = filepath.Join(dir, m)
 	}
 	c.resolveAccess(dir)
+	c.resolveOps(dir)
 }
 
 // Validate checks every field and names the first bad one.
@@ -331,6 +337,9 @@ func (c *Config) Validate() error {
 		return bad("api.listen", "%q is not host:port", c.API.Listen)
 	} else if n, err := strconv.ParseUint(port, 10, 16); err != nil || (n == 0 && port != "0") {
 		return bad("api.listen", "%q: the port must be a number from 0 to 65535", c.API.Listen)
+	}
+	if err := c.validateOps(); err != nil {
+		return err
 	}
 	if _, err := c.SocketMode(); err != nil {
 		return bad("decrypt.mode", "%v", err)

@@ -114,6 +114,7 @@ func TestExampleShowsDefaults(t *testing.T) {
 		{&example.Token.PINFile, &minimal.Token.PINFile},
 		{&example.Store.Path, &minimal.Store.Path},
 		{&example.Decrypt.Socket, &minimal.Decrypt.Socket},
+		{&example.Audit.Path, &minimal.Audit.Path},
 	} {
 		rel, err := filepath.Rel(dir, *p.min)
 		if err != nil || !strings.HasSuffix(filepath.ToSlash(*p.ex), "/"+filepath.ToSlash(rel)) {
