@@ -38,18 +38,20 @@ func ParseLayout(s string) (Layout, error) {
 	return "", fmt.Errorf("unknown layout %q (want password-salt, salt-password, password|salt or none)", s)
 }
 
-// Plaintext builds what a client encrypts under layout l: for tests and
-// tools, as keyissuer itself never encrypts.
-func (l Layout) Plaintext(password, salt string) []byte {
+// Plaintext builds what a client encrypts under layout l, in a new slice
+// the caller may zero: for tests and tools, as keyissuer itself never
+// encrypts.
+func (l Layout) Plaintext(password []byte, salt string) []byte {
+	pt := make([]byte, 0, len(password)+1+len(salt))
 	switch l {
 	case LayoutSaltPassword:
-		return []byte(salt + password)
+		return append(append(pt, salt...), password...)
 	case LayoutPipe:
-		return []byte(password + "|" + salt)
+		return append(append(append(pt, password...), '|'), salt...)
 	case LayoutNone:
-		return []byte(password)
+		return append(pt, password...)
 	}
-	return []byte(password + salt)
+	return append(append(pt, password...), salt...)
 }
 
 // password returns the password in pt, a sub-slice of it, and whether pt

@@ -56,7 +56,7 @@ func TestLayoutPassword(t *testing.T) {
 	}
 	// What Plaintext builds, password takes apart.
 	for _, l := range Layouts() {
-		if got, ok := l.password(l.Plaintext("pw|x", salt), salt); !ok || string(got) != "pw|x" {
+		if got, ok := l.password(l.Plaintext([]byte("pw|x"), salt), salt); !ok || string(got) != "pw|x" {
 			t.Errorf("%s: password(Plaintext(pw|x)) = %q, %v", l, got, ok)
 		}
 	}
@@ -105,17 +105,21 @@ func TestDecryptLayoutsAndPaddings(t *testing.T) {
 			}{
 				{
 					name: "default padding",
-					ct:   func(iss Issued) []byte { return seal(iss, hsm.OAEPSHA256, layout.Plaintext(password, iss.Salt)) },
+					ct: func(iss Issued) []byte {
+						return seal(iss, hsm.OAEPSHA256, layout.Plaintext([]byte(password), iss.Salt))
+					},
 				},
 				{
 					name: "named padding",
 					ask:  hsm.PKCS1v15,
-					ct:   func(iss Issued) []byte { return seal(iss, hsm.PKCS1v15, layout.Plaintext(password, iss.Salt)) },
+					ct:   func(iss Issued) []byte { return seal(iss, hsm.PKCS1v15, layout.Plaintext([]byte(password), iss.Salt)) },
 				},
 				{
-					name:      "another accepted padding than the ciphertext's",
-					ask:       hsm.OAEPSHA1,
-					ct:        func(iss Issued) []byte { return seal(iss, hsm.OAEPSHA256, layout.Plaintext(password, iss.Salt)) },
+					name: "another accepted padding than the ciphertext's",
+					ask:  hsm.OAEPSHA1,
+					ct: func(iss Issued) []byte {
+						return seal(iss, hsm.OAEPSHA256, layout.Plaintext([]byte(password), iss.Salt))
+					},
 					wantErr:   ErrDecrypt,
 					wantState: store.Consumed,
 				},
@@ -123,21 +127,25 @@ func TestDecryptLayoutsAndPaddings(t *testing.T) {
 					name: "padding not accepted",
 					ask:  hsm.OAEPSHA256MGF1SHA1,
 					ct: func(iss Issued) []byte {
-						return seal(iss, hsm.OAEPSHA256MGF1SHA1, layout.Plaintext(password, iss.Salt))
+						return seal(iss, hsm.OAEPSHA256MGF1SHA1, layout.Plaintext([]byte(password), iss.Salt))
 					},
 					wantErr:   ErrPadding,
 					wantState: store.Issued,
 				},
 				{
-					name:      "unknown padding",
-					ask:       "oaep-md5",
-					ct:        func(iss Issued) []byte { return seal(iss, hsm.OAEPSHA256, layout.Plaintext(password, iss.Salt)) },
+					name: "unknown padding",
+					ask:  "oaep-md5",
+					ct: func(iss Issued) []byte {
+						return seal(iss, hsm.OAEPSHA256, layout.Plaintext([]byte(password), iss.Salt))
+					},
 					wantErr:   ErrPadding,
 					wantState: store.Issued,
 				},
 				{
-					name:      "wrong salt",
-					ct:        func(iss Issued) []byte { return seal(iss, hsm.OAEPSHA256, layout.Plaintext(password, "AAAAAAAAAAAA")) },
+					name: "wrong salt",
+					ct: func(iss Issued) []byte {
+						return seal(iss, hsm.OAEPSHA256, layout.Plaintext([]byte(password), "AAAAAAAAAAAA"))
+					},
 					wantErr:   ErrDecrypt,
 					wantState: store.Consumed,
 				},

@@ -6,8 +6,8 @@
 // Usage:
 //
 //	keyissuer apply   [-url URL] [-customer-id ID]
-//	keyissuer encrypt -public-key B64 -salt SALT [-padding P] < password
-//	keyissuer decrypt [-socket PATH] -unique-id ID < ciphertext.b64
+//	keyissuer encrypt -public-key B64 -salt SALT [-padding P] [-layout L] < password
+//	keyissuer decrypt [-socket PATH] -unique-id ID [-padding P] < ciphertext.b64
 //	keyissuer key     [-socket PATH] -unique-id ID
 //	keyissuer health  [-socket PATH]
 //	keyissuer version
@@ -31,16 +31,18 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/hsm"
+	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/server/decryptclient"
 )
 
 const usage = `keyissuer: the keyissuerd client
 
   keyissuer apply   [-url URL] [-customer-id ID]        apply for a public key (prints publicKeyInfo)
-  keyissuer encrypt -public-key B64 -salt SALT [-padding P] < password
-                                                        encrypt password+salt (prints base64)
-  keyissuer decrypt [-socket PATH] -unique-id ID < ciphertext.b64
-                                                        the key's one decrypt (prints the password)
+  keyissuer encrypt -public-key B64 -salt SALT [-padding P] [-layout L] < password
+                                                        encrypt password and salt (prints base64)
+  keyissuer decrypt [-socket PATH] -unique-id ID [-padding P] < ciphertext.b64
+                                                        the key's one decrypt (prints the password);
+                                                        -padding only if the daemon allows callers to choose
   keyissuer key     [-socket PATH] -unique-id ID        a key's state
   keyissuer health  [-socket PATH]                      the daemon's health
   keyissuer version
@@ -84,11 +86,13 @@ func run(ctx context.Context, cmd string, args []string, stdin io.Reader, stdout
 		pub := fs.String("public-key", "", "publicKey from apply (base64 DER)")
 		salt := fs.String("salt", "", "salt from apply")
 		padding := fs.String("padding", string(hsm.OAEPSHA256), "padding: "+paddingNames())
+		layout := fs.String("layout", string(issuer.LayoutPasswordSalt), "where the salt goes: "+layoutNames())
 		if err := fs.Parse(args); err != nil {
 			return err
 		}
-		return encrypt(*pub, *salt, *padding, stdin, stdout)
+		return encrypt(*pub, *salt, *padding, *layout, stdin, stdout)
 	case "decrypt":
+		padding := fs.String("padding", "", "the ciphertext's padding, if the daemon lets callers choose (decrypt.allow_client_padding): "+paddingNames())
 		if err := fs.Parse(args); err != nil {
 			return err
 		}
@@ -103,7 +107,7 @@ func run(ctx context.Context, cmd string, args []string, stdin io.Reader, stdout
 		if err != nil {
 			return errors.New("decrypt: standard input is not base64")
 		}
-		pw, err := decryptclient.New(*socket).Decrypt(ctx, *uniqueID, ct)
+		pw, err := decryptclient.New(*socket).DecryptWithPadding(ctx, *uniqueID, ct, *padding)
 		if err != nil {
 			return err
 		}
@@ -171,8 +175,12 @@ func apply(ctx context.Context, url, customerID string, stdout io.Writer) error 
 	return printJSON(stdout, out.PublicKeyInfo)
 }
 
-func encrypt(pubB64, salt, padding string, stdin io.Reader, stdout io.Writer) error {
-	if pubB64 == "" || salt == "" {
+func encrypt(pubB64, salt, padding, layout string, stdin io.Reader, stdout io.Writer) error {
+	l, err := issuer.ParseLayout(layout)
+	if err != nil {
+		return fmt.Errorf("encrypt: -layout: %w", err)
+	}
+	if pubB64 == "" || (salt == "" && l != issuer.LayoutNone) {
 		return errors.New("encrypt: -public-key and -salt are required")
 	}
 	der, err := base64.StdEncoding.DecodeString(pubB64)
@@ -192,8 +200,10 @@ func encrypt(pubB64, salt, padding string, stdin io.Reader, stdout io.Writer) er
 		return err
 	}
 	pw = bytes.TrimRight(pw, "\r\n")
-	ct, err := hsm.Encrypt(rsaPub, hsm.Padding(padding), append(pw, salt...))
+	pt := l.Plaintext(pw, salt)
 	clear(pw)
+	ct, err := hsm.Encrypt(rsaPub, hsm.Padding(padding), pt)
+	clear(pt)
 	if err != nil {
 		return fmt.Errorf("encrypt: %w", err)
 	}
@@ -205,6 +215,14 @@ func paddingNames() string {
 	var names []string
 	for _, p := range hsm.Paddings() {
 		names = append(names, string(p))
+	}
+	return strings.Join(names, ", ")
+}
+
+func layoutNames() string {
+	var names []string
+	for _, l := range issuer.Layouts() {
+		names = append(names, string(l))
 	}
 	return strings.Join(names, ", ")
 }

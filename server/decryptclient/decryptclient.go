@@ -4,12 +4,20 @@
 //	c := decryptclient.New("/run/keyissuer/decrypt.sock")
 //	password, err := c.Decrypt(ctx, uniqueID, ciphertext)
 //	var e *decryptclient.Error
-//	if errors.As(err, &e) && e.Code == decryptclient.KeyConsumed {
-//		// the key was used already: ask the user to start over
+//	switch {
+//	case err == nil:
+//		defer clear(password)
+//	case errors.As(err, &e) && e.Code == decryptclient.DecryptFailed:
+//		// wrong padding or salt: the key is gone, the user starts over
+//	case errors.As(err, &e) && e.Code == decryptclient.KeyConsumed:
+//		// the key was used already: the user starts over
+//	default:
+//		// HSM_UNAVAILABLE after every retry, FORBIDDEN, the socket...
 //	}
 //
 // Decrypt retries only HSM_UNAVAILABLE, the one error after which the key
-// is known to be unused.
+// is known to be unused. When the daemon lets callers choose the padding
+// (decrypt.allow_client_padding), [Client.DecryptWithPadding] names it.
 package decryptclient
 
 import (
@@ -35,6 +43,7 @@ const (
 	KeyLost        = "KEY_LOST"
 	DecryptFailed  = "DECRYPT_FAILED"
 	HSMUnavailable = "HSM_UNAVAILABLE"
+	Forbidden      = "FORBIDDEN" // this process's user may not use the socket
 	Internal       = "INTERNAL"
 )
 
@@ -82,10 +91,22 @@ func New(path string) *Client {
 // Decrypt asks for the one decrypt of uniqueID's key and returns the
 // password. The caller should zero it when done.
 func (c *Client) Decrypt(ctx context.Context, uniqueID string, ciphertext []byte) ([]byte, error) {
-	body, _ := json.Marshal(map[string]string{
+	return c.DecryptWithPadding(ctx, uniqueID, ciphertext, "")
+}
+
+// DecryptWithPadding is Decrypt with the padding the ciphertext was made
+// with: one of the daemon's keys.paddings, such as "oaep-sha1", or "" for
+// the daemon's default. The daemon refuses it with PARAM_ILLEGAL unless
+// decrypt.allow_client_padding is on.
+func (c *Client) DecryptWithPadding(ctx context.Context, uniqueID string, ciphertext []byte, padding string) ([]byte, error) {
+	req := map[string]string{
 		"uniqueId":   uniqueID,
 		"ciphertext": base64.StdEncoding.EncodeToString(ciphertext),
-	})
+	}
+	if padding != "" {
+		req["padding"] = padding
+	}
+	body, _ := json.Marshal(req)
 	backoff := c.Backoff
 	for attempt := 1; ; attempt++ {
 		var out struct {
@@ -117,6 +138,7 @@ type Key struct {
 	IssuedAt   string `json:"issuedAt"`
 	ExpiresAt  string `json:"expiresAt"`
 	ClosedAt   string `json:"closedAt,omitempty"`
+	ConsumedAt string `json:"consumedAt,omitempty"`
 }
 
 // Key returns the state of uniqueID's key.
@@ -161,8 +183,11 @@ func (c *Client) do(ctx context.Context, method, path string, body []byte, out a
 		} `json:"error"`
 	}
 	if json.Unmarshal(b, &e) != nil || e.Error.Code == "" {
-		// The health report is not an error body.
-		if json.Unmarshal(b, out) == nil {
+		// A degraded daemon answers the health report with a 503. Any
+		// other answer without a code is not the daemon's: never call it
+		// retryable.
+		if raw, ok := out.(*json.RawMessage); ok && resp.StatusCode == http.StatusServiceUnavailable && json.Valid(b) {
+			*raw = append((*raw)[:0], b...)
 			return &Error{Status: resp.StatusCode, Code: HSMUnavailable, Message: "degraded"}
 		}
 		return &Error{Status: resp.StatusCode, Code: Internal, Message: "unexpected answer"}
