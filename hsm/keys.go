@@ -289,11 +289,15 @@ func (t *Token) Destroy(ctx context.Context, k *Key) error {
 		k.destroyed.Store(true)
 		return nil
 	}
+	var notFound bool // a search came back without the private half
 	err := t.do(ctx, func(s *session) error {
 		k.mu.Lock()
 		defer k.mu.Unlock()
+		notFound = false
 		for refresh := range 2 {
-			if _, err := t.handlesLocked(s, k, refresh == 1); err != nil && !errors.Is(err, ErrKeyLost) {
+			if _, err := t.handlesLocked(s, k, refresh == 1); errors.Is(err, ErrKeyLost) {
+				notFound = true
+			} else if err != nil {
 				return err
 			}
 			err := t.destroyHandles(s, k)
@@ -302,8 +306,12 @@ func (t *Token) Destroy(ctx context.Context, k *Key) error {
 			}
 			// A stale handle: look the objects up by CKA_ID and try again.
 		}
+		notFound = true
 		return nil
 	})
+	if err == nil && notFound {
+		err = t.confirmGone()
+	}
 	if err != nil {
 		return fmt.Errorf("failed to destroy key %s: %w", k.ID, err)
 	}
@@ -312,6 +320,18 @@ func (t *Token) Destroy(ctx context.Context, k *Key) error {
 		o.mu.Lock()
 		delete(o.keys, k.ID)
 		o.mu.Unlock()
+	}
+	return nil
+}
+
+// confirmGone vets an answer that objects are not there: SoftHSM answers
+// an invalid handle and an empty search when its token directory is gone,
+// so objects are believed gone only from a token that passes its health
+// check. A token that fails it is marked down.
+func (t *Token) confirmGone() error {
+	if err := t.healthy(); err != nil {
+		t.markDown(err)
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
 	return nil
 }
@@ -378,6 +398,9 @@ func (t *Token) List(ctx context.Context) ([]Object, error) {
 		}
 		return nil
 	})
+	if err == nil {
+		err = t.confirmGone() // what the search did not find
+	}
 	if err != nil {
 		return nil, fmt.Errorf("failed to list key objects: %w", err)
 	}
@@ -386,13 +409,17 @@ func (t *Token) List(ctx context.Context) ([]Object, error) {
 
 // DestroyObject destroys one object found by List. Gone already is fine.
 func (t *Token) DestroyObject(ctx context.Context, o Object) error {
+	var invalid bool
 	err := t.do(ctx, func(s *session) error {
 		err := t.mod.ctx.DestroyObject(s.h, o.handle)
-		if isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
+		if invalid = isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID); invalid {
 			return nil
 		}
 		return err
 	})
+	if err == nil && invalid {
+		err = t.confirmGone()
+	}
 	if err != nil {
 		return fmt.Errorf("failed to destroy object %s: %w", o.ID, err)
 	}
