@@ -10,6 +10,8 @@
 //	keyissuer decrypt [-socket PATH] -unique-id ID [-padding P] < ciphertext.b64
 //	keyissuer key     [-socket PATH] -unique-id ID
 //	keyissuer health  [-socket PATH]
+//	keyissuer status  [-admin URL] [-json]
+//	keyissuer audit verify FILE...
 //	keyissuer version
 package main
 
@@ -45,6 +47,8 @@ const usage = `keyissuer: the keyissuerd client
                                                         -padding only if the daemon allows callers to choose
   keyissuer key     [-socket PATH] -unique-id ID        a key's state
   keyissuer health  [-socket PATH]                      the daemon's health
+  keyissuer status  [-admin URL] [-json]                the daemon's status (admin listener)
+  keyissuer audit verify FILE...                        check the audit trail's chain (oldest file first)
   keyissuer version
 `
 
@@ -135,6 +139,10 @@ func run(ctx context.Context, cmd string, args []string, stdin io.Reader, stdout
 			printJSON(stdout, h)
 		}
 		return err
+	case "status":
+		return status(ctx, args, stdout)
+	case "audit":
+		return auditCmd(args, stdout)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, "keyissuer", version())
 		return nil

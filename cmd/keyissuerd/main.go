@@ -12,6 +12,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -41,11 +42,18 @@ func run(configPath string) error {
 	if err != nil {
 		return err
 	}
-	log := NewLogger(cfg.Log)
+	level := new(slog.LevelVar)
+	log, console := NewLogger(cfg.Log, level)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// SIGHUP reloads the config file's reloadable parts and reopens the
+	// audit trail; the daemon refuses an invalid file and keeps running.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	log.Info("starting keyissuerd", "version", Version(), "config", configPath)
-	d, err := daemon.New(ctx, cfg, daemon.Options{Log: log})
+	d, err := daemon.New(ctx, cfg, daemon.Options{Log: log,
+		LogLevel: level, ConfigPath: configPath, ReloadSignal: hup, Console: console})
 	if err != nil {
 		return err
 	}
@@ -55,20 +63,26 @@ func run(configPath string) error {
 }
 
 // NewLogger logs text on a terminal and JSON otherwise, at the configured
-// level.
-func NewLogger(c config.Log) *slog.Logger {
-	var level slog.Level
-	level.UnmarshalText([]byte(c.Level)) // validated by config
+// level, which it sets in level for reloads to change. On a terminal it
+// also returns the console the log shares with the warm-up progress line.
+func NewLogger(c config.Log, level *slog.LevelVar) (*slog.Logger, *daemon.Console) {
+	var l slog.Level
+	l.UnmarshalText([]byte(c.Level)) // validated by config
+	level.Set(l)
 	opts := &slog.HandlerOptions{Level: level}
-	text := c.Format == "text"
-	if c.Format == "auto" {
-		fi, err := os.Stderr.Stat()
-		text = err == nil && fi.Mode()&os.ModeCharDevice != 0
+	fi, err := os.Stderr.Stat()
+	tty := err == nil && fi.Mode()&os.ModeCharDevice != 0
+	text := c.Format == "text" || (c.Format == "auto" && tty)
+	var console *daemon.Console
+	var w io.Writer = os.Stderr
+	if tty {
+		console = daemon.NewConsole(os.Stderr)
+		w = console
 	}
 	if text {
-		return slog.New(slog.NewTextHandler(os.Stderr, opts))
+		return slog.New(slog.NewTextHandler(w, opts)), console
 	}
-	return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	return slog.New(slog.NewJSONHandler(w, opts)), console
 }
 
 // Version is the module version, or the VCS revision of a local build.

@@ -34,6 +34,16 @@ type Options struct {
 	AfterClaim func(uniqueID string)
 	// ShutdownTimeout bounds the wait for requests in flight (default 10s).
 	ShutdownTimeout time.Duration
+
+	// Operations (ops.go). LogLevel, if set, is the level [Daemon.Reload]
+	// changes. Each value on ReloadSignal (SIGHUP) reloads ConfigPath.
+	// Console, if set, is the terminal the log writes to: it shows the
+	// warm-up progress and what to try. Now is the issuer's clock (tests).
+	LogLevel     *slog.LevelVar
+	ConfigPath   string
+	ReloadSignal <-chan os.Signal
+	Console      *Console
+	Now          func() time.Time
 }
 
 // Daemon is a wired keyissuerd, ready to Run.
@@ -47,6 +57,8 @@ type Daemon struct {
 
 	apiLn, sockLn net.Listener
 	sockMade      bool // the socket file is ours to remove
+
+	ops *ops // admin listener, metrics, audit trail (ops.go)
 }
 
 // New binds the listeners, opens the token and the store, and reconciles
@@ -87,6 +99,9 @@ func (d *Daemon) open(ctx context.Context) error {
 	if d.apiLn, err = net.Listen("tcp", cfg.API.Listen); err != nil {
 		return fmt.Errorf("failed to listen on api.listen %s: %w", cfg.API.Listen, err)
 	}
+	if err := d.openOps(); err != nil {
+		return err
+	}
 	var is atomic.Pointer[issuer.Issuer]
 	d.token, err = hsm.Open(ctx, hsm.Config{
 		Module:      cfg.Token.Module,
@@ -119,6 +134,7 @@ func (d *Daemon) open(ctx context.Context) error {
 		"manufacturer", info.Manufacturer, "storage", info.Storage, "key_bits", info.KeyBits,
 		"padding_default", cfg.Keys.Paddings[0], slog.Group("paddings", methods...),
 		"layout", cfg.Keys.Layout)
+	d.started()
 
 	d.store, err = store.Open(cfg.Store.Path, store.Options{CommitDelay: cfg.Store.CommitDelay})
 	if err != nil {
@@ -126,7 +142,7 @@ func (d *Daemon) open(ctx context.Context) error {
 	}
 	d.issuer, err = issuer.New(issuer.Config{
 		Token:        d.token,
-		Store:        d.store,
+		Store:        d.ops.metrics.Store(d.store), // timed
 		Storage:      hsm.Storage(cfg.Token.Storage),
 		Paddings:     cfg.Paddings(),
 		Layout:       issuer.Layout(cfg.Keys.Layout),
@@ -138,6 +154,8 @@ func (d *Daemon) open(ctx context.Context) error {
 		Retention:    cfg.Keys.Retention,
 		ReapInterval: cfg.Keys.ReapInterval,
 		AfterClaim:   d.opts.AfterClaim,
+		OnEvent:      d.onIssuerEvent, // metrics and audit
+		Now:          d.opts.Now,
 	})
 	if err != nil {
 		return err
@@ -166,7 +184,7 @@ func (d *Daemon) Token() *hsm.Token { return d.token }
 func (d *Daemon) Run(ctx context.Context) error {
 	defer d.close()
 	api := &http.Server{
-		Handler:           http.MaxBytesHandler(publicapi.New(d.issuer, d.log, d.cfg.API.MaxBodyBytes), d.cfg.API.MaxBodyBytes),
+		Handler:           d.instrument(listenerPublic, http.MaxBytesHandler(publicapi.New(d.issuer, d.log, d.cfg.API.MaxBodyBytes), d.cfg.API.MaxBodyBytes)),
 		ReadHeaderTimeout: d.cfg.API.ReadTimeout,
 		ReadTimeout:       d.cfg.API.ReadTimeout,
 		WriteTimeout:      d.cfg.API.WriteTimeout,
@@ -175,11 +193,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 		ErrorLog:          slog.NewLogLogger(d.log.Handler(), slog.LevelWarn),
 	}
 	sock := &http.Server{
-		Handler: decryptapi.New(d.issuer, decryptapi.Config{
+		Handler: d.instrument(listenerSocket, decryptapi.New(d.issuer, decryptapi.Config{
 			Log:                d.log,
 			Peers:              peercred.Policy{UIDs: d.cfg.Decrypt.AllowedUIDs, GIDs: d.cfg.Decrypt.AllowedGIDs},
 			AllowClientPadding: d.cfg.Decrypt.AllowClientPadding,
-		}),
+		})),
 		ConnContext:       peercred.ConnContext, // who is calling, from the kernel
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
@@ -196,7 +214,14 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.issuer.Run(issuerCtx)
 	}()
 
-	d.log.Info("serving", "api", "http://"+d.APIAddr()+publicapi.ApplyPath, "decrypt_socket", d.cfg.Decrypt.Socket)
+	d.log.Info("serving", "api", "http://"+d.APIAddr()+publicapi.ApplyPath, "decrypt_socket", d.cfg.Decrypt.Socket,
+		"admin", "http://"+d.AdminAddr())
+	opsCtx, stopOps := context.WithCancel(ctx)
+	opsDone := make(chan struct{})
+	go func() {
+		defer close(opsDone)
+		d.runOps(opsCtx)
+	}()
 	g, gctx := errgroup.WithContext(ctx)
 	for _, s := range []struct {
 		srv *http.Server
@@ -216,6 +241,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return errors.Join(api.Shutdown(sctx), sock.Shutdown(sctx))
 	})
 	err := g.Wait()
+	stopOps()
+	<-opsDone
 	d.log.Info("stopping: destroying pooled keys")
 	stopIssuer()
 	<-issuerDone
@@ -235,6 +262,7 @@ func (d *Daemon) close() {
 	if d.store != nil {
 		d.store.Close()
 	}
+	d.closeOps()
 	if d.sockMade {
 		os.Remove(d.cfg.Decrypt.Socket)
 	}

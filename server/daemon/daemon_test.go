@@ -53,10 +53,14 @@ func runChild(path string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	level := new(slog.LevelVar)
+	level.UnmarshalText([]byte(cfg.Log.Level))
+	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	opts := daemon.Options{Log: log}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	opts := daemon.Options{Log: log, LogLevel: level, ConfigPath: path, ReloadSignal: hup}
 	if p, err := time.ParseDuration(os.Getenv(claimPauseEnv)); err == nil {
 		opts.AfterClaim = func(id string) {
 			fmt.Printf("claimed %s\n", id)
@@ -112,6 +116,8 @@ socket = "run/decrypt.sock"
 [log]
 level = "debug"
 format = "json"
+[admin]
+listen = "127.0.0.1:0"
 `, softTok.Module, softTok.Label, storage, prefix)
 	cfgPath = filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
@@ -127,6 +133,7 @@ type child struct {
 	claims chan string
 	api    string
 	socket string
+	admin  string // http://host:port of the admin listener
 	done   chan error
 }
 
@@ -180,6 +187,7 @@ func start(t *testing.T, cfgPath string, env ...string) *child {
 			if raw["msg"] == "serving" {
 				c.api, _ = raw["api"].(string)
 				c.socket, _ = raw["decrypt_socket"].(string)
+				c.admin, _ = raw["admin"].(string)
 				return c
 			}
 		}
