@@ -107,9 +107,9 @@ func ParseRequestTime(s string) (time.Time, error) {
 		return time.Time{}, errorf("the Request-Time header is longer than %d characters", maxRequestTime)
 	}
 	if allDigits(s) {
-		// 16 digits reach the year 2286; more is a mistake, such as
+		// 13 digits reach the year 2286; more is a mistake, such as
 		// microseconds.
-		if len(s) > 16 {
+		if len(s) > 13 {
 			return time.Time{}, errorf("the Request-Time header has too many digits for epoch milliseconds")
 		}
 		ms, err := strconv.ParseInt(s, 10, 64)

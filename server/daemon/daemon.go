@@ -58,6 +58,8 @@ type Daemon struct {
 	apiLn, sockLn net.Listener
 	sockMade      bool // the socket file is ours to remove
 
+	access access // clients, response signing, blocklist (access.go)
+
 	ops *ops // admin listener, metrics, audit trail (ops.go)
 }
 
@@ -165,6 +167,9 @@ func (d *Daemon) open(ctx context.Context) error {
 	if err := d.issuer.Reconcile(ctx); err != nil {
 		return fmt.Errorf("failed to reconcile token and records: %w", err)
 	}
+	if err := d.openAccess(ctx); err != nil {
+		return err
+	}
 
 	return nil
 }
@@ -184,7 +189,7 @@ func (d *Daemon) Token() *hsm.Token { return d.token }
 func (d *Daemon) Run(ctx context.Context) error {
 	defer d.close()
 	api := &http.Server{
-		Handler:           d.instrument(listenerPublic, http.MaxBytesHandler(publicapi.New(d.issuer, d.log, d.cfg.API.MaxBodyBytes), d.cfg.API.MaxBodyBytes)),
+		Handler:           d.instrument(listenerPublic, http.MaxBytesHandler(d.publicHandler(), d.cfg.API.MaxBodyBytes)),
 		ReadHeaderTimeout: d.cfg.API.ReadTimeout,
 		ReadTimeout:       d.cfg.API.ReadTimeout,
 		WriteTimeout:      d.cfg.API.WriteTimeout,
@@ -234,6 +239,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return nil
 		})
 	}
+	g.Go(func() error { d.watchBlocklist(gctx); return nil })
 	g.Go(func() error {
 		<-gctx.Done()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.opts.ShutdownTimeout)

@@ -111,6 +111,7 @@ apply_wait = "20s"
 path = "data/keyissuer.db"
 [api]
 listen = "127.0.0.1:0"
+allow_unsigned = true
 [decrypt]
 socket = "run/decrypt.sock"
 [log]

@@ -3,34 +3,63 @@
 // result object with resultCode, resultStatus (S, F or U) and resultMessage
 // in every answer. Every business outcome is HTTP 200; the HTTP status
 // changes only for protocol errors (wrong method, media type or path).
+//
+// Requests are signed by registered clients and answers are signed by
+// keyissuer, in the family's message header (package [apisig]). A request
+// goes through, in order: path, method and media type; the body's size;
+// the client and its signature; the rate limits; the body's fields; the
+// blocklist; the outstanding-key quotas; and only then the issuer.
 package publicapi
 
 import (
 	"context"
+	"crypto/rsa"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"mime"
 	"net/http"
+	"runtime/debug"
+	"slices"
 	"strings"
+	"time"
+
+	"golang.org/x/time/rate"
 
 	"github.com/keyissuer/keyissuer/issuer"
+	"github.com/keyissuer/keyissuer/server/apisig"
 	"github.com/keyissuer/keyissuer/server/jsonbody"
 )
 
 // ApplyPath is the applyPublicKey endpoint.
 const ApplyPath = "/ams/api/v1/customer/applyPublicKey"
 
-// Issuer issues keys; [*issuer.Issuer] implements it. Apply is safe for
-// concurrent use and fails with [issuer.ErrPoolEmpty] or
-// [issuer.ErrUnavailable] when the caller should retry.
+// Issuer issues keys; [*issuer.Issuer] implements it. ApplyWithin is safe
+// for concurrent use. It fails with a *[issuer.QuotaError] (errors.Is
+// [issuer.ErrQuota]) when a cap of lim would be passed, and with
+// [issuer.ErrPoolEmpty] or [issuer.ErrUnavailable] when the caller should
+// retry.
 type Issuer interface {
-	Apply(ctx context.Context, customerID, clientID string) (issuer.Issued, error)
+	ApplyWithin(ctx context.Context, customerID, clientID string, lim issuer.Limits) (issuer.Issued, error)
 }
 
 var _ Issuer = (*issuer.Issuer)(nil)
+
+// Signer signs answers, RSA256 (SHA256withRSA); [*hsm.Signer] implements
+// it with a key inside the token. Safe for concurrent use.
+type Signer interface {
+	Sign(ctx context.Context, msg []byte) ([]byte, error)
+}
+
+// Blocklist says whether a customerId is blocked; [*blocklist.List]
+// implements it. Safe for concurrent use.
+type Blocklist interface {
+	Contains(customerID string) bool
+}
 
 // Result is the result object of every answer.
 type Result struct {
@@ -54,90 +83,376 @@ type Response struct {
 
 // Result codes.
 const (
-	CodeSuccess         = "SUCCESS"
-	CodeParamIllegal    = "PARAM_ILLEGAL"
-	CodeUnknown         = "UNKNOWN_EXCEPTION"
-	CodeMethod          = "METHOD_NOT_SUPPORTED"
-	CodeMediaType       = "MEDIA_TYPE_NOT_ACCEPTABLE"
-	CodeInvalidAPI      = "INVALID_API"
-	CodeProcessFail     = "PROCESS_FAIL"
+	CodeSuccess            = "SUCCESS"
+	CodeParamIllegal       = "PARAM_ILLEGAL"
+	CodeUserStatusAbnormal = "USER_STATUS_ABNORMAL"
+	CodeProcessFail        = "PROCESS_FAIL"
+	CodeUnknown            = "UNKNOWN_EXCEPTION"
+	CodeInvalidSignature   = "INVALID_SIGNATURE"
+	CodeInvalidClient      = "INVALID_CLIENT"
+	CodeTrafficLimit       = "REQUEST_TRAFFIC_EXCEED_LIMIT"
+	CodeMethod             = "METHOD_NOT_SUPPORTED"
+	CodeMediaType          = "MEDIA_TYPE_NOT_ACCEPTABLE"
+	CodeInvalidAPI         = "INVALID_API"
+
 	maxCustomerIDLength = 32
 )
 
+// Client is a registered merchant application.
+type Client struct {
+	ID       string
+	Disabled bool
+	// Keys are its public keys by keyVersion; a signature without a
+	// keyVersion is checked with the highest.
+	Keys map[int]*rsa.PublicKey
+	// Rate and Burst are its token bucket; a zero Rate means no limit.
+	Rate  rate.Limit
+	Burst int
+	// MaxOutstanding caps its outstanding keys; zero means no cap.
+	MaxOutstanding int
+}
+
+// Config wires a Handler. Zero values take the defaults noted.
+type Config struct {
+	Issuer  Issuer
+	Log     *slog.Logger
+	MaxBody int64 // request body limit (4096)
+
+	Clients []Client
+	// AllowUnsigned accepts requests without a Signature header: from the
+	// client their Client-Id names, or anonymous without one. A request
+	// with a Signature is always verified.
+	AllowUnsigned bool
+	// ClockSkew bounds |Request-Time - now| of signed requests (5m).
+	ClockSkew time.Duration
+
+	// Signer signs answers with keyVersion SignerKeyVersion (1); nil
+	// leaves them unsigned.
+	Signer           Signer
+	SignerKeyVersion int
+
+	Blocklist Blocklist // nil: nobody is blocked
+
+	// Rate and Burst are the token bucket of all requests together; a
+	// zero Rate means no limit.
+	Rate  rate.Limit
+	Burst int
+	// Limits caps outstanding keys in total and per customer; the
+	// per-client cap is each Client's MaxOutstanding.
+	Limits issuer.Limits
+
+	Now func() time.Time // the clock (time.Now)
+}
+
 // Handler serves /ams/api/.
 type Handler struct {
-	issuer  Issuer
+	cfg     Config
 	log     *slog.Logger
-	maxBody int64
+	clients map[string]*client
+	global  *rate.Limiter // nil: no limit
 }
 
-// New returns the handler. maxBody caps request bodies.
-func New(is Issuer, log *slog.Logger, maxBody int64) *Handler {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+type client struct {
+	Client
+	latest  int           // highest keyVersion
+	limiter *rate.Limiter // nil: no limit
+}
+
+// New returns the handler.
+func New(cfg Config) *Handler {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Handler{issuer: is, log: log, maxBody: maxBody}
+	if cfg.MaxBody == 0 {
+		cfg.MaxBody = 4096
+	}
+	if cfg.ClockSkew == 0 {
+		cfg.ClockSkew = 5 * time.Minute
+	}
+	if cfg.SignerKeyVersion == 0 {
+		cfg.SignerKeyVersion = 1
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	h := &Handler{cfg: cfg, log: cfg.Log, clients: map[string]*client{}}
+	if cfg.Rate > 0 {
+		h.global = rate.NewLimiter(cfg.Rate, max(cfg.Burst, 1))
+	}
+	for _, c := range cfg.Clients {
+		cl := &client{Client: c}
+		if vs := slices.Collect(maps.Keys(c.Keys)); len(vs) > 0 {
+			cl.latest = slices.Max(vs)
+		}
+		if c.Rate > 0 {
+			cl.limiter = rate.NewLimiter(c.Rate, max(c.Burst, 1))
+		}
+		h.clients[c.ID] = cl
+	}
+	return h
 }
 
-// ServeHTTP routes /ams/api/ requests.
+// outcome is a failed request's answer.
+type outcome struct {
+	http              int
+	code, status, msg string
+	allow             string // the Allow header, for 405
+	logMsg            string // why, for the log; never a secret
+	logLevel          slog.Level
+}
+
+func fail(code, status, msg string) *outcome {
+	return &outcome{http: http.StatusOK, code: code, status: status, msg: msg}
+}
+
+// ServeHTTP answers one request, signed.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.URL.Path != ApplyPath {
-		writeResult(w, http.StatusNotFound, CodeInvalidAPI, "F", "no such API: "+printable(r.URL.Path))
+	// The answer names the caller's Client-Id when it is well formed: the
+	// wallet SDKs check the response signature with their own.
+	clientID := ""
+	if ids := r.Header.Values(apisig.HeaderClientID); len(ids) == 1 && apisig.ValidClientID(ids[0]) {
+		clientID = ids[0]
+	}
+	defer func() {
+		// A bug must not leave the caller without an answer. Retrying
+		// would meet the same bug: PROCESS_FAIL, not UNKNOWN_EXCEPTION.
+		if p := recover(); p != nil {
+			if p == http.ErrAbortHandler {
+				panic(p)
+			}
+			h.log.Error("applyPublicKey panicked", "panic", p, "stack", string(debug.Stack()))
+			h.reply(w, r, clientID, http.StatusOK, Response{Result: Result{ResultCode: CodeProcessFail, ResultStatus: "F", ResultMessage: "internal error"}})
+		}
+	}()
+	resp, o := h.serve(w, r)
+	if o != nil {
+		if o.allow != "" {
+			w.Header().Set("Allow", o.allow)
+		}
+		if o.logMsg != "" {
+			h.log.Log(r.Context(), o.logLevel, "applyPublicKey refused", "code", o.code, "reason", o.logMsg,
+				"client_id", clientID, "remote", r.RemoteAddr)
+		}
+		resp = Response{Result: Result{ResultCode: o.code, ResultStatus: o.status, ResultMessage: o.msg}}
+		h.reply(w, r, clientID, o.http, resp)
 		return
+	}
+	h.reply(w, r, clientID, http.StatusOK, resp)
+}
+
+func (h *Handler) serve(w http.ResponseWriter, r *http.Request) (Response, *outcome) {
+	if r.URL.Path != ApplyPath {
+		return Response{}, &outcome{http: http.StatusNotFound, code: CodeInvalidAPI, status: "F", msg: "no such API: " + printable(r.URL.Path)}
 	}
 	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", http.MethodPost)
-		writeResult(w, http.StatusMethodNotAllowed, CodeMethod, "F", "use POST")
-		return
+		return Response{}, &outcome{http: http.StatusMethodNotAllowed, code: CodeMethod, status: "F", msg: "use POST", allow: http.MethodPost}
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
-		writeResult(w, http.StatusUnsupportedMediaType, CodeMediaType, "F", "Content-Type must be application/json")
-		return
+		return Response{}, &outcome{http: http.StatusUnsupportedMediaType, code: CodeMediaType, status: "F", msg: "Content-Type must be application/json"}
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.maxBody))
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.cfg.MaxBody))
 	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			writeResult(w, http.StatusOK, CodeParamIllegal, "F", "the body is larger than the limit")
-			return
+		if tooBig := (*http.MaxBytesError)(nil); errors.As(err, &tooBig) {
+			return Response{}, fail(CodeParamIllegal, "F", "the body is larger than the limit")
 		}
-		writeResult(w, http.StatusOK, CodeParamIllegal, "F", "the body could not be read")
-		return
+		return Response{}, fail(CodeParamIllegal, "F", "the body could not be read")
+	}
+	cl, o := h.authenticate(r, body)
+	if o != nil {
+		return Response{}, o
+	}
+	if !h.allow(cl) {
+		return Response{}, &outcome{http: http.StatusOK, code: CodeTrafficLimit, status: "U",
+			msg: "too many requests; retry later", logMsg: "rate limit", logLevel: slog.LevelDebug}
 	}
 	req, err := parseApply(body)
 	if err != nil {
-		writeResult(w, http.StatusOK, CodeParamIllegal, "F", err.Error())
-		return
+		return Response{}, fail(CodeParamIllegal, "F", err.Error())
 	}
-	issued, err := h.issuer.Apply(r.Context(), req.customerID, "")
+	if req.customerID != "" && h.cfg.Blocklist != nil && h.cfg.Blocklist.Contains(req.customerID) {
+		return Response{}, &outcome{http: http.StatusOK, code: CodeUserStatusAbnormal, status: "F",
+			msg: "the customer's status is abnormal", logMsg: "blocklisted customer " + req.customerID, logLevel: slog.LevelInfo}
+	}
+	lim := h.cfg.Limits
+	lim.Client = 0
+	clientID := ""
+	if cl != nil {
+		lim.Client, clientID = cl.MaxOutstanding, cl.ID
+	}
+	issued, err := h.cfg.Issuer.ApplyWithin(r.Context(), req.customerID, clientID, lim)
 	if err != nil {
-		code, status, msg := h.mapError(err)
-		writeResult(w, http.StatusOK, code, status, msg)
-		return
+		return Response{}, h.mapError(err)
 	}
-	writeJSON(w, http.StatusOK, Response{
+	return Response{
 		Result: Result{ResultCode: CodeSuccess, ResultStatus: "S", ResultMessage: "success."},
 		PublicKeyInfo: &PublicKeyInfo{
 			UniqueID:  issued.UniqueID,
 			Salt:      issued.Salt,
 			PublicKey: base64.StdEncoding.EncodeToString(issued.PublicKey),
 		},
-	})
+	}, nil
+}
+
+// authenticate finds the caller: a registered, enabled client whose
+// signature verifies; or, with AllowUnsigned and no Signature header, the
+// client its Client-Id names, or nobody (nil) without one.
+func (h *Handler) authenticate(r *http.Request, body []byte) (*client, *outcome) {
+	invalidClient := func(msg string) *outcome {
+		return &outcome{http: http.StatusOK, code: CodeInvalidClient, status: "F", msg: msg, logMsg: msg, logLevel: slog.LevelInfo}
+	}
+	invalidSig := func(msg string) *outcome {
+		return &outcome{http: http.StatusOK, code: CodeInvalidSignature, status: "F", msg: msg, logMsg: msg, logLevel: slog.LevelInfo}
+	}
+	ids := r.Header.Values(apisig.HeaderClientID)
+	sigs := r.Header.Values(apisig.HeaderSignature)
+	if len(sigs) == 0 && h.cfg.AllowUnsigned && len(ids) == 0 {
+		return nil, nil
+	}
+
+	switch len(ids) {
+	case 0:
+		return nil, invalidClient("the Client-Id header is missing")
+	case 1:
+	default:
+		return nil, invalidClient("more than one Client-Id header")
+	}
+	id, err := apisig.ParseClientID(ids[0])
+	if err != nil {
+		return nil, invalidClient(err.Error())
+	}
+	cl := h.clients[id]
+	switch {
+	case cl == nil:
+		return nil, invalidClient("unknown Client-Id")
+	case cl.Disabled:
+		return nil, invalidClient("the client is disabled")
+	case len(sigs) == 0 && h.cfg.AllowUnsigned:
+		return cl, nil
+	case len(sigs) == 0:
+		return nil, invalidSig("the Signature header is missing")
+	case len(sigs) > 1:
+		return nil, invalidSig("more than one Signature header")
+	}
+	sig, err := apisig.ParseSignature(sigs[0])
+	if err != nil {
+		return nil, invalidSig(err.Error())
+	}
+	version := sig.KeyVersion
+	if version == 0 {
+		version = cl.latest
+	}
+	pub := cl.Keys[version]
+	if pub == nil {
+		return nil, invalidSig(fmt.Sprintf("no key of keyVersion %d is registered for the client", version))
+	}
+
+	times := r.Header.Values(apisig.HeaderRequestTime)
+	switch len(times) {
+	case 0:
+		return nil, fail(CodeParamIllegal, "F", "the Request-Time header is missing")
+	case 1:
+	default:
+		return nil, fail(CodeParamIllegal, "F", "more than one Request-Time header")
+	}
+	t, err := apisig.ParseRequestTime(times[0])
+	if err != nil {
+		return nil, fail(CodeParamIllegal, "F", err.Error())
+	}
+	if skew := h.cfg.Now().Sub(t).Abs(); skew > h.cfg.ClockSkew {
+		return nil, invalidSig(fmt.Sprintf("the Request-Time is %s away from the server's clock, more than the %s allowed; check the clock",
+			skew.Round(time.Second), h.cfg.ClockSkew))
+	}
+	content := apisig.Content(http.MethodPost, r.URL.EscapedPath(), ids[0], times[0], body)
+	if err := apisig.Verify(pub, content, sig.Value); err != nil {
+		return nil, invalidSig(fmt.Sprintf("the signature does not verify with the client's key of keyVersion %d", version))
+	}
+	return cl, nil
+}
+
+// allow takes a token from the client's bucket and the global one, or from
+// neither.
+func (h *Handler) allow(cl *client) bool {
+	now := h.cfg.Now()
+	var rc *rate.Reservation
+	if cl != nil && cl.limiter != nil {
+		rc = cl.limiter.ReserveN(now, 1)
+		if !rc.OK() || rc.DelayFrom(now) > 0 {
+			rc.CancelAt(now)
+			return false
+		}
+	}
+	if h.global != nil {
+		rg := h.global.ReserveN(now, 1)
+		if !rg.OK() || rg.DelayFrom(now) > 0 {
+			rg.CancelAt(now)
+			if rc != nil {
+				rc.CancelAt(now)
+			}
+			return false
+		}
+	}
+	return true
 }
 
 // mapError is the one place issuer errors become result codes. The cause
 // goes to the log; the caller gets a safe message.
-func (h *Handler) mapError(err error) (code, status, msg string) {
+func (h *Handler) mapError(err error) *outcome {
+	var qe *issuer.QuotaError
 	switch {
+	case errors.As(err, &qe):
+		msg := "too many keys are outstanding; retry later"
+		switch qe.Scope {
+		case "client":
+			msg = "the client holds too many outstanding keys; retry once some are used or expire"
+		case "customer":
+			msg = "the customer holds too many outstanding keys; retry once some are used or expire"
+		}
+		h.log.Debug("applyPublicKey refused", "code", CodeTrafficLimit, "reason", err)
+		return fail(CodeTrafficLimit, "U", msg)
 	case errors.Is(err, issuer.ErrPoolEmpty):
-		return CodeUnknown, "U", "no key is ready; retry shortly"
+		return fail(CodeUnknown, "U", "no key is ready; retry shortly")
 	case errors.Is(err, issuer.ErrUnavailable):
-		return CodeUnknown, "U", "the key service is temporarily unavailable; retry shortly"
+		return fail(CodeUnknown, "U", "the key service is temporarily unavailable; retry shortly")
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		return CodeUnknown, "U", "the request was cancelled; retry"
+		return fail(CodeUnknown, "U", "the request was cancelled; retry")
 	}
 	h.log.Error("apply failed", "err", err)
-	return CodeUnknown, "U", "internal error; retry shortly"
+	return fail(CodeUnknown, "U", "internal error; retry shortly")
+}
+
+// reply writes resp, signed when there is a Signer: Client-Id,
+// Response-Time and Signature over "<method> <path>\n<Client-Id>.<Response-Time>.<body>".
+func (h *Handler) reply(w http.ResponseWriter, r *http.Request, clientID string, httpStatus int, resp Response) {
+	body, err := json.Marshal(resp)
+	if err != nil {
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	hdr := w.Header()
+	hdr.Set("Content-Type", "application/json; charset=UTF-8")
+	hdr.Set("Cache-Control", "no-store")
+	if clientID != "" {
+		hdr.Set(apisig.HeaderClientID, clientID)
+	}
+	respTime := apisig.FormatTime(h.cfg.Now())
+	hdr.Set(apisig.HeaderResponseTime, respTime)
+	if h.cfg.Signer != nil {
+		sig, err := h.cfg.Signer.Sign(r.Context(), apisig.Content(r.Method, r.URL.EscapedPath(), clientID, respTime, body))
+		if err != nil {
+			// An unsigned answer is all that is left; the SDKs will
+			// reject it, and the caller retries. An issued key expires
+			// unused.
+			h.log.Error("failed to sign the answer", "result", resp.Result.ResultCode, "err", err)
+			body, _ = json.Marshal(Response{Result: Result{ResultCode: CodeUnknown, ResultStatus: "U",
+				ResultMessage: "the answer could not be signed; retry shortly"}})
+			httpStatus = http.StatusOK
+		} else {
+			hdr.Set(apisig.HeaderSignature, apisig.Signature{
+				Algorithm: apisig.AlgorithmRSA256, KeyVersion: h.cfg.SignerKeyVersion, Value: sig}.String())
+		}
+	}
+	w.WriteHeader(httpStatus)
+	w.Write(body)
 }
 
 type applyRequest struct {
@@ -176,22 +491,6 @@ func validCustomerID(id string) error {
 		}
 	}
 	return nil
-}
-
-func writeResult(w http.ResponseWriter, httpStatus int, code, status, msg string) {
-	writeJSON(w, httpStatus, Response{Result: Result{ResultCode: code, ResultStatus: status, ResultMessage: msg}})
-}
-
-func writeJSON(w http.ResponseWriter, httpStatus int, v any) {
-	b, err := json.Marshal(v)
-	if err != nil {
-		http.Error(w, "internal error", http.StatusInternalServerError)
-		return
-	}
-	w.Header().Set("Content-Type", "application/json; charset=UTF-8")
-	w.Header().Set("Cache-Control", "no-store")
-	w.WriteHeader(httpStatus)
-	w.Write(b)
 }
 
 func printable(s string) string {

@@ -1,0 +1,114 @@
+package daemon
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+
+	"golang.org/x/time/rate"
+
+	"github.com/keyissuer/keyissuer/hsm"
+	"github.com/keyissuer/keyissuer/issuer"
+	"github.com/keyissuer/keyissuer/server/blocklist"
+	"github.com/keyissuer/keyissuer/server/publicapi"
+)
+
+// access is what guards applyPublicKey: the registered clients, the
+// response-signing key in the token, the blocklist and the limits.
+type access struct {
+	signer    *hsm.Signer     // nil: answers unsigned
+	blocklist *blocklist.List // nil: none
+	clients   []publicapi.Client
+}
+
+// openAccess finds the response-signing key, loads the blocklist and parses
+// the clients' keys. It warns about every setting that weakens the API.
+func (d *Daemon) openAccess(ctx context.Context) error {
+	cfg := d.cfg.API
+	if label := cfg.SigningKeyLabel; label != "" {
+		s, err := d.token.Signer(ctx, label)
+		if errors.Is(err, hsm.ErrNoSigningKey) {
+			return fmt.Errorf("api.signing_key_label: the token has no key pair labelled %q; create it with "+
+				"`keyissuer signing-key -create -config FILE` (for the development token: ./softhsm-setup.sh)", label)
+		}
+		if err != nil {
+			return fmt.Errorf("api.signing_key_label: %w", err)
+		}
+		d.access.signer = s
+		der, _ := x509.MarshalPKIXPublicKey(s.Public())
+		sum := sha256.Sum256(der)
+		d.log.Info("response-signing key", "label", label, "key_version", cfg.SigningKeyVersion,
+			"bits", s.Public().N.BitLen(), "spki_sha256", hex.EncodeToString(sum[:]))
+	} else {
+		d.log.Warn("api.signing_key_label is empty: answers are not signed, and the wallet SDKs will reject them")
+	}
+	if cfg.BlocklistFile != "" {
+		l, err := blocklist.Load(cfg.BlocklistFile, d.log)
+		if err != nil {
+			return fmt.Errorf("api.blocklist_file: %w", err)
+		}
+		d.access.blocklist = l
+		d.log.Info("blocklist loaded", "path", cfg.BlocklistFile, "ids", l.Len(), "poll", cfg.BlocklistPoll)
+	}
+	for _, c := range d.cfg.Clients {
+		keys, err := c.Keys()
+		if err != nil {
+			return fmt.Errorf("clients (id %q): %w", c.ID, err) // Validate checked them
+		}
+		d.access.clients = append(d.access.clients, publicapi.Client{
+			ID:             c.ID,
+			Disabled:       !c.IsEnabled(),
+			Keys:           keys,
+			Rate:           rate.Limit(c.Rate),
+			Burst:          c.Burst,
+			MaxOutstanding: c.MaxOutstanding,
+		})
+	}
+	if cfg.AllowUnsigned {
+		d.log.Warn("api.allow_unsigned is true: applyPublicKey accepts requests without a signature, " +
+			"so anyone who reaches api.listen can take keys; for local development only")
+	}
+	if len(d.cfg.Clients) == 0 && !cfg.AllowUnsigned {
+		d.log.Warn("no [[clients]] registered and api.allow_unsigned is false: every applyPublicKey request will be refused")
+	}
+	return nil
+}
+
+// publicHandler is applyPublicKey, wired to the issuer and the access rules.
+func (d *Daemon) publicHandler() http.Handler {
+	var bl publicapi.Blocklist
+	if d.access.blocklist != nil {
+		bl = d.access.blocklist
+	}
+	var signer publicapi.Signer
+	if d.access.signer != nil {
+		signer = d.access.signer
+	}
+	l := d.cfg.Limits
+	return publicapi.New(publicapi.Config{
+		Issuer:           d.issuer,
+		Log:              d.log,
+		MaxBody:          d.cfg.API.MaxBodyBytes,
+		Clients:          d.access.clients,
+		AllowUnsigned:    d.cfg.API.AllowUnsigned,
+		ClockSkew:        d.cfg.API.ClockSkew,
+		Signer:           signer,
+		SignerKeyVersion: d.cfg.API.SigningKeyVersion,
+		Blocklist:        bl,
+		Rate:             rate.Limit(l.Rate),
+		Burst:            l.Burst,
+		Limits:           issuer.Limits{Total: l.MaxOutstanding, Customer: l.MaxOutstandingPerCustomer},
+	})
+}
+
+// watchBlocklist reloads the blocklist when its file changes, until ctx is
+// done.
+func (d *Daemon) watchBlocklist(ctx context.Context) {
+	if d.access.blocklist != nil {
+		d.access.blocklist.Watch(ctx, d.cfg.API.BlocklistPoll)
+	}
+}
