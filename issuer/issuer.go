@@ -51,13 +51,16 @@ type Token interface {
 var _ Token = (*hsm.Token)(nil)
 
 // Store keeps the records; [*store.Bolt] implements it. Writes are durable
-// when they return. Transition is a compare-and-swap that fails with a
-// *[store.StateError] when the record is not in state from. Get and
-// Transition return [store.ErrNotFound] for an unknown uniqueId.
+// when they return, except Settle's. Transition is a compare-and-swap that
+// fails with a *[store.StateError] when the record is not in state from.
+// Settle is the same compare-and-swap, queued without waiting for it to be
+// durable (a crash may lose it), and seen at once by Get and Transition. Get
+// and Transition return [store.ErrNotFound] for an unknown uniqueId.
 type Store interface {
 	Create(ctx context.Context, r store.Record) error
 	Get(ctx context.Context, id string) (store.Record, error)
 	Transition(ctx context.Context, id string, from, to store.State, at time.Time) (store.Record, error)
+	Settle(id string, from, to store.State, at time.Time)
 	Active(ctx context.Context, before time.Time, limit int) ([]store.Record, error)
 	Prune(ctx context.Context, before time.Time, limit int) (int, error)
 }
@@ -450,11 +453,10 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	if errors.Is(derr, hsm.ErrKeyLost) {
 		final = store.Lost
 	}
-	if _, err := is.cfg.Store.Transition(context.WithoutCancel(ctx), uniqueID, store.Consuming, final, is.cfg.Now()); err != nil {
-		// The key is destroyed and the record stays consuming, which no
-		// request can pass; the reaper or the next start-up finishes it.
-		is.log.Error("failed to record a consumed key", "unique_id", uniqueID, "err", err)
-	}
+	// The answer need not wait for this write to be durable: should it be
+	// lost, the record stays consuming, which no request can pass, and the
+	// next start-up (or the reaper) makes it consumed.
+	is.cfg.Store.Settle(uniqueID, store.Consuming, final, is.cfg.Now())
 	is.stats.decrypts.Add(1)
 	switch {
 	case derr == nil:

@@ -88,8 +88,9 @@ var (
 
 // Options tune a [Bolt] store.
 type Options struct {
-	// CommitDelay is how long a write waits for others to share its fsync.
-	// Default 1ms.
+	// CommitDelay is how long a write waits for others to share its
+	// commit. Default 0: none, as the writes that arrive while a commit is
+	// under way share the next one anyway (see writer).
 	CommitDelay time.Duration
 }
 
@@ -97,6 +98,7 @@ type Options struct {
 // at a time may open a file.
 type Bolt struct {
 	db *bolt.DB
+	w  *writer // the one writer: group commits
 }
 
 // Open opens or creates the store at path, creating its directory (0700).
@@ -116,10 +118,6 @@ func Open(path string, opts Options) (*Bolt, error) {
 	if err != nil {
 		return nil, fmt.Errorf("failed to open store %s: %w", path, err)
 	}
-	db.MaxBatchDelay = opts.CommitDelay
-	if db.MaxBatchDelay <= 0 {
-		db.MaxBatchDelay = time.Millisecond
-	}
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, b := range [][]byte{bucketRecords, bucketActive, bucketClosed} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
@@ -132,11 +130,15 @@ func Open(path string, opts Options) (*Bolt, error) {
 		db.Close()
 		return nil, fmt.Errorf("failed to initialise store %s: %w", path, err)
 	}
-	return &Bolt{db: db}, nil
+	return &Bolt{db: db, w: startWriter(db, opts.CommitDelay)}, nil
 }
 
-// Close closes the file.
-func (b *Bolt) Close() error { return b.db.Close() }
+// Close commits the writes queued, settled changes included, and closes
+// the file.
+func (b *Bolt) Close() error {
+	b.w.stop()
+	return b.db.Close()
+}
 
 // timeKey orders index entries by time, then uniqueId.
 func timeKey(t time.Time, id string) []byte {
@@ -180,15 +182,15 @@ func unindex(tx *bolt.Tx, r Record) error {
 	return tx.Bucket(bucketClosed).Delete(timeKey(r.ClosedAt, r.UniqueID))
 }
 
-// batch runs fn in a group commit. fn may run more than once (bbolt retries
-// a batch without a failed member), so it must set its results afresh; a
-// business outcome is reported through the closure, not as fn's error, so it
-// does not cost the batch a retry.
+// batch runs fn in a group commit of the writer. fn may run more than once
+// (a batch is retried without a failed member), so it must set its results
+// afresh; a business outcome is reported through the closure, not as fn's
+// error, so it does not cost the batch a retry.
 func (b *Bolt) batch(ctx context.Context, fn func(*bolt.Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return b.db.Batch(fn)
+	return b.w.do(fn)
 }
 
 // Create stores a new record, durably. It fails with ErrExists if the
@@ -214,14 +216,47 @@ func (b *Bolt) Create(ctx context.Context, r Record) error {
 	return nil
 }
 
-// Get returns the record for id, or ErrNotFound.
+// Import stores many new records in one durable transaction: a bulk load,
+// such as a migration or the benchmark's store of a million records. It is
+// all or nothing and fails with ErrExists if a uniqueId is taken. Records
+// sorted by uniqueId, and by the time of their index, load fastest.
+func (b *Bolt) Import(ctx context.Context, recs []Record) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	err := b.db.Update(func(tx *bolt.Tx) error {
+		for _, r := range recs {
+			if tx.Bucket(bucketRecords).Get([]byte(r.UniqueID)) != nil {
+				return fmt.Errorf("record %s: %w", r.UniqueID, ErrExists)
+			}
+			if err := put(tx, r); err != nil {
+				return err
+			}
+			if err := index(tx, r); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("failed to import %d records: %w", len(recs), err)
+	}
+	return nil
+}
+
+// Get returns the record for id, or ErrNotFound. It sees settled changes
+// that are not committed yet.
 func (b *Bolt) Get(ctx context.Context, id string) (Record, error) {
+	s, settling := b.w.pending(id) // before the read: see Settle
 	var r Record
 	err := b.db.View(func(tx *bolt.Tx) error {
 		var err error
 		r, err = get(tx, id)
 		return err
 	})
+	if err == nil && settling {
+		r = s.applyTo(r)
+	}
 	return r, err
 }
 
@@ -237,30 +272,8 @@ func (b *Bolt) Transition(ctx context.Context, id string, from, to State, at tim
 	)
 	err := b.batch(ctx, func(tx *bolt.Tx) error {
 		var err error
-		conflict, notFound = false, false
-		r, err = get(tx, id)
-		if errors.Is(err, ErrNotFound) {
-			notFound = true
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		if r.State != from {
-			conflict = true
-			return nil
-		}
-		if err := unindex(tx, r); err != nil {
-			return err
-		}
-		r.State = to
-		if !to.Active() {
-			r.ClosedAt = at.UTC()
-		}
-		if err := put(tx, r); err != nil {
-			return err
-		}
-		return index(tx, r)
+		r, conflict, notFound, err = move(tx, id, from, to, at)
+		return err
 	})
 	switch {
 	case err != nil:
@@ -271,6 +284,46 @@ func (b *Bolt) Transition(ctx context.Context, id string, from, to State, at tim
 		return r, &StateError{Current: r, Want: from}
 	}
 	return r, nil
+}
+
+// move is the compare-and-swap of Transition and Settle, inside tx.
+func move(tx *bolt.Tx, id string, from, to State, at time.Time) (r Record, conflict, notFound bool, err error) {
+	r, err = get(tx, id)
+	if errors.Is(err, ErrNotFound) {
+		return r, false, true, nil
+	}
+	if err != nil {
+		return r, false, false, err
+	}
+	if r.State != from {
+		return r, true, false, nil
+	}
+	if err := unindex(tx, r); err != nil {
+		return r, false, false, err
+	}
+	r.State = to
+	if !to.Active() {
+		r.ClosedAt = at.UTC()
+	}
+	if err := put(tx, r); err != nil {
+		return r, false, false, err
+	}
+	return r, false, false, index(tx, r)
+}
+
+// Settle is Transition for a record's last move, the one nothing waits on:
+// it queues the compare-and-swap and returns at once. The change is
+// committed with the next durable write, or within a few milliseconds;
+// Get sees it at once. A crash before that commit loses it, and the record
+// stays in state from: use Settle only where that is safe, as for a
+// decrypt's consuming → consumed, which start-up reconciliation finishes.
+// If the record is not in state from when the change is committed, nothing
+// changes.
+func (b *Bolt) Settle(id string, from, to State, at time.Time) {
+	b.w.settle(id, settled{from: from, to: to, at: at}, func(tx *bolt.Tx) error {
+		_, _, _, err := move(tx, id, from, to, at)
+		return err
+	})
 }
 
 // Active returns up to limit records (all if limit <= 0) in an active state

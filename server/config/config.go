@@ -104,8 +104,9 @@ type Pool struct {
 type Store struct {
 	// Path is the bbolt file (default data/keyissuer.db).
 	Path string `toml:"path"`
-	// CommitDelay is how long a write waits to share an fsync with others
-	// (default 1ms).
+	// CommitDelay is how long a write waits for others to share its
+	// commit (default 0: none; writes that arrive during a commit share the
+	// next one anyway).
 	CommitDelay time.Duration `toml:"commit_delay"`
 }
 
@@ -240,7 +241,6 @@ func (c *Config) SetDefaults() {
 	num(&c.Pool.Generators, 2)
 	dur(&c.Pool.ApplyWait, 2*time.Second)
 	str(&c.Store.Path, "data/keyissuer.db")
-	dur(&c.Store.CommitDelay, time.Millisecond)
 	str(&c.API.Listen, "127.0.0.1:8080")
 	if c.API.MaxBodyBytes == 0 {
 		c.API.MaxBodyBytes = 4096
@@ -317,7 +317,7 @@ func (c *Config) Validate() error {
 		{"keys.retention", c.Keys.Retention, time.Minute},
 		{"keys.reap_interval", c.Keys.ReapInterval, 100 * time.Millisecond},
 		{"pool.apply_wait", c.Pool.ApplyWait, time.Millisecond},
-		{"store.commit_delay", c.Store.CommitDelay, time.Microsecond},
+		{"store.commit_delay", c.Store.CommitDelay, 0},
 		{"api.read_timeout", c.API.ReadTimeout, 100 * time.Millisecond},
 		{"api.write_timeout", c.API.WriteTimeout, 100 * time.Millisecond},
 		{"api.idle_timeout", c.API.IdleTimeout, 100 * time.Millisecond},
