@@ -46,3 +46,30 @@ fmt:
 # `rm -rf .softhsm`.
 clean:
 	rm -rf $(BIN) data run
+
+# Installs the binaries, the systemd unit (with its sandbox), the service
+# user, logrotate for the audit trail, a host config (kept if present) and
+# the docs. DESTDIR stages a package; PREFIX is where binaries go. Then, on
+# the host: systemd-sysusers; edit /etc/keyissuer/config.toml and the PIN
+# file; systemctl enable --now keyissuerd. See OPERATIONS.md.
+PREFIX     ?= /usr/local
+SYSCONFDIR ?= /etc
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+DEPLOY     := cmd/keyissuerd/deploy
+
+.PHONY: install
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(PREFIX)/lib/sysusers.d \
+		$(DESTDIR)$(SYSCONFDIR)/logrotate.d $(DESTDIR)$(PREFIX)/share/doc/keyissuer
+	install -d -m 0750 $(DESTDIR)$(SYSCONFDIR)/keyissuer
+	install -m 0755 $(BIN)/keyissuerd $(BIN)/keyissuer $(DESTDIR)$(PREFIX)/bin/
+	sed -e 's#/usr/local/bin/#$(PREFIX)/bin/#g' -e 's#/usr/local/share/#$(PREFIX)/share/#g' \
+		-e 's#/etc/keyissuer/#$(SYSCONFDIR)/keyissuer/#g' $(DEPLOY)/keyissuerd.service > $(DESTDIR)$(UNITDIR)/keyissuerd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/keyissuerd.service
+	install -m 0644 $(DEPLOY)/sysusers.conf $(DESTDIR)$(PREFIX)/lib/sysusers.d/keyissuer.conf
+	install -m 0644 $(DEPLOY)/logrotate.conf $(DESTDIR)$(SYSCONFDIR)/logrotate.d/keyissuer
+	test -e $(DESTDIR)$(SYSCONFDIR)/keyissuer/config.toml || \
+		install -m 0640 $(DEPLOY)/config.toml $(DESTDIR)$(SYSCONFDIR)/keyissuer/config.toml
+	install -m 0644 README.md OPERATIONS.md config.example.toml $(DESTDIR)$(PREFIX)/share/doc/keyissuer/
+	@if command -v systemd-analyze >/dev/null && [ -z "$(DESTDIR)" ]; then \
+		systemd-analyze verify $(UNITDIR)/keyissuerd.service; fi
