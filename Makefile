@@ -13,9 +13,10 @@ all: build
 build:
 	$(GO) build -trimpath -o $(BIN)/ ./cmd/...
 
-# The dev token: made once, kept in .softhsm/ (git-ignored).
-softhsm: .softhsm/user.pin
-.softhsm/user.pin:
+# The dev token: made once, kept in .softhsm/ (git-ignored), with its
+# response-signing key, whose public half softhsm-setup.sh writes last.
+softhsm: .softhsm/response-signing.pub
+.softhsm/response-signing.pub:
 	./softhsm-setup.sh
 
 # Runs keyissuerd in the foreground with $(CONFIG) (config.example.toml) on

@@ -3,8 +3,11 @@
 #
 # Creates .softhsm/ (or $SOFTHSM_DIR) holding a SoftHSM2 config, its token
 # directory and a token labelled keyissuer-dev (or $TOKEN_LABEL) with random
-# PINs in .softhsm/user.pin and .softhsm/so.pin. Safe to run again: an
-# existing token and its PINs are kept. Never touches /var/lib/softhsm.
+# PINs in .softhsm/user.pin and .softhsm/so.pin, and in it the key pair that
+# signs keyissuerd's answers (labelled keyissuer-response-signing, or
+# $SIGNING_KEY_LABEL), whose public key goes to .softhsm/response-signing.pub.
+# Safe to run again: an existing token, its PINs and its signing key are
+# kept. Never touches /var/lib/softhsm.
 # Installs softhsm2 with apt-get if it is missing and we are root.
 set -euo pipefail
 
@@ -93,7 +96,27 @@ else
 	fi
 fi
 
+# The response-signing key (api.signing_key_label in config.example.toml).
+# keyissuer makes it itself, so that it has keyissuer's attributes: a token
+# object, sensitive, never extractable, sign-only.
+signing_label=${SIGNING_KEY_LABEL:-keyissuer-response-signing}
+signing_pub=$dir/response-signing.pub
+go=${GO:-go}
+if ! command -v "$go" >/dev/null && [[ -x /usr/local/go/bin/go ]]; then
+	go=/usr/local/go/bin/go
+fi
+if command -v "$go" >/dev/null; then
+	"$go" run ./cmd/keyissuer signing-key -create -module "$module" -token-label "$label" \
+		-pin-file "$user_pin_file" -label "$signing_label" >"$signing_pub.tmp"
+	mv -f "$signing_pub.tmp" "$signing_pub"
+else
+	echo "Go not found: the response-signing key is not made. Once Go is installed, run ./softhsm-setup.sh again." >&2
+fi
+
 echo "SoftHSM token \"$label\" ($state) in $dir"
 echo "  export SOFTHSM2_CONF=$conf"
 echo "  module:   $module"
 echo "  user PIN: $user_pin_file"
+if [[ -s $signing_pub ]]; then
+	echo "  response-signing key \"$signing_label\": $signing_pub"
+fi

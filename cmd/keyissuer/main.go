@@ -5,7 +5,8 @@
 //
 // Usage:
 //
-//	keyissuer apply   [-url URL] [-customer-id ID]
+//	keyissuer apply   [-url URL] [-customer-id ID] [-client-id ID -key client.pem [-key-version N]] [-server-key FILE]
+//	keyissuer signing-key (-config FILE | -token-label L -pin-file F) [-label L] [-create] [-base64]
 //	keyissuer encrypt -public-key B64 -salt SALT [-padding P] [-layout L] < password
 //	keyissuer decrypt [-socket PATH] -unique-id ID [-padding P] < ciphertext.b64
 //	keyissuer key     [-socket PATH] -unique-id ID
@@ -26,7 +27,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"runtime/debug"
 	"strings"
@@ -39,7 +39,12 @@ import (
 
 const usage = `keyissuer: the keyissuerd client
 
-  keyissuer apply   [-url URL] [-customer-id ID]        apply for a public key (prints publicKeyInfo)
+  keyissuer apply   [-url URL] [-customer-id ID] [-client-id ID -key client.pem [-key-version N]] [-server-key FILE]
+                                                        apply for a public key (prints publicKeyInfo); with -key,
+                                                        signed as the merchant; with -server-key, the answer verified
+  keyissuer signing-key -config FILE [-create] [-base64]
+                                                        keyissuerd's response-signing public key, for merchants;
+                                                        -create makes the key pair in the token if it is missing
   keyissuer encrypt -public-key B64 -salt SALT [-padding P] [-layout L] < password
                                                         encrypt password and salt (prints base64)
   keyissuer decrypt [-socket PATH] -unique-id ID [-padding P] < ciphertext.b64
@@ -80,12 +85,9 @@ func run(ctx context.Context, cmd string, args []string, stdin io.Reader, stdout
 	uniqueID := fs.String("unique-id", "", "the key's uniqueId")
 	switch cmd {
 	case "apply":
-		url := fs.String("url", defaultURL, "the applyPublicKey endpoint")
-		customerID := fs.String("customer-id", "", "customerId to send (optional)")
-		if err := fs.Parse(args); err != nil {
-			return err
-		}
-		return apply(ctx, *url, *customerID, stdout)
+		return applyCmd(ctx, args, stdout, os.Stderr) // apply.go
+	case "signing-key":
+		return signingKeyCmd(ctx, args, stdout, os.Stderr)
 	case "encrypt":
 		pub := fs.String("public-key", "", "publicKey from apply (base64 DER)")
 		salt := fs.String("salt", "", "salt from apply")
@@ -151,36 +153,6 @@ func run(ctx context.Context, cmd string, args []string, stdin io.Reader, stdout
 		return nil
 	}
 	return fmt.Errorf("unknown command %q\n\n%s", cmd, usage)
-}
-
-func apply(ctx context.Context, url, customerID string, stdout io.Writer) error {
-	body := []byte(`{}`)
-	if customerID != "" {
-		body, _ = json.Marshal(map[string]string{"customerId": customerID})
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Content-Type", "application/json; charset=UTF-8")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	var out struct {
-		Result struct {
-			ResultCode, ResultStatus, ResultMessage string
-		} `json:"result"`
-		PublicKeyInfo json.RawMessage `json:"publicKeyInfo"`
-	}
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&out); err != nil {
-		return fmt.Errorf("apply: unexpected answer (HTTP %d): %w", resp.StatusCode, err)
-	}
-	if out.Result.ResultStatus != "S" {
-		return fmt.Errorf("apply: %s/%s: %s", out.Result.ResultCode, out.Result.ResultStatus, out.Result.ResultMessage)
-	}
-	return printJSON(stdout, out.PublicKeyInfo)
 }
 
 func encrypt(pubB64, salt, padding, layout string, stdin io.Reader, stdout io.Writer) error {
