@@ -14,6 +14,7 @@ import (
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/server/blocklist"
+	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/publicapi"
 )
 
@@ -54,20 +55,11 @@ func (d *Daemon) openAccess(ctx context.Context) error {
 		d.access.blocklist = l
 		d.log.Info("blocklist loaded", "path", cfg.BlocklistFile, "ids", l.Len(), "poll", cfg.BlocklistPoll)
 	}
-	for _, c := range d.cfg.Clients {
-		keys, err := c.Keys()
-		if err != nil {
-			return fmt.Errorf("clients (id %q): %w", c.ID, err) // Validate checked them
-		}
-		d.access.clients = append(d.access.clients, publicapi.Client{
-			ID:             c.ID,
-			Disabled:       !c.IsEnabled(),
-			Keys:           keys,
-			Rate:           rate.Limit(c.Rate),
-			Burst:          c.Burst,
-			MaxOutstanding: c.MaxOutstanding,
-		})
+	clients, err := clientsOf(d.cfg.Clients)
+	if err != nil {
+		return err
 	}
+	d.access.clients = clients
 	if cfg.AllowUnsigned {
 		d.log.Warn("api.allow_unsigned is true: applyPublicKey accepts requests without a signature, " +
 			"so anyone who reaches api.listen can take keys; for local development only")
@@ -76,6 +68,26 @@ func (d *Daemon) openAccess(ctx context.Context) error {
 		d.log.Warn("no [[clients]] registered and api.allow_unsigned is false: every applyPublicKey request will be refused")
 	}
 	return nil
+}
+
+// clientsOf parses the configured clients' keys; a reload calls it too.
+func clientsOf(cfg []config.Client) ([]publicapi.Client, error) {
+	var out []publicapi.Client
+	for _, c := range cfg {
+		keys, err := c.Keys()
+		if err != nil {
+			return nil, fmt.Errorf("clients (id %q): %w", c.ID, err) // Validate checked them
+		}
+		out = append(out, publicapi.Client{
+			ID:             c.ID,
+			Disabled:       !c.IsEnabled(),
+			Keys:           keys,
+			Rate:           rate.Limit(c.Rate),
+			Burst:          c.Burst,
+			MaxOutstanding: c.MaxOutstanding,
+		})
+	}
+	return out, nil
 }
 
 // publicHandler is applyPublicKey, wired to the issuer and the access rules.

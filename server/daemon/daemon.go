@@ -189,7 +189,7 @@ func (d *Daemon) Token() *hsm.Token { return d.token }
 func (d *Daemon) Run(ctx context.Context) error {
 	defer d.close()
 	api := &http.Server{
-		Handler:           d.instrument(listenerPublic, http.MaxBytesHandler(d.publicHandler(), d.cfg.API.MaxBodyBytes)),
+		Handler:           d.instrument(listenerPublic, http.MaxBytesHandler(d.ops.public.set(d.publicHandler()), d.cfg.API.MaxBodyBytes)),
 		ReadHeaderTimeout: d.cfg.API.ReadTimeout,
 		ReadTimeout:       d.cfg.API.ReadTimeout,
 		WriteTimeout:      d.cfg.API.WriteTimeout,

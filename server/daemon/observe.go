@@ -74,16 +74,14 @@ func apiOf(listener, path string) string {
 
 // refused says whether an answer turned a caller away for who it is or how
 // much it asks (signature, client, quota, blocklist, peer credentials), as
-// opposed to a malformed request or a retryable failure.
+// opposed to a success, a malformed request or a retryable failure.
 func refused(listener, code, status string) bool {
 	if listener == listenerSocket {
 		return code == "FORBIDDEN"
 	}
-	if status != "F" {
-		return false
-	}
 	switch code {
-	case publicapi.CodeParamIllegal, publicapi.CodeMethod, publicapi.CodeMediaType, publicapi.CodeInvalidAPI:
+	case publicapi.CodeSuccess, publicapi.CodeUnknown, "OTHER",
+		publicapi.CodeParamIllegal, publicapi.CodeMethod, publicapi.CodeMediaType, publicapi.CodeInvalidAPI:
 		return false
 	}
 	return true

@@ -37,7 +37,8 @@ func TestInstrumentAuditsRefusals(t *testing.T) {
 		refused  bool
 	}{
 		{"signature", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"INVALID_SIGNATURE","resultStatus":"F","resultMessage":"x"}}`, true},
-		{"quota", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"REQUEST_TRAFFIC_EXCEED_LIMIT","resultStatus":"F","resultMessage":"x"}}`, true},
+		{"quota", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"REQUEST_TRAFFIC_EXCEED_LIMIT","resultStatus":"U","resultMessage":"x"}}`, true},
+		{"blocked", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"USER_STATUS_ABNORMAL","resultStatus":"F","resultMessage":"x"}}`, true},
 		{"param", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"PARAM_ILLEGAL","resultStatus":"F","resultMessage":"x"}}`, false},
 		{"retry", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"UNKNOWN_EXCEPTION","resultStatus":"U","resultMessage":"x"}}`, false},
 		{"success", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"SUCCESS","resultStatus":"S","resultMessage":"x"}}`, false},

@@ -40,6 +40,8 @@ type ops struct {
 	lastReap atomic.Int64 // Unix nanoseconds of the last reaper pass
 	drained  atomic.Int64 // pooled keys destroyed at shutdown
 
+	public swapHandler // applyPublicKey, rebuilt by a reload of the access rules
+
 	mu        sync.Mutex // guards the reload state below and d.cfg's reloadable parts
 	reloadAt  time.Time
 	reloadErr string
@@ -338,34 +340,63 @@ func (d *Daemon) started() {
 // changed wait for a restart, and say so.
 var reloadable = map[string]bool{
 	"log.level": true,
+	// The access rules of applyPublicKey: a new handler replaces the old
+	// one; clients' request-rate buckets start afresh, outstanding-key
+	// counts (kept by the issuer) carry on.
+	"clients":                             true,
+	"limits.rate":                         true,
+	"limits.burst":                        true,
+	"limits.max_outstanding":              true,
+	"limits.max_outstanding_per_customer": true,
+	"api.allow_unsigned":                  true,
+	"api.clock_skew":                      true,
 	// The blocklist file is re-read on its own when it changes
 	// (api.blocklist_poll); the file's path is not reloadable.
 }
 
 // Reload applies the reloadable parts of cfg, which config.Load has
-// validated: the log level, and the audit file is reopened (log rotation).
-// Changed keys that cannot change without a restart are logged and kept
-// as they were. It never touches the pool, the token or a connection.
+// validated: the log level and applyPublicKey's clients and limits; and the
+// audit file is reopened (log rotation). Changed keys that cannot change
+// without a restart are logged and kept as they were. It never touches the
+// pool, the token or a connection. If a part cannot be applied, nothing is.
 func (d *Daemon) Reload(cfg config.Config) error {
 	d.ops.mu.Lock()
 	defer d.ops.mu.Unlock()
 	changed := diff(d.cfg, cfg, "")
 	var applied, pending []string
+	access := false
 	for _, k := range changed {
-		if reloadable[k] {
+		switch {
+		case k == "log.level":
 			applied = append(applied, k)
-		} else {
+		case reloadable[k]:
+			applied, access = append(applied, k), true
+		default:
 			pending = append(pending, k)
 		}
 	}
+	// Prepare everything, then apply.
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(cfg.Log.Level)); err != nil {
+		return d.refuseLocked(fmt.Errorf("log.level: %w", err)) // config.Validate makes this unreachable
+	}
+	clients, err := clientsOf(cfg.Clients)
+	if err != nil {
+		return d.refuseLocked(err)
+	}
 	if d.opts.LogLevel != nil {
-		var l slog.Level
-		if err := l.UnmarshalText([]byte(cfg.Log.Level)); err != nil {
-			return fmt.Errorf("log.level: %w", err) // config.Validate makes this unreachable
-		}
-		d.opts.LogLevel.Set(l)
+		d.opts.LogLevel.Set(level)
 	}
 	d.cfg.Log.Level = cfg.Log.Level
+	if access {
+		d.cfg.Clients, d.cfg.Limits = cfg.Clients, cfg.Limits
+		d.cfg.API.AllowUnsigned, d.cfg.API.ClockSkew = cfg.API.AllowUnsigned, cfg.API.ClockSkew
+		d.access.clients = clients
+		d.ops.public.set(d.publicHandler())
+		if cfg.API.AllowUnsigned {
+			d.log.Warn("api.allow_unsigned is true: applyPublicKey accepts requests without a signature")
+		}
+	}
 	d.ops.reloadAt, d.ops.reloadErr, d.ops.pending = time.Now().UTC(), "", pending
 	if err := d.ops.audit.Reopen(); err != nil {
 		d.log.Error("failed to reopen the audit trail", "path", d.ops.audit.Path(), "err", err)
@@ -388,19 +419,37 @@ func (d *Daemon) ReloadFile(path string) error {
 	cfg, err := config.Load(path)
 	if err != nil {
 		d.ops.mu.Lock()
-		d.ops.reloadAt, d.ops.reloadErr = time.Now().UTC(), err.Error()
-		d.ops.mu.Unlock()
-		d.log.Error("configuration reload refused; keeping the running configuration", "err", err)
-		d.ops.metrics.Reload(err)
-		d.record(audit.Event{Type: audit.ConfigReloadFailed, Detail: errText(err)})
-		// The audit file is reopened all the same: rotation must not wait
-		// for a good config.
-		if rerr := d.ops.audit.Reopen(); rerr != nil {
-			d.log.Error("failed to reopen the audit trail", "err", rerr)
-		}
-		return err
+		defer d.ops.mu.Unlock()
+		return d.refuseLocked(err)
 	}
 	return d.Reload(cfg)
+}
+
+// refuseLocked records a refused reload; the running configuration stays.
+// The audit file is reopened all the same: rotation must not wait for a
+// good config.
+func (d *Daemon) refuseLocked(err error) error {
+	d.ops.reloadAt, d.ops.reloadErr = time.Now().UTC(), err.Error()
+	d.log.Error("configuration reload refused; keeping the running configuration", "err", err)
+	d.ops.metrics.Reload(err)
+	d.record(audit.Event{Type: audit.ConfigReloadFailed, Detail: errText(err)})
+	if rerr := d.ops.audit.Reopen(); rerr != nil {
+		d.log.Error("failed to reopen the audit trail", "err", rerr)
+	}
+	return err
+}
+
+// swapHandler serves the handler set last; a reload sets a new one while
+// requests in flight finish on the old.
+type swapHandler struct{ h atomic.Pointer[http.Handler] }
+
+func (s *swapHandler) set(h http.Handler) http.Handler {
+	s.h.Store(&h)
+	return s
+}
+
+func (s *swapHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	(*s.h.Load()).ServeHTTP(w, r)
 }
 
 // diff lists the dotted TOML keys whose values differ between a and b.

@@ -489,12 +489,25 @@ func TestSIGHUPReload(t *testing.T) {
 	}
 	changed := strings.Replace(good, `level = "debug"`, `level = "warn"`, 1)
 	changed = strings.Replace(changed, "size = 4", "size = 5", 1)
+	changed += "[limits]\nmax_outstanding_per_customer = 1\n"
 	os.WriteFile(cfgPath, []byte(changed), 0o600)
 	c.cmd.Process.Signal(syscall.SIGHUP)
 	waitFor(t, "the reload", func() bool { return getStatus(t, c.admin).Config.LogLevel == "warn" })
 	st := getStatus(t, c.admin)
 	if st.Config.LastReloadErr != "" || len(st.Config.RestartPending) != 1 || st.Config.RestartPending[0] != "pool.size" || st.Pool.Target != 4 {
 		t.Errorf("after a good reload: %+v, pool target %d; want pool.size pending a restart and the pool untouched", st.Config, st.Pool.Target)
+	}
+	// The new limit holds at once: one outstanding key per customer.
+	c.apply("2188000000000077")
+	resp, err := http.Post(c.api, "application/json", strings.NewReader(`{"customerId": "2188000000000077"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out struct{ Result struct{ ResultCode string } }
+	json.NewDecoder(resp.Body).Decode(&out)
+	resp.Body.Close()
+	if out.Result.ResultCode != "REQUEST_TRAFFIC_EXCEED_LIMIT" {
+		t.Errorf("a second key for the customer after the reload: %s, want REQUEST_TRAFFIC_EXCEED_LIMIT", out.Result.ResultCode)
 	}
 	if m := scrape(t, c.admin); m[`keyissuer_config_reloads_total{result="ok"}`] != "1" || m[`keyissuer_config_reloads_total{result="refused"}`] != "1" {
 		t.Errorf("reload counters %s ok, %s refused", m[`keyissuer_config_reloads_total{result="ok"}`], m[`keyissuer_config_reloads_total{result="refused"}`])
@@ -505,6 +518,9 @@ func TestSIGHUPReload(t *testing.T) {
 	cur := readAudit(t, auditPath)
 	if len(find(old, audit.ConfigReloadFailed, "")) != 1 {
 		t.Errorf("no config.reload_failed line before the rotation")
+	}
+	if l := find(cur, audit.RequestRefused, ""); len(l) != 1 || l[0].Detail != "" {
+		t.Errorf("request.refused lines %+v, want the quota refusal", l)
 	}
 	if cur[0].Event != audit.AuditReopened || len(find(cur, audit.ConfigReloaded, "")) != 1 {
 		t.Errorf("the new file starts with %s and has %d config.reloaded lines", cur[0].Event, len(find(cur, audit.ConfigReloaded, "")))
