@@ -32,6 +32,11 @@ type Options struct {
 	Log *slog.Logger
 	// AfterClaim is passed to [issuer.Config.AfterClaim]: tests only.
 	AfterClaim func(uniqueID string)
+	// WrapToken and WrapStore, if set, wrap the token and the record store
+	// that the issuer uses, reconciliation included: tests only, to inject
+	// faults and to crash at chosen instants (server/daemon/reliability).
+	WrapToken func(issuer.Token) issuer.Token
+	WrapStore func(issuer.Store) issuer.Store
 	// ShutdownTimeout bounds the wait for requests in flight (default 10s).
 	ShutdownTimeout time.Duration
 
@@ -142,9 +147,19 @@ func (d *Daemon) open(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	var (
+		tok issuer.Token = d.token
+		st  issuer.Store = d.ops.metrics.Store(d.store) // timed
+	)
+	if d.opts.WrapToken != nil {
+		tok = d.opts.WrapToken(tok)
+	}
+	if d.opts.WrapStore != nil {
+		st = d.opts.WrapStore(st)
+	}
 	d.issuer, err = issuer.New(issuer.Config{
-		Token:        d.token,
-		Store:        d.ops.metrics.Store(d.store), // timed
+		Token:        tok,
+		Store:        st,
 		Storage:      hsm.Storage(cfg.Token.Storage),
 		Paddings:     cfg.Paddings(),
 		Layout:       issuer.Layout(cfg.Keys.Layout),

@@ -1,0 +1,257 @@
+package reliability
+
+import (
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+)
+
+// A real token fault under a running keyissuerd: the SoftHSM token
+// directory, which the daemon finds through the SOFTHSM2_CONF it inherits,
+// is moved away and brought back. While it is gone, applies answer
+// UNKNOWN_EXCEPTION/U and decrypts HSM_UNAVAILABLE 503 without using the
+// key; the daemon recovers by itself once it is back; a destroy that
+// failed in the outage is retried, and its key never decrypts meanwhile.
+
+// tokenDir is the test binary's SoftHSM token directory (hsmtest.Main).
+func tokenDir(t testing.TB) string {
+	t.Helper()
+	conf := os.Getenv("SOFTHSM2_CONF")
+	if conf == "" {
+		t.Fatal("SOFTHSM2_CONF is not set: hsmtest.Main did not run")
+	}
+	return filepath.Join(filepath.Dir(conf), "tokens")
+}
+
+// takeTokenAway moves the token directory away, as a real fault would, and
+// returns the function that brings it back.
+func takeTokenAway(t testing.TB) (restore func()) {
+	t.Helper()
+	dir := tokenDir(t)
+	if err := os.Rename(dir, dir+".away"); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	restore = func() {
+		once.Do(func() {
+			if err := os.Rename(dir+".away", dir); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	t.Cleanup(restore)
+	return restore
+}
+
+func TestTokenOutage(t *testing.T) {
+	outages := 1
+	if v := os.Getenv("SOAK_CYCLES"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("SOAK_CYCLES=%q: want a positive number", v)
+		}
+		outages = max(outages, n/10)
+	}
+	for _, storage := range []string{"token", "session"} {
+		t.Run(storage, func(t *testing.T) {
+			f := newFixture(t, fixtureConfig{
+				storage: storage, poolSize: 2, generators: 1,
+				ttl: "1m", reap: "100ms", applyWait: "500ms",
+			})
+			p := f.mustStart(pauseEnv + "=decrypted:" + f.dir)
+			n := outages
+			if storage == "session" {
+				n = 1
+			}
+			for i := range n {
+				outage(t, f, p, storage, i+1)
+				if t.Failed() {
+					t.FailNow()
+				}
+			}
+			p.stop()
+			attempts, oks := f.decryptLedger()
+			for id, n := range attempts {
+				if n > 1 || oks[id] > 1 {
+					t.Errorf("DOUBLE DECRYPT: %s reached the token's decrypt %d times (%d succeeded)", id, n, oks[id])
+				}
+			}
+			if storage == "token" {
+				if objs := f.tokenObjects(); len(objs) != 0 {
+					t.Errorf("LEAKED OBJECTS after the orderly stop: %v", objs)
+				}
+			}
+			t.Logf("%d token outages survived in %s storage", n, storage)
+		})
+	}
+}
+
+// outage takes the token away under p once, and checks the daemon through
+// it and after it.
+func outage(t *testing.T, f *fixture, p *proc, storage string, n int) {
+	waitFor(t, "a full pool", func() bool {
+		h, _, err := p.health()
+		return err == nil && h.TokenReady && h.PoolReady == h.PoolSize
+	})
+	type held struct {
+		k  keyInfo
+		pw string
+	}
+	issue := func() held {
+		t.Helper()
+		var r applyResult
+		waitFor(t, "an apply to succeed", func() bool {
+			var err error
+			r, err = p.apply("")
+			if err != nil {
+				t.Fatal(err)
+			}
+			return r.code == "SUCCESS"
+		})
+		return held{r.key, f.password()}
+	}
+	waiting := issue()   // asks to decrypt during the outage
+	untouched := issue() // left alone through the outage
+	var restore func()
+	var paused held // token storage: decrypts, then the token goes before its destroy
+	start := time.Now()
+	if storage == "token" {
+		paused = issue()
+		// paused's decrypt stops after the token decrypted, before the
+		// destroy: the token goes away right there.
+		hold := filepath.Join(f.dir, "pause-"+paused.k.UniqueID)
+		if err := os.WriteFile(hold, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		pausedDone := make(chan decryptResult, 1)
+		go func() {
+			res, err := p.decrypt(paused.k.UniqueID, seal(t, paused.k, paused.pw))
+			if err != nil {
+				t.Errorf("decrypt %s: %v", paused.k.UniqueID, err)
+			}
+			pausedDone <- res
+		}()
+		waitEvent(t, p, "paused decrypted "+paused.k.UniqueID)
+		restore = takeTokenAway(t)
+		start = time.Now()
+
+		// The first call to meet the outage: the key is claimed, the
+		// token fails, the key is given back.
+		if res, err := p.decrypt(waiting.k.UniqueID, seal(t, waiting.k, waiting.pw)); err != nil ||
+			res.status != http.StatusServiceUnavailable || res.code != "HSM_UNAVAILABLE" {
+			t.Errorf("outage %d: decrypt as the token goes: %+v, %v; want 503 HSM_UNAVAILABLE", n, res, err)
+		}
+		// Let paused's decrypt go on: its destroy fails in the outage.
+		os.Remove(hold)
+		if res := <-pausedDone; res.status != http.StatusOK || res.password != paused.pw {
+			t.Errorf("outage %d: the paused decrypt: %d %s; want 200 and its password", n, res.status, res.code)
+		}
+	} else {
+		// Session objects live in the token's memory and keep working
+		// without its directory: the daemon finds the outage through the
+		// token's health, in its periodic check.
+		restore = takeTokenAway(t)
+	}
+	waitFor(t, "the daemon to report the token down", func() bool {
+		_, st, err := p.health()
+		return err == nil && st == http.StatusServiceUnavailable
+	})
+
+	// While the token is away.
+	for range 3 {
+		r, err := p.apply("")
+		if err != nil || r.status != http.StatusOK || r.code != "UNKNOWN_EXCEPTION" || r.resultStatus != "U" {
+			t.Errorf("outage %d: apply: %+v, %v; want 200 UNKNOWN_EXCEPTION/U", n, r, err)
+		}
+		// In session storage the first recovery attempt resets the
+		// module, and the session objects die with it: from then on the
+		// truth is KEY_LOST, which no retry would change.
+		res, err := p.decrypt(waiting.k.UniqueID, seal(t, waiting.k, waiting.pw))
+		if err != nil || (res.status != http.StatusServiceUnavailable || res.code != "HSM_UNAVAILABLE") &&
+			(storage != "session" || res.status != http.StatusGone || res.code != "KEY_LOST") {
+			t.Errorf("outage %d: decrypt: %+v, %v; want 503 HSM_UNAVAILABLE", n, res, err)
+		}
+		if storage == "token" {
+			// The key whose destroy failed never decrypts again.
+			res, err = p.decrypt(paused.k.UniqueID, seal(t, paused.k, paused.pw))
+			if err != nil || res.status != http.StatusGone || res.code != "KEY_CONSUMED" {
+				t.Errorf("outage %d: decrypt of the key whose destroy failed: %+v, %v; want 410 KEY_CONSUMED", n, res, err)
+			}
+		}
+		time.Sleep(200 * time.Millisecond) // several recovery attempts fail
+	}
+	h, _, err := p.health()
+	if err != nil || h.TokenReady || (storage == "token" && h.PendingDestroys < 1) {
+		t.Errorf("outage %d: health %+v, %v; want the token down and a destroy pending", n, h, err)
+	}
+	for _, k := range []held{waiting, untouched} {
+		if st, err := p.state(k.k.UniqueID); err != nil || st != "issued" && (storage != "session" || st != "lost") {
+			t.Errorf("outage %d: %s is %q, %v; want issued, untouched", n, k.k.UniqueID, st, err)
+		}
+	}
+
+	restore()
+	back := time.Now()
+	waitFor(t, "the daemon to recover", func() bool {
+		h, st, err := p.health()
+		return err == nil && st == http.StatusOK && h.TokenReady
+	})
+	t.Logf("outage %d (%s storage): down %s, recovered %s after the token came back",
+		n, storage, back.Sub(start).Round(time.Millisecond), time.Since(back).Round(time.Millisecond))
+	// The failed destroy is retried (token objects only: session objects
+	// live in the token's memory, and their destroy got through).
+	waitFor(t, "the failed destroy to be retried", func() bool {
+		h, _, err := p.health()
+		return err == nil && h.PendingDestroys == 0
+	})
+	if storage == "token" {
+		if objs := f.tokenObjects(); objs[paused.k.UniqueID] != 0 {
+			t.Errorf("outage %d: after the retry the key whose destroy failed has %d objects", n, objs[paused.k.UniqueID])
+		}
+	}
+
+	// After: token objects survived the outage and decrypt once; session
+	// objects died with the module's reset, and their keys say so.
+	for _, k := range []held{waiting, untouched} {
+		res, err := p.decrypt(k.k.UniqueID, seal(t, k.k, k.pw))
+		switch {
+		case err != nil:
+			t.Errorf("outage %d: decrypt after recovery: %v", n, err)
+		case storage == "token" && (res.status != http.StatusOK || res.password != k.pw):
+			t.Errorf("outage %d: decrypt after recovery: %d %s; want 200 and the password", n, res.status, res.code)
+		case storage == "session" && (res.status != http.StatusGone || res.code != "KEY_LOST"):
+			t.Errorf("outage %d: decrypt after recovery: %d %s; want 410 KEY_LOST", n, res.status, res.code)
+		}
+		res, err = p.decrypt(k.k.UniqueID, seal(t, k.k, k.pw))
+		if err != nil || res.status != http.StatusGone {
+			t.Errorf("outage %d: second decrypt after recovery: %+v, %v; want 410", n, res, err)
+		}
+	}
+	// New keys work.
+	k := issue()
+	if res, err := p.decrypt(k.k.UniqueID, seal(t, k.k, k.pw)); err != nil || res.status != http.StatusOK || res.password != k.pw {
+		t.Errorf("outage %d: a key issued after recovery: %+v, %v", n, res, err)
+	}
+}
+
+// waitEvent waits for a line on the child's stdout.
+func waitEvent(t testing.TB, p *proc, want string) {
+	t.Helper()
+	timeout := time.After(hangLimit)
+	for {
+		select {
+		case ev := <-p.events:
+			if ev == want {
+				return
+			}
+		case <-p.exited:
+			t.Fatalf("the daemon exited waiting for %q: %v", want, p.err)
+		case <-timeout:
+			t.Fatalf("no %q within %s", want, hangLimit)
+		}
+	}
+}
