@@ -404,8 +404,9 @@ func TestSessionDeathMarksKeysLost(t *testing.T) {
 	defer stop()
 	iss := apply(t, e)
 	e.is.KeysLost([]string{iss.UniqueID})
+	// The record turns lost, then the key is destroyed: wait for both.
 	deadline := time.Now().Add(10 * time.Second)
-	for e.state(iss.UniqueID) != store.Lost && time.Now().Before(deadline) {
+	for (e.state(iss.UniqueID) != store.Lost || e.objects(iss.UniqueID) != 0) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	if s := e.state(iss.UniqueID); s != store.Lost {
