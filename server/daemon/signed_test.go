@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -239,7 +240,10 @@ func TestApplyFlood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Pool.ApplyWait = time.Minute // a slow token is not what this test is about
+	// Keys for every place under the cap are ready before the flood, so
+	// no apply waits on the token, however slow it is on a busy machine.
+	cfg.Pool.Size, cfg.Pool.Generators = maxTotal+2, 2
+	cfg.Pool.ApplyWait, cfg.API.WriteTimeout = time.Minute, 2*time.Minute
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := daemon.New(ctx, cfg, daemon.Options{Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
@@ -255,6 +259,9 @@ func TestApplyFlood(t *testing.T) {
 	})
 	apiURL := "http://" + d.APIAddr() + "/ams/api/v1/customer/applyPublicKey"
 	c := &child{t: t, api: apiURL, socket: cfg.Decrypt.Socket}
+	for d.Issuer().Stats().PoolReady < cfg.Pool.Size {
+		time.Sleep(10 * time.Millisecond)
+	}
 
 	// Watch the outstanding count through the flood.
 	stopWatch := make(chan struct{})
@@ -350,4 +357,43 @@ func TestApplyFlood(t *testing.T) {
 		}
 		break
 	}
+}
+
+// TestBlocklistReload: a blocked customer gets USER_STATUS_ABNORMAL, and
+// once the file no longer lists it, a key, without a restart.
+func TestBlocklistReload(t *testing.T) {
+	path := signedSetup(t, "")
+	blocked := filepath.Join(filepath.Dir(path), "blocked.txt")
+	if err := os.WriteFile(blocked, []byte("# fraud\n2188000000000666\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	b = bytes.Replace(b, []byte("allow_unsigned = false\n"), []byte("allow_unsigned = false\nblocklist_file = \"blocked.txt\"\nblocklist_poll = \"100ms\"\n"), 1)
+	os.WriteFile(path, b, 0o600)
+	c := start(t, path)
+
+	body := `{"customerId":"2188000000000666"}`
+	if a := sdkApply(t, http.DefaultClient, c.api, body); a.Result.ResultCode != "USER_STATUS_ABNORMAL" || a.Result.ResultStatus != "F" {
+		t.Fatalf("blocked customer: %+v, want USER_STATUS_ABNORMAL/F", a.Result)
+	}
+	if a := sdkApply(t, http.DefaultClient, c.api, `{"customerId":"2188000000000667"}`); a.Result.ResultCode != "SUCCESS" {
+		t.Fatalf("another customer: %+v", a.Result)
+	}
+	tmp := blocked + ".new"
+	os.WriteFile(tmp, []byte("# fraud, cleared\n"), 0o600)
+	os.Rename(tmp, blocked)
+	for {
+		a := sdkApply(t, http.DefaultClient, c.api, body)
+		if a.Result.ResultCode == "SUCCESS" {
+			break
+		}
+		if a.Result.ResultCode != "USER_STATUS_ABNORMAL" {
+			t.Fatalf("while the blocklist reloads: %+v", a.Result)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(c.stderr.String(), "blocklist reloaded") {
+		t.Error("no log line says the blocklist was reloaded")
+	}
+	c.stop()
 }

@@ -297,11 +297,13 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request) (Response, *outc
 // signature verifies; or, with AllowUnsigned and no Signature header, the
 // client its Client-Id names, or nobody (nil) without one.
 func (h *Handler) authenticate(r *http.Request, body []byte) (*client, *outcome) {
+	// The caller gets the reason; the log only at debug level, so that a
+	// flood of bad requests cannot flood it.
 	invalidClient := func(msg string) *outcome {
-		return &outcome{http: http.StatusOK, code: CodeInvalidClient, status: "F", msg: msg, logMsg: msg, logLevel: slog.LevelInfo}
+		return &outcome{http: http.StatusOK, code: CodeInvalidClient, status: "F", msg: msg, logMsg: msg, logLevel: slog.LevelDebug}
 	}
 	invalidSig := func(msg string) *outcome {
-		return &outcome{http: http.StatusOK, code: CodeInvalidSignature, status: "F", msg: msg, logMsg: msg, logLevel: slog.LevelInfo}
+		return &outcome{http: http.StatusOK, code: CodeInvalidSignature, status: "F", msg: msg, logMsg: msg, logLevel: slog.LevelDebug}
 	}
 	ids := r.Header.Values(apisig.HeaderClientID)
 	sigs := r.Header.Values(apisig.HeaderSignature)
