@@ -139,9 +139,27 @@ func TestDecryptFailuresLookAlike(t *testing.T) {
 	if st := c.getJSON("/v1/health", &health); st != 200 || health["outstandingKeys"] != float64(0) {
 		t.Errorf("health: %d %v; want no outstanding key", st, health)
 	}
-	if logs := c.stderr.String(); strings.Contains(logs, password) {
+	logs := c.stderr.String()
+	if strings.Contains(logs, password) {
 		t.Error("the password appears in the daemon's log")
 	}
+	// Start-up says how the token does each padding: SoftHSM 2.6 does
+	// OAEP natively with SHA-1 only.
+	for _, line := range strings.Split(logs, "\n") {
+		var rec struct {
+			Msg      string            `json:"msg"`
+			Default  string            `json:"padding_default"`
+			Paddings map[string]string `json:"paddings"`
+		}
+		if json.Unmarshal([]byte(line), &rec) != nil || rec.Msg != "token open" {
+			continue
+		}
+		if rec.Default != "oaep-sha256" || rec.Paddings["oaep-sha256"] != "raw" || rec.Paddings["oaep-sha1"] != "native" {
+			t.Errorf("token open: default %q, paddings %v; want oaep-sha256 raw, oaep-sha1 native", rec.Default, rec.Paddings)
+		}
+		return
+	}
+	t.Errorf("no token open line in the log:\n%s", logs)
 }
 
 // A client that names a padding the daemon does not accept, or names one
