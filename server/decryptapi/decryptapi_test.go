@@ -523,12 +523,14 @@ func TestOverUnixSocket(t *testing.T) {
 
 // FuzzDecryptBody sends arbitrary bodies to /v1/decrypt with an issuer that
 // always fails to decrypt: the handler never panics, never answers 500, and
-// always answers a JSON error.
+// always answers a JSON error. Callers may name the padding, so that the
+// field's checks are fuzzed too.
 func FuzzDecryptBody(f *testing.F) {
 	f.Add(decryptBody(testID, testCTB64))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		fake := &fakeIssuer{decryptErr: issuer.ErrDecrypt}
-		a := do(t, newHandler(fake), http.MethodPost, "/v1/decrypt", body)
+		h := decryptapi.New(fake, decryptapi.Config{AllowClientPadding: true})
+		a := do(t, h, http.MethodPost, "/v1/decrypt", body)
 		code, _ := errorCode(t, a)
 		switch {
 		case a.status == http.StatusBadRequest && code == decryptapi.CodeParamIllegal:
