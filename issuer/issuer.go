@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"math/big"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -78,9 +79,10 @@ var (
 	// ErrDecrypt covers every failed decrypt: bad padding, wrong salt. The
 	// key is destroyed all the same.
 	ErrDecrypt = errors.New("decryption failed")
-	// ErrCiphertext means the ciphertext cannot be for this key (its length
-	// is not the modulus size). The key is not consumed.
-	ErrCiphertext = errors.New("ciphertext length does not match the key size")
+	// ErrCiphertext means the ciphertext cannot be for this key: its length
+	// is not the modulus size, or its value is not below the modulus. The
+	// key is not consumed.
+	ErrCiphertext = errors.New("ciphertext cannot be for this key")
 	// ErrPadding means a decrypt asked for a padding that is not one of
 	// Config.Paddings. The key is not consumed.
 	ErrPadding = errors.New("padding not accepted")
@@ -387,7 +389,7 @@ func (is *Issuer) Record(ctx context.Context, uniqueID string) (store.Record, er
 //
 // It fails with ErrNotFound, ErrConsumed, ErrExpired or ErrLost when the key
 // cannot decrypt; ErrCiphertext (key untouched) when the ciphertext has the
-// wrong length; ErrUnavailable (key untouched, retry) when the token is
+// wrong length or is not below the modulus; ErrUnavailable (key untouched, retry) when the token is
 // down; ErrDecrypt when the padding or the salt is wrong, whichever it was.
 func (is *Issuer) Decrypt(ctx context.Context, uniqueID string, ciphertext []byte) ([]byte, error) {
 	return is.DecryptWithPadding(ctx, uniqueID, ciphertext, "")
@@ -429,6 +431,10 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 		return nil, ErrLost
 	case len(ciphertext) != k.Size():
 		return nil, fmt.Errorf("%w: got %d bytes, want %d", ErrCiphertext, len(ciphertext), k.Size())
+	case new(big.Int).SetBytes(ciphertext).Cmp(k.Public.N) >= 0:
+		// No encryption under this key gives it. The modulus is public:
+		// refusing it before the claim tells nobody anything.
+		return nil, fmt.Errorf("%w: not below the modulus", ErrCiphertext)
 	case !is.cfg.Token.Ready():
 		return nil, ErrUnavailable
 	}

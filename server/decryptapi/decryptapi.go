@@ -212,7 +212,7 @@ func (h *Handler) mapError(err error, id string) (int, string, string) {
 	case errors.Is(err, issuer.ErrPadding):
 		return http.StatusBadRequest, CodeParamIllegal, "padding is not one the daemon accepts (keys.paddings); the key was not used"
 	case errors.Is(err, issuer.ErrCiphertext):
-		return http.StatusBadRequest, CodeParamIllegal, "the ciphertext's length is not the key's size; the key was not used"
+		return http.StatusBadRequest, CodeParamIllegal, "the ciphertext cannot be for this key (its length is not the key's size, or it is not below the modulus); the key was not used"
 	case errors.Is(err, issuer.ErrUnavailable):
 		return http.StatusServiceUnavailable, CodeHSMUnavailable, "the token is unavailable; the key was not used, retry"
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):

@@ -1,0 +1,138 @@
+package issuer
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/big"
+	"testing"
+
+	"github.com/keyissuer/keyissuer/issuer/store"
+)
+
+// Hostile ciphertexts and plaintexts: what an attacker who can reach the
+// decrypt socket, or encrypt whatever they like under a key, can send.
+
+// Regression: a ciphertext of the right length but not below the modulus
+// used to be claimed and sent to the token, which refused it: the key was
+// consumed (DECRYPT_FAILED) by an input that can never be a ciphertext for
+// it. Found by the reliability suite's hostile-input table.
+func TestDecryptRefusesCiphertextNotBelowModulus(t *testing.T) {
+	h := newHarness(t, nil)
+	h.start(t)
+	iss := h.apply(t)
+	n := parsePublic(t, iss.PublicKey).N
+	size := (n.BitLen() + 7) / 8
+	tests := []struct {
+		name string
+		ct   []byte
+	}{
+		{"the modulus", n.FillBytes(make([]byte, size))},
+		{"the modulus plus one", new(big.Int).Add(n, big.NewInt(1)).FillBytes(make([]byte, size))},
+		{"all ones", bytes.Repeat([]byte{0xff}, size)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := h.is.Decrypt(context.Background(), iss.UniqueID, tt.ct)
+			if !errors.Is(err, ErrCiphertext) {
+				t.Errorf("Decrypt = %v, want ErrCiphertext", err)
+			}
+			h.wantState(t, iss.UniqueID, store.Issued)
+		})
+	}
+	if n := h.tok.decryptCount(); n != 0 {
+		t.Errorf("%d decrypts reached the token", n)
+	}
+	// The key is untouched: the one real decrypt still works.
+	pw, err := h.is.Decrypt(context.Background(), iss.UniqueID, seal(t, iss.PublicKey, "pw", iss.Salt))
+	if err != nil || string(pw) != "pw" {
+		t.Errorf("Decrypt after the refusals = %q, %v", pw, err)
+	}
+	// One below the modulus is a ciphertext like any other: it consumes
+	// the key it fails on.
+	iss = h.apply(t)
+	n = parsePublic(t, iss.PublicKey).N
+	below := new(big.Int).Sub(n, big.NewInt(1)).FillBytes(make([]byte, size))
+	if _, err := h.is.Decrypt(context.Background(), iss.UniqueID, below); !errors.Is(err, ErrDecrypt) {
+		t.Errorf("Decrypt(n-1) = %v, want ErrDecrypt", err)
+	}
+	h.wantState(t, iss.UniqueID, store.Consumed)
+}
+
+// FuzzDecryptCiphertext sends arbitrary bytes as the ciphertext of an issued
+// key. Whatever they are: no panic; a ciphertext that cannot be for the key
+// (wrong length, not below the modulus) leaves it issued; anything else
+// consumes it, and the token sees at most one decrypt of it.
+func FuzzDecryptCiphertext(f *testing.F) {
+	h := newHarness(f, nil)
+	h.start(f)
+	probe := h.apply(f)
+	n := parsePublic(f, probe.PublicKey).N
+	size := (n.BitLen() + 7) / 8
+	f.Add([]byte{})
+	f.Add([]byte{0})
+	f.Add(make([]byte, size))
+	f.Add(n.FillBytes(make([]byte, size)))
+	f.Add(bytes.Repeat([]byte{0xff}, size))
+	f.Add(bytes.Repeat([]byte{0x7f}, size))
+	f.Add(make([]byte, size+1))
+	f.Add(seal(f, probe.PublicKey, "pw", probe.Salt)) // for another key: fails
+	f.Fuzz(func(t *testing.T, ct []byte) {
+		iss := h.apply(t)
+		before := h.tok.decryptCount()
+		pw, err := h.is.Decrypt(context.Background(), iss.UniqueID, ct)
+		key := parsePublic(t, iss.PublicKey)
+		malformed := len(ct) != size || new(big.Int).SetBytes(ct).Cmp(key.N) >= 0
+		switch {
+		case malformed:
+			if !errors.Is(err, ErrCiphertext) {
+				t.Fatalf("Decrypt of %d malformed bytes = %q, %v; want ErrCiphertext", len(ct), pw, err)
+			}
+			h.wantState(t, iss.UniqueID, store.Issued)
+			if got := h.tok.decryptCount(); got != before {
+				t.Fatal("a malformed ciphertext reached the token")
+			}
+			// Use the key, so that the pool keeps up.
+			if _, err := h.is.Decrypt(context.Background(), iss.UniqueID, seal(t, iss.PublicKey, "pw", iss.Salt)); err != nil {
+				t.Fatalf("the key after a malformed ciphertext: %v", err)
+			}
+		case err == nil || errors.Is(err, ErrDecrypt):
+			h.wantState(t, iss.UniqueID, store.Consumed)
+			if got := h.tok.decryptCount(); got > before+1 {
+				t.Fatalf("%d decrypts reached the token for one request", got-before)
+			}
+		default:
+			t.Fatalf("Decrypt = %v; want ErrDecrypt or a password", err)
+		}
+	})
+}
+
+// FuzzLayoutPassword hands every layout an arbitrary plaintext, as an
+// attacker who encrypts whatever they like under the key can: no panic, and
+// a plaintext accepted is exactly the layout of the password it yields.
+func FuzzLayoutPassword(f *testing.F) {
+	f.Add([]byte("correct horseAbCdEfGhIjKl"), "AbCdEfGhIjKl")
+	f.Add([]byte("AbCdEfGhIjKlcorrect horse"), "AbCdEfGhIjKl")
+	f.Add([]byte("a|b|AbCdEfGhIjKl"), "AbCdEfGhIjKl")
+	f.Add([]byte(""), "AbCdEfGhIjKl")
+	f.Add([]byte("|"), "")
+	f.Add([]byte("short"), "AbCdEfGhIjKl")
+	f.Fuzz(func(t *testing.T, pt []byte, salt string) {
+		for _, l := range Layouts() {
+			in := bytes.Clone(pt)
+			pw, ok := l.password(in, salt)
+			if !ok {
+				continue
+			}
+			if l == LayoutNone {
+				if !bytes.Equal(pw, pt) {
+					t.Fatalf("%s: password %q from %q", l, pw, pt)
+				}
+				continue
+			}
+			if got := l.Plaintext(pw, salt); !bytes.Equal(got, pt) {
+				t.Fatalf("%s: %q accepted with salt %q, password %q, which lays out as %q", l, pt, salt, pw, got)
+			}
+		}
+	})
+}
