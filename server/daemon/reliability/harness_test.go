@@ -28,6 +28,7 @@ import (
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/server/apisig"
 )
 
 // The parent's side: a fixture per daemon (config, data, label prefix),
@@ -46,8 +47,15 @@ type fixtureConfig struct {
 	ttl        string
 	reap       string // keys.reap_interval
 	applyWait  string
+	api        string // more [api] keys
 	extra      string // more TOML, appended
+	// signed registers a client and refuses unsigned applies; the
+	// fixture's procs sign as it.
+	signed bool
 }
+
+// clientID is the Client-Id of a signed fixture's client.
+const clientID = "reliability"
 
 // fixture is one daemon's configuration, files and token label prefix, and
 // everything its children wrote, for the secret scans.
@@ -60,6 +68,8 @@ type fixture struct {
 	dbPath  string
 	audit   string
 	ledger  string
+
+	clientKey *rsa.PrivateKey // signed fixtures: the client's key
 
 	mu      sync.Mutex
 	procs   []*proc
@@ -88,6 +98,20 @@ func newFixture(t *testing.T, fc fixtureConfig) *fixture {
 	if err := os.WriteFile(filepath.Join(dir, "pin"), []byte(soft.PIN+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	unsigned := "true"
+	if fc.signed {
+		unsigned = "false"
+		key, err := rsa.GenerateKey(rand.Reader, 2048)
+		if err != nil {
+			t.Fatal(err)
+		}
+		der, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.clientKey = key
+		fc.extra += fmt.Sprintf("\n[[clients]]\nid = %q\n[clients.public_keys]\n1 = %q\n", clientID, base64.StdEncoding.EncodeToString(der))
+	}
 	cfg := fmt.Sprintf(`
 [token]
 module = %q
@@ -107,7 +131,8 @@ apply_wait = %q
 path = "data/keyissuer.db"
 [api]
 listen = "127.0.0.1:0"
-allow_unsigned = true
+allow_unsigned = %s
+%s
 [admin]
 listen = "127.0.0.1:0"
 [audit]
@@ -118,7 +143,7 @@ socket = "run/decrypt.sock"
 level = "debug"
 format = "json"
 %s`, soft.Module, soft.Label, fc.storage, f.prefix, fc.generators+3,
-		fc.ttl, fc.reap, fc.poolSize, fc.generators, fc.applyWait, fc.extra)
+		fc.ttl, fc.reap, fc.poolSize, fc.generators, fc.applyWait, unsigned, fc.api, fc.extra)
 	if err := os.WriteFile(f.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -189,7 +214,8 @@ type proc struct {
 	err    error // the exit status, once exited
 
 	apiClient, sockClient *http.Client
-	crashed               atomic.Bool // the child announced a planned crash
+	clientKey             *rsa.PrivateKey // sign applies as clientID, if set
+	crashed               atomic.Bool     // the child announced a planned crash
 }
 
 type syncBuffer struct {
@@ -218,7 +244,7 @@ var errExited = errors.New("the daemon exited before serving")
 func (f *fixture) start(env ...string) (*proc, error) {
 	t := f.t
 	t.Helper()
-	p := &proc{t: t, stderr: &syncBuffer{}, events: make(chan string, 64), exited: make(chan struct{})}
+	p := &proc{t: t, stderr: &syncBuffer{}, events: make(chan string, 64), exited: make(chan struct{}), clientKey: f.clientKey}
 	p.cmd = exec.Command(os.Args[0], "-test.run=^$")
 	p.cmd.Env = append(os.Environ(), append(env, childEnv+"="+f.cfgPath, ledgerEnv+"="+f.ledger)...)
 	p.cmd.Stderr = p.stderr
@@ -374,6 +400,11 @@ type applyResult struct {
 func (p *proc) applyBody(body string) (applyResult, error) {
 	req, _ := http.NewRequest(http.MethodPost, p.api, strings.NewReader(body))
 	req.Header.Set("Content-Type", "application/json")
+	if p.clientKey != nil {
+		if err := apisig.SignRequest(req, clientID, 1, p.clientKey, []byte(body), time.Now()); err != nil {
+			return applyResult{}, err
+		}
+	}
 	return p.doApply(req)
 }
 
