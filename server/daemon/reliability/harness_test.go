@@ -28,6 +28,7 @@ import (
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/server/admin"
 	"github.com/keyissuer/keyissuer/server/apisig"
 )
 
@@ -176,6 +177,9 @@ func (f *fixture) checkSecrets() {
 	var places []place
 	for i, p := range f.procs {
 		places = append(places, place{fmt.Sprintf("daemon %d's log", i+1), []byte(p.stderr.String())})
+		if m := p.scrape.String(); m != "" {
+			places = append(places, place{fmt.Sprintf("daemon %d's metrics and status", i+1), []byte(m)})
+		}
 	}
 	for _, name := range []string{f.audit, f.dbPath, f.ledger} {
 		if b, err := os.ReadFile(name); err == nil {
@@ -209,7 +213,9 @@ type proc struct {
 	stderr *syncBuffer
 	events chan string // the child's stdout: "crash <point>", "paused <point> <id>"
 	api    string      // applyPublicKey URL
+	admin  string      // the admin listener's URL
 	socket string
+	scrape syncBuffer // what the admin listener served, for the secret scans
 	exited chan struct{}
 	err    error // the exit status, once exited
 
@@ -286,6 +292,7 @@ func (f *fixture) start(env ...string) (*proc, error) {
 			if json.Unmarshal([]byte(line), &m) == nil && m["msg"] == "serving" {
 				p.api, _ = m["api"].(string)
 				p.socket, _ = m["decrypt_socket"].(string)
+				p.admin, _ = m["admin"].(string)
 				p.apiClient = &http.Client{Timeout: hangLimit}
 				p.sockClient = &http.Client{Timeout: hangLimit, Transport: &http.Transport{
 					DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -349,9 +356,11 @@ func (p *proc) kill() {
 	}
 }
 
-// stop sends SIGTERM and requires an orderly exit.
+// stop scrapes the admin listener for the secret scans, then sends SIGTERM
+// and requires an orderly exit.
 func (p *proc) stop() {
 	p.t.Helper()
+	p.scrapeAdmin()
 	p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.exited:
@@ -360,6 +369,26 @@ func (p *proc) stop() {
 		}
 	case <-time.After(hangLimit):
 		p.t.Fatalf("the daemon did not stop within %s of SIGTERM", hangLimit)
+	}
+}
+
+// scrapeAdmin keeps what the admin listener serves: metrics and status.
+func (p *proc) scrapeAdmin() {
+	if p.admin == "" {
+		return
+	}
+	c := &http.Client{Timeout: hangLimit}
+	for _, path := range []string{admin.MetricsPath, admin.StatusPath} {
+		resp, err := c.Get(p.admin + path)
+		if err != nil {
+			p.t.Errorf("scraping %s: %v", path, err)
+			continue
+		}
+		if resp.StatusCode != http.StatusOK {
+			p.t.Errorf("scraping %s: HTTP %d", path, resp.StatusCode)
+		}
+		io.Copy(&p.scrape, resp.Body)
+		resp.Body.Close()
 	}
 }
 
