@@ -3,6 +3,7 @@ package issuer
 import (
 	"context"
 	"errors"
+	"runtime"
 	"time"
 
 	"github.com/keyissuer/keyissuer/hsm"
@@ -26,7 +27,17 @@ func newPool(size int) *pool {
 }
 
 // generate keeps the pool full until ctx is done.
+//
+// Refilling is background work, and on a software token such as SoftHSM it
+// burns the CPU that requests need (a key is 100–200 ms of it): so each
+// generator keeps an OS thread of its own, which the token's calls run on,
+// at a lower scheduling priority. Requests then go first, and the pool
+// fills with the CPU they leave; an idle machine fills it as fast as
+// before. The thread ends with the goroutine, never unlocked, so no other
+// goroutine inherits its priority.
 func (is *Issuer) generate(ctx context.Context) {
+	runtime.LockOSThread()
+	lowerThreadPriority()
 	var backoff time.Duration
 	for {
 		select {

@@ -1,0 +1,43 @@
+package issuer
+
+import (
+	"runtime"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// niceOfThread runs fn on a thread of its own, locked for the rest of the
+// goroutine's life, and returns that thread's nice value afterwards.
+func niceOfThread(fn func(), hold <-chan struct{}) <-chan int {
+	out := make(chan int, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		fn()
+		p, _ := unix.Getpriority(unix.PRIO_PROCESS, unix.Gettid())
+		out <- 20 - p // getpriority returns 20 - nice
+		<-hold
+	}()
+	return out
+}
+
+func TestLowerThreadPriority(t *testing.T) {
+	hold := make(chan struct{})
+	defer close(hold)
+	base, err := unix.Getpriority(unix.PRIO_PROCESS, unix.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if 20-base >= generatorNice {
+		t.Skipf("the test runs at nice %d already", 20-base)
+	}
+	lowered := <-niceOfThread(lowerThreadPriority, hold)
+	// Both goroutines hold their threads, so this one runs on another.
+	other := <-niceOfThread(func() {}, hold)
+	if lowered != generatorNice {
+		t.Errorf("generator thread: nice %d, want %d", lowered, generatorNice)
+	}
+	if other != 20-base {
+		t.Errorf("another thread: nice %d, want it untouched at %d", other, 20-base)
+	}
+}
