@@ -35,6 +35,31 @@ test:
 	$(GO) vet $(PKGS)
 	$(GO) test -race -count=1 -timeout 15m $(PKGS)
 
+# The long runs of the reliability suite (RELIABILITY.md); `make test` runs
+# their fast parts. `make fuzz` runs every fuzz target (each `func Fuzz...` in
+# a _test.go file) for FUZZTIME; `make test` runs only their seed corpora
+# in testdata/fuzz. A crasher lands in its package's testdata/fuzz/<target>/:
+# commit it as a regression seed. `make soak` runs the crash harness for
+# SOAK_CYCLES kill-and-restart cycles and SOAK_CYCLES/10 token outages;
+# CRASH_SEED=n replays the kills of a logged seed.
+FUZZTIME    ?= 1m
+FUZZFLAGS   ?=
+SOAK_CYCLES ?= 300
+
+.PHONY: fuzz soak
+fuzz:
+	@set -e; for file in $$(grep -rl --include='*_test.go' --exclude-dir=.git '^func Fuzz' .); do \
+		for target in $$(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' $$file); do \
+			echo "+ $(GO) test -run='^$$' -fuzz='^$$target\$$' -fuzztime=$(FUZZTIME) $(FUZZFLAGS) $$(dirname $$file)"; \
+			$(GO) test -run='^$$' -fuzz="^$$target\$$" -fuzztime=$(FUZZTIME) $(FUZZFLAGS) $$(dirname $$file); \
+		done; \
+	done
+
+soak:
+	@command -v softhsm2-util >/dev/null || ./softhsm-setup.sh
+	SOAK_CYCLES=$(SOAK_CYCLES) $(GO) test -race -count=1 -timeout 0 -v \
+		-run '^(TestCrashCycles|TestTokenOutage)$$' ./server/daemon/reliability/
+
 lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
