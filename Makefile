@@ -60,6 +60,26 @@ soak:
 	SOAK_CYCLES=$(SOAK_CYCLES) $(GO) test -race -count=1 -timeout 0 -v \
 		-run '^(TestCrashCycles|TestTokenOutage)$$' ./server/daemon/reliability/
 
+# `make bench` measures keyissuer against the token's own limits, each
+# comparison side by side in one run (cmd/keyissuer-bench; BENCHMARKS.md):
+# a fresh SoftHSM token in a temp dir, real keyissuerd processes, a table on
+# stdout and bench-results/<time>.json. About 12 minutes at BENCH_SCALE=1 on
+# 2 cores, most of it SoftHSM filling key pools, untimed; BENCH_SCALE=0.3 is
+# a quick look, 3 a steadier one. `make bench-micro` runs the Go
+# micro-benchmarks of the hot functions.
+BENCH_SCALE ?= 1
+
+.PHONY: bench bench-micro
+bench:
+	@command -v softhsm2-util >/dev/null || ./softhsm-setup.sh
+	$(GO) build -trimpath -o $(BIN)/ ./cmd/keyissuerd ./cmd/keyissuer-bench
+	$(GO) build -trimpath -tags pprof -o $(BIN)/keyissuerd-pprof ./cmd/keyissuerd
+	$(BIN)/keyissuer-bench -scale $(BENCH_SCALE) -keyissuerd $(BIN)/keyissuerd \
+		-keyissuerd-pprof $(BIN)/keyissuerd-pprof -out bench-results
+
+bench-micro:
+	$(GO) test -run '^$$' -bench . -benchmem ./hsm/rsapad ./issuer/store ./server/...
+
 lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi

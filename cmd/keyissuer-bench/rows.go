@@ -1,0 +1,793 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"math/big"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/server/apisig"
+)
+
+// tokenSessions is keyissuerd's token.sessions in the benchmark's
+// configuration: at most that many token calls run at once.
+const tokenSessions = 8
+
+// sizes are the benchmark's dimensions at a given BENCH_SCALE. At scale 1
+// the token's key generation (some 7 keys/s on 2 cores) dominates: pools
+// are sized for ~400 s of untimed generation in all, so that `make bench`
+// ends within 15 minutes.
+type sizes struct {
+	Runs        int           // repetitions of each side-by-side comparison
+	GenWarm     time.Duration // rows 1 and 6: untimed lead-in of each window
+	GenWindow   time.Duration // row 1: the counted window
+	ScaleRuns   int           // row 6: repetitions at 1 and 4 sessions
+	ScaleWindow time.Duration // row 6: the counted window
+	Apply       map[int]int   // row 2: requests per run by concurrency
+	Decrypts    int           // row 3: decrypts per run
+	Outstanding int           // row 4: outstanding keys
+	Records     int           // row 5: records in the big store
+	P50         int           // row 5: applies and decrypts per run
+	Profile     int           // the profile pass: requests per profile
+}
+
+var (
+	applyConcurrency   = []int{1, 16, 64}
+	decryptConcurrency = []int{1, 8}
+)
+
+func sizesFor(scale float64, runs int) sizes {
+	n := func(base int, least int) int { return max(least, int(float64(base)*scale+0.5)) }
+	d := func(base time.Duration, least time.Duration) time.Duration {
+		return max(least, time.Duration(float64(base)*scale))
+	}
+	s := sizes{
+		Runs:        runs,
+		GenWarm:     d(2*time.Second, 500*time.Millisecond),
+		GenWindow:   d(10*time.Second, time.Second),
+		ScaleRuns:   max(1, runs-1),
+		ScaleWindow: d(6*time.Second, time.Second),
+		Apply:       map[int]int{1: n(100, 4), 16: n(120, 32), 64: n(160, 128)},
+		Decrypts:    n(40, 8),
+		Outstanding: n(1000, 10),
+		Records:     n(1_000_000, 1000),
+		P50:         n(30, 5),
+		Profile:     n(160, 16),
+	}
+	s.Outstanding = min(s.Outstanding, 1000)
+	s.Records = min(s.Records, 1_000_000)
+	return s
+}
+
+// rowKeygen measures rows 1 and 6: applies per second when every apply
+// waits for a fresh key, against a raw C_GenerateKeyPair loop with the same
+// number of sessions, at 2 (row 1: the default) and at 1 and 4 generators.
+func (b *bench) rowKeygen(ctx context.Context, withScaling bool) {
+	gens := []int{2}
+	if withScaling {
+		gens = []int{2, 1, 4}
+	}
+	kis := map[int][]float64{}
+	raw := map[int][]float64{}
+	var notes []string
+	runsOf := func(g int) int {
+		if g == 2 {
+			return b.sz.Runs
+		}
+		return b.sz.ScaleRuns
+	}
+	for r := range b.sz.Runs {
+		for gi, g := range gens {
+			if r >= runsOf(g) {
+				continue
+			}
+			window := b.sz.GenWindow
+			if g != 2 {
+				window = b.sz.ScaleWindow
+			}
+			measureKIS := func() error {
+				d, err := b.startDaemon(ctx, daemonSpec{Name: fmt.Sprintf("gen%d", g), PoolSize: g, Generators: g})
+				if err != nil {
+					return err
+				}
+				defer d.stop()
+				if err := b.waitPool(ctx, d); err != nil {
+					return err
+				}
+				workers := 2*g + 2 // always one apply waiting for each generator
+				if err := d.client.warmConnections(ctx, d.api, d.apiURL, workers); err != nil {
+					return err
+				}
+				// Signed inside the loop: at 7 applies/s the client's
+				// signatures cost next to nothing.
+				run := timedRun(ctx, workers, b.sz.GenWarm, window, func(ctx context.Context, _, _ int) error {
+					_, err := d.applyNow(ctx)
+					return err
+				})
+				if run.Errors > 0 {
+					notes = append(notes, fmt.Sprintf("%d generators: %d applies failed: %v", g, run.Errors, run.FirstErr))
+				}
+				kis[g] = append(kis[g], run.PerSecond())
+				b.progress("  keyissuer, %d generators: %.2f applies/s (%d in %s)", g, run.PerSecond(), run.Ops, window)
+				return nil
+			}
+			measureRaw := func() error {
+				run, err := b.raw.keygen(ctx, g, b.sz.GenWarm, window)
+				if err != nil {
+					return err
+				}
+				raw[g] = append(raw[g], run.PerSecond())
+				b.progress("  raw C_GenerateKeyPair, %d sessions: %.2f keys/s (%d in %s)", g, run.PerSecond(), run.Ops, window)
+				return nil
+			}
+			b.progress("rows 1/6: key generation, %d session(s), run %d/%d", g, r+1, runsOf(g))
+			if err := b.sideBySide(r+gi, measureKIS, measureRaw); err != nil {
+				b.fail("1", err)
+				return
+			}
+		}
+	}
+	row1 := ratioRow("1", "sustained issuance: applies/s over HTTP, every apply waiting for a fresh key (2 generators)",
+		"raw C_GenerateKeyPair loop, 2 sessions", "/s", kis[2], raw[2], 0.90, true)
+	row1.Notes = notes
+	b.add(row1)
+	if !withScaling {
+		return
+	}
+	curve := map[string]any{}
+	best, bestRate := 0, 0.0
+	for _, g := range []int{1, 2, 4} {
+		k, r := summarize(kis[g]), summarize(raw[g])
+		curve[strconv.Itoa(g)] = map[string]any{"keyissuer": k, "raw": r, "ratio": summarize(ratios(kis[g], raw[g]))}
+		if k.Median > bestRate*1.05 { // more generators only for a clear gain
+			best, bestRate = g, k.Median
+		}
+	}
+	row6 := row{
+		ID:     "6",
+		What:   "key generation scaling: keys/s with 1, 2 and 4 generators",
+		Target: "report the curve; choose the default",
+		Detail: map[string]any{"curve": curve, "bestGenerators": best},
+	}
+	for _, g := range []int{1, 2, 4} {
+		k, r := summarize(kis[g]), summarize(raw[g])
+		row6.Cells = append(row6.Cells, fmt.Sprintf("%d: %.1f vs raw %.1f (%.0f%%)", g, k.Median, r.Median,
+			100*summarize(ratios(kis[g], raw[g])).Median))
+	}
+	row6.Verdict = "REPORT"
+	row6.Short = fmt.Sprintf("best: %d generators (the default is 2)", best)
+	if best != 2 {
+		row6.Short += fmt.Sprintf("; %d measured %.0f%% of the best", 2, 100*summarize(kis[2]).Median/bestRate)
+	}
+	b.add(row6)
+}
+
+// rowApply measures row 2, warm-pool applies at concurrency 1, 16 and 64
+// against a bare net/http handler serving a canned response of the same
+// size, and then row 4, the daemon's peak RSS.
+func (b *bench) rowApply(ctx context.Context, withRSS bool) {
+	pool := 0
+	for _, n := range b.sz.Apply {
+		pool = max(pool, n)
+	}
+	b.progress("row 2: warm-pool applies (pool of %d keys; %d requests per run at concurrency 1, 16, 64)",
+		pool, b.sz.Apply[1]+b.sz.Apply[16]+b.sz.Apply[64])
+	d, err := b.startDaemon(ctx, daemonSpec{Name: "apply", PoolSize: pool, Generators: 2})
+	if err != nil {
+		b.fail("2", err)
+		return
+	}
+	defer d.stop()
+	if err := b.waitPool(ctx, d); err != nil {
+		b.fail("2", err)
+		return
+	}
+	sr, err := b.client.request()
+	if err != nil {
+		b.fail("2", err)
+		return
+	}
+	_, body, hdr, err := b.client.post(ctx, d.api, d.apiURL, sr)
+	if err != nil {
+		b.fail("2", err)
+		return
+	}
+	answer := canned{Header: http.Header{}, Body: body}
+	for _, k := range []string{"Content-Type", "Cache-Control", "Client-Id", "Response-Time", "Signature"} {
+		if v := hdr.Values(k); len(v) > 0 {
+			answer.Header[k] = v
+		}
+	}
+	bare, bareURL, stopBare, err := b.startBare(ctx, answer)
+	if err != nil {
+		b.fail("2", err)
+		return
+	}
+	defer stopBare()
+	signKey, err := b.raw.signer(signingLabel)
+	if err != nil {
+		b.fail("2", err)
+		return
+	}
+	signed := len(apisig.Content(http.MethodPost, applyPath, b.client.id, hdr.Get("Response-Time"), body))
+
+	kisRate, bareRate, signRate := map[int][]float64{}, map[int][]float64{}, map[int][]float64{}
+	kisLat, bareLat := map[int][]time.Duration{}, map[int][]time.Duration{}
+	var notes []string
+	for r := range b.sz.Runs {
+		for ci, c := range applyConcurrency {
+			n := b.sz.Apply[c]
+			reqs, err := b.client.requests(ctx, n) // untimed; the bare handler gets the same
+			if err != nil {
+				b.fail("2", err)
+				return
+			}
+			measureKIS := func() error {
+				if err := b.waitPool(ctx, d); err != nil {
+					return err
+				}
+				if err := d.client.warmConnections(ctx, d.api, d.apiURL, c); err != nil {
+					return err
+				}
+				run := countedRun(ctx, c, n, func(ctx context.Context, _, i int) error {
+					_, err := d.apply(ctx, reqs[i])
+					return err
+				})
+				if run.Errors > 0 {
+					notes = append(notes, fmt.Sprintf("c=%d: %d applies failed: %v", c, run.Errors, run.FirstErr))
+				}
+				kisRate[c] = append(kisRate[c], run.PerSecond())
+				kisLat[c] = append(kisLat[c], run.Latencies...)
+				return nil
+			}
+			measureBare := func() error {
+				if err := b.client.warmConnections(ctx, bare, bareURL, c); err != nil {
+					return err
+				}
+				run := countedRun(ctx, c, n, func(ctx context.Context, _, i int) error {
+					ar, _, _, err := b.client.post(ctx, bare, bareURL, reqs[i])
+					if err == nil && ar.Result.ResultCode != "SUCCESS" {
+						err = errBadResponse
+					}
+					return err
+				})
+				if run.Errors > 0 {
+					return fmt.Errorf("bare handler: %d errors: %w", run.Errors, run.FirstErr)
+				}
+				bareRate[c] = append(bareRate[c], run.PerSecond())
+				bareLat[c] = append(bareLat[c], run.Latencies...)
+				return nil
+			}
+			measureSign := func() error {
+				run, err := b.raw.sign(ctx, min(c, tokenSessions), n, signKey, signed)
+				if err != nil {
+					return err
+				}
+				signRate[c] = append(signRate[c], run.PerSecond())
+				return nil
+			}
+			if err := b.sideBySide(r+ci, measureKIS, measureBare, measureSign); err != nil {
+				b.fail("2", err)
+				return
+			}
+			b.progress("  run %d/%d, c=%d: keyissuer %.0f/s, bare %.0f/s, token C_Sign %.0f/s (%d requests each)", r+1, b.sz.Runs, c,
+				last(kisRate[c]), last(bareRate[c]), last(signRate[c]), n)
+		}
+	}
+	for _, c := range applyConcurrency {
+		rw := ratioRow(fmt.Sprintf("2 c=%d", c), fmt.Sprintf("warm-pool apply, concurrency %d: requests/s", c),
+			"bare net/http handler, canned response of the same size", "/s", kisRate[c], bareRate[c], 0.40, true)
+		ceiling := summarize(signRate[c])
+		vsCeiling := summarize(ratios(kisRate[c], signRate[c]))
+		rw.Detail = map[string]any{
+			"requestsPerRun":  b.sz.Apply[c],
+			"keyissuer":       latencies(kisLat[c]),
+			"bare":            latencies(bareLat[c]),
+			"tokenSignPerSec": ceiling,
+			"ofTokenCeiling":  vsCeiling,
+		}
+		rw.Notes = append(rw.Notes,
+			fmt.Sprintf("latency keyissuer %s; bare %s", latencyText(kisLat[c]), latencyText(bareLat[c])),
+			fmt.Sprintf("every answer is signed in the token: raw C_Sign on %d session(s) ran at %.0f/s in the same runs, so keyissuer reached %.0f%% of the token's signing ceiling",
+				min(c, tokenSessions), ceiling.Median, 100*vsCeiling.Median))
+		if c == 64 {
+			rw.Notes = append(rw.Notes, notes...)
+		}
+		b.add(rw)
+	}
+	p99 := percentile(kisLat[64], 99)
+	lat := row{ID: "2 p99", What: "warm-pool apply, concurrency 64: p99 latency", Target: "≤ 10 ms",
+		Cells: []string{fmt.Sprintf("%.2f ms (%d samples)", ms(p99), len(kisLat[64]))}}
+	lat.judge(p99 <= 10*time.Millisecond, fmt.Sprintf("%.2f ms over", ms(p99)-10))
+	b.add(lat)
+
+	if !withRSS {
+		return
+	}
+	b.rowRSS(ctx, d)
+}
+
+// rowRSS is row 4: the apply daemon's peak RSS once it holds the target's
+// outstanding keys, and its full pool.
+func (b *bench) rowRSS(ctx context.Context, d *daemon) {
+	h, err := d.health(ctx)
+	if err != nil {
+		b.fail("4", err)
+		return
+	}
+	if short := b.sz.Outstanding - h.OutstandingKeys; short > 0 {
+		b.progress("row 4: applying %d more keys to reach %d outstanding (untimed)", short, b.sz.Outstanding)
+		for short > 0 {
+			n := min(short, d.spec.PoolSize)
+			if _, err := d.applyMany(ctx, n, 8); err != nil {
+				b.fail("4", err)
+				return
+			}
+			short -= n
+		}
+	}
+	if err := b.waitPool(ctx, d); err != nil {
+		b.fail("4", err)
+		return
+	}
+	if h, err = d.health(ctx); err != nil {
+		b.fail("4", err)
+		return
+	}
+	rss, err := d.peakRSS()
+	if err != nil {
+		b.fail("4", err)
+		return
+	}
+	const limit = 64 << 20
+	rw := row{
+		ID:     "4",
+		What:   fmt.Sprintf("peak RSS (VmHWM) of keyissuerd with %d outstanding keys and a %d-key pool", h.OutstandingKeys, h.PoolReady),
+		Target: "≤ 64 MiB",
+		Cells:  []string{fmt.Sprintf("%.1f MiB", float64(rss)/(1<<20))},
+		Detail: map[string]any{"vmHWMBytes": rss, "outstanding": h.OutstandingKeys, "pool": h.PoolReady},
+	}
+	if h.PoolReady > 64 {
+		rw.Notes = append(rw.Notes, fmt.Sprintf("measured on row 2's daemon: its pool holds %d keys, more than the target's 64, so the figure is an upper bound", h.PoolReady))
+	}
+	if h.OutstandingKeys < 1000 {
+		rw.Verdict = "n/a"
+		rw.Short = fmt.Sprintf("only %d outstanding keys at this BENCH_SCALE", h.OutstandingKeys)
+	} else {
+		rw.judge(rss <= limit, fmt.Sprintf("%.1f MiB over", float64(rss-limit)/(1<<20)))
+	}
+	b.add(rw)
+}
+
+// rowDecrypt is row 3: decrypt and destroy over the Unix socket against raw
+// C_Decrypt and two C_DestroyObject, at concurrency 1 and 8, in session and
+// token storage.
+func (b *bench) rowDecrypt(ctx context.Context) {
+	material, err := keyMaterial(4)
+	if err != nil {
+		b.fail("3", err)
+		return
+	}
+	n := b.sz.Decrypts
+	for _, storage := range []string{"session", "token"} {
+		b.progress("row 3: decrypt + destroy, %s storage (%d decrypts per run, pool of %d)", storage, n, n+1)
+		d, err := b.startDaemon(ctx, daemonSpec{Name: "decrypt-" + storage, Storage: storage, PoolSize: n + 1, Generators: 2})
+		if err != nil {
+			b.fail("3", err)
+			return
+		}
+		mech := decryptMechanism(d.paddingMethod())
+		kisRate, rawRate := map[int][]float64{}, map[int][]float64{}
+		kisLat, rawLat := map[int][]time.Duration{}, map[int][]time.Duration{}
+		for r := range b.sz.Runs {
+			for ci, c := range decryptConcurrency {
+				measureKIS := func() error {
+					if err := b.waitPool(ctx, d); err != nil {
+						return err
+					}
+					keys, err := d.applyMany(ctx, n+1, 8)
+					if err != nil {
+						return err
+					}
+					if err := b.waitPool(ctx, d); err != nil { // the refill the applies started
+						return err
+					}
+					countedRun(ctx, c, c, func(ctx context.Context, _, _ int) error { _, err := d.health(ctx); return err })
+					if err := d.decrypt(ctx, keys[0]); err != nil { // warm-up, untimed
+						return err
+					}
+					run := countedRun(ctx, c, n, func(ctx context.Context, _, i int) error {
+						return d.decrypt(ctx, keys[1+i])
+					})
+					if run.Errors > 0 {
+						return fmt.Errorf("keyissuer decrypts: %d errors: %w", run.Errors, run.FirstErr)
+					}
+					kisRate[c] = append(kisRate[c], run.PerSecond())
+					kisLat[c] = append(kisLat[c], run.Latencies...)
+					return nil
+				}
+				measureRaw := func() error {
+					keys, err := b.raw.importKeys(n+1, storage == "token", material)
+					if err != nil {
+						return err
+					}
+					if _, err := b.raw.decryptDestroy(ctx, 1, keys[:1], mech); err != nil { // warm-up
+						return err
+					}
+					run, err := b.raw.decryptDestroy(ctx, c, keys[1:], mech)
+					if err != nil {
+						return err
+					}
+					rawRate[c] = append(rawRate[c], run.PerSecond())
+					rawLat[c] = append(rawLat[c], run.Latencies...)
+					return nil
+				}
+				if err := b.sideBySide(r+ci, measureKIS, measureRaw); err != nil {
+					d.stop()
+					b.fail("3", err)
+					return
+				}
+				b.progress("  run %d/%d, c=%d: keyissuer %.0f/s, raw %.0f/s", r+1, b.sz.Runs, c, last(kisRate[c]), last(rawRate[c]))
+			}
+		}
+		d.stop()
+		for _, c := range decryptConcurrency {
+			rw := ratioRow(fmt.Sprintf("3 %s c=%d", storage, c),
+				fmt.Sprintf("decrypt + destroy over the socket, %s storage, concurrency %d: decrypts/s", storage, c),
+				"raw C_Decrypt + 2 × C_DestroyObject", "/s", kisRate[c], rawRate[c], 0.70, true)
+			rw.Detail = map[string]any{"decryptsPerRun": n, "keyissuer": latencies(kisLat[c]), "raw": latencies(rawLat[c])}
+			rw.Notes = append(rw.Notes, fmt.Sprintf("latency keyissuer %s; raw %s", latencyText(kisLat[c]), latencyText(rawLat[c])))
+			b.add(rw)
+		}
+	}
+}
+
+// rowBigStore is row 5: apply and decrypt p50 at concurrency 1 with a
+// million records in the store against an empty store, two daemons side by
+// side.
+func (b *bench) rowBigStore(ctx context.Context) {
+	dir := filepath.Join(b.tmp, "bigstore")
+	path := filepath.Join(dir, "keyissuer.db")
+	start := time.Now()
+	if err := b.makeStore(ctx, path, b.sz.Records); err != nil {
+		b.fail("5", err)
+		return
+	}
+	fi, _ := os.Stat(path)
+	b.progress("  store of %d records: %.0f MiB, written in %s (untimed)", b.sz.Records, float64(fi.Size())/(1<<20), time.Since(start).Round(time.Second))
+	n := b.sz.P50
+	empty, err := b.startDaemon(ctx, daemonSpec{Name: "store-empty", PoolSize: n, Generators: 2})
+	if err != nil {
+		b.fail("5", err)
+		return
+	}
+	defer empty.stop()
+	big, err := b.startDaemon(ctx, daemonSpec{Name: "store-1m", PoolSize: n, Generators: 2, StorePath: path})
+	if err != nil {
+		b.fail("5", err)
+		return
+	}
+	defer big.stop()
+	b.progress("  keyissuerd started in %s on the empty store, %s on the big one (open and reconciliation)",
+		empty.StartedIn.Round(time.Millisecond), big.StartedIn.Round(time.Millisecond))
+
+	type side struct {
+		d                *daemon
+		apply, decrypt   []float64 // p50 per run, ms
+		applyL, decryptL []time.Duration
+	}
+	sides := []*side{{d: empty}, {d: big}}
+	for r := range b.sz.Runs {
+		order := sides
+		if r%2 == 1 {
+			order = []*side{sides[1], sides[0]}
+		}
+		for _, s := range order {
+			if err := b.waitPool(ctx, empty, big); err != nil {
+				b.fail("5", err)
+				return
+			}
+			if err := s.d.client.warmConnections(ctx, s.d.api, s.d.apiURL, 1); err != nil {
+				b.fail("5", err)
+				return
+			}
+			reqs, err := b.client.requests(ctx, n)
+			if err != nil {
+				b.fail("5", err)
+				return
+			}
+			keys := make([]issuedKey, n)
+			run := countedRun(ctx, 1, n, func(ctx context.Context, _, i int) error {
+				k, err := s.d.apply(ctx, reqs[i])
+				keys[i] = k
+				return err
+			})
+			if run.Errors > 0 {
+				b.fail("5", run.FirstErr)
+				return
+			}
+			s.apply = append(s.apply, ms(percentile(run.Latencies, 50)))
+			s.applyL = append(s.applyL, run.Latencies...)
+			for i := range keys {
+				if err := keys[i].encrypt(); err != nil {
+					b.fail("5", err)
+					return
+				}
+			}
+			if err := b.waitPool(ctx, empty, big); err != nil {
+				b.fail("5", err)
+				return
+			}
+			if _, err := s.d.health(ctx); err != nil {
+				b.fail("5", err)
+				return
+			}
+			run = countedRun(ctx, 1, n, func(ctx context.Context, _, i int) error { return s.d.decrypt(ctx, keys[i]) })
+			if run.Errors > 0 {
+				b.fail("5", run.FirstErr)
+				return
+			}
+			s.decrypt = append(s.decrypt, ms(percentile(run.Latencies, 50)))
+			s.decryptL = append(s.decryptL, run.Latencies...)
+		}
+		b.progress("  run %d/%d: apply p50 %.2f ms (1M) vs %.2f ms (empty); decrypt p50 %.2f vs %.2f ms", r+1, b.sz.Runs,
+			last(sides[1].apply), last(sides[0].apply), last(sides[1].decrypt), last(sides[0].decrypt))
+	}
+	for _, m := range []struct {
+		name       string
+		big, empty []float64
+		bl, el     []time.Duration
+	}{
+		{"apply", sides[1].apply, sides[0].apply, sides[1].applyL, sides[0].applyL},
+		{"decrypt", sides[1].decrypt, sides[0].decrypt, sides[1].decryptL, sides[0].decryptL},
+	} {
+		rw := ratioRow("5 "+m.name, fmt.Sprintf("%s p50 at concurrency 1 with %d records in the store: ms", m.name, b.sz.Records),
+			"the same on an empty store", " ms", m.big, m.empty, 1.20, false)
+		rw.Detail = map[string]any{"records": b.sz.Records, "perRun": n,
+			"bigStore": latencies(m.bl), "emptyStore": latencies(m.el),
+			"startup": map[string]string{"empty": empty.StartedIn.String(), "big": big.StartedIn.String()}}
+		rw.Notes = append(rw.Notes, fmt.Sprintf("keyissuerd start-up (token open, store open, reconciliation): %s with the big store, %s empty",
+			big.StartedIn.Round(time.Millisecond), empty.StartedIn.Round(time.Millisecond)))
+		if b.sz.Records < 1_000_000 {
+			rw.Verdict, rw.Short = "n/a", fmt.Sprintf("only %d records at this BENCH_SCALE", b.sz.Records)
+		}
+		b.add(rw)
+	}
+}
+
+// makeStore writes n finished records, closed over the last 20 days (inside
+// the default retention, so the reaper prunes none), directly with the store
+// package. Ids are generated sorted, and closing times rise with them, so
+// that both the records and the closed index load by appending.
+func (b *bench) makeStore(ctx context.Context, path string, n int) error {
+	b.progress("row 5: writing a store of %d records (untimed)", n)
+	st, err := store.Open(path, store.Options{})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = randomID(32)
+	}
+	slices.Sort(ids)
+	ids = slices.Compact(ids)
+	now := time.Now().UTC()
+	span := 20 * 24 * time.Hour
+	states := []store.State{store.Consumed, store.Consumed, store.Consumed, store.Consumed, store.Consumed,
+		store.Consumed, store.Consumed, store.Consumed, store.Expired, store.Lost}
+	const batch = 50_000
+	last := time.Now()
+	for i := 0; i < len(ids); i += batch {
+		recs := make([]store.Record, 0, batch)
+		for j := i; j < min(i+batch, len(ids)); j++ {
+			closed := now.Add(-span + time.Duration(float64(span)*float64(j)/float64(len(ids))))
+			issued := closed.Add(-time.Duration(j%600) * time.Second)
+			recs = append(recs, store.Record{
+				UniqueID:   ids[j],
+				Salt:       randomID(12),
+				CustomerID: "21" + strconv.FormatInt(int64(8000000000000000+j), 10)[:14],
+				State:      states[j%len(states)],
+				IssuedAt:   issued,
+				ExpiresAt:  issued.Add(10 * time.Minute),
+				ClosedAt:   closed,
+			})
+		}
+		if err := st.Import(ctx, recs); err != nil {
+			return err
+		}
+		if time.Since(last) > 10*time.Second {
+			last = time.Now()
+			b.progress("  %d/%d records", i+len(recs), len(ids))
+		}
+	}
+	return nil
+}
+
+const idAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+func randomID(n int) string {
+	out := make([]byte, n)
+	max := big.NewInt(int64(len(idAlphabet)))
+	for i := range out {
+		v, _ := rand.Int(rand.Reader, max)
+		out[i] = idAlphabet[v.Int64()]
+	}
+	return string(out)
+}
+
+// profilePass profiles the daemon (a pprof build) under the loads of rows 2
+// and 3: applies at concurrency 64 and decrypts at 1 and 8. Its figures are
+// not published, as profiling at a high rate slows the daemon.
+func (b *bench) profilePass(ctx context.Context) {
+	if b.pprofBin == "" {
+		return
+	}
+	n := b.sz.Profile
+	b.progress("profiles: keyissuerd under load (pool of %d keys)", n)
+	d, err := b.startDaemon(ctx, daemonSpec{Name: "profile", PoolSize: n, Generators: 2, Profile: true})
+	if err != nil {
+		b.note("profile pass failed: %v", err)
+		return
+	}
+	defer d.stop()
+	profDir := filepath.Join(b.runDir, "profiles")
+	os.MkdirAll(profDir, 0o755)
+	profile := func(name string, load func() loadRun) {
+		path := filepath.Join(profDir, name+".pprof")
+		stop, err := d.cpuProfile(ctx, 2000, path)
+		if err != nil {
+			b.note("profile %s: %v", name, err)
+			return
+		}
+		run := load()
+		if err := stop(); err != nil {
+			b.note("profile %s: %v", name, err)
+			return
+		}
+		b.progress("  %s: %d ops, %.0f/s under the profiler, p50 %.2f ms -> %s", name, run.Ops, run.PerSecond(),
+			ms(percentile(run.Latencies, 50)), path)
+		b.profiles = append(b.profiles, path)
+		if top, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=30", b.pprofBin, path).Output(); err == nil {
+			os.WriteFile(filepath.Join(profDir, name+".top.txt"), top, 0o644)
+		}
+	}
+	if err := b.waitPool(ctx, d); err != nil {
+		b.note("profile pass failed: %v", err)
+		return
+	}
+	if err := d.client.warmConnections(ctx, d.api, d.apiURL, 64); err != nil {
+		b.note("profile pass failed: %v", err)
+		return
+	}
+	reqs, err := b.client.requests(ctx, n)
+	if err != nil {
+		b.note("profile pass failed: %v", err)
+		return
+	}
+	profile("apply-c64", func() loadRun {
+		return countedRun(ctx, 64, n, func(ctx context.Context, _, i int) error { _, err := d.apply(ctx, reqs[i]); return err })
+	})
+	for _, c := range decryptConcurrency {
+		if err := b.waitPool(ctx, d); err != nil {
+			b.note("profile pass failed: %v", err)
+			return
+		}
+		keys, err := d.applyMany(ctx, n, 8)
+		if err != nil {
+			b.note("profile pass failed: %v", err)
+			return
+		}
+		if err := b.waitPool(ctx, d); err != nil {
+			b.note("profile pass failed: %v", err)
+			return
+		}
+		profile(fmt.Sprintf("decrypt-c%d", c), func() loadRun {
+			return countedRun(ctx, c, n, func(ctx context.Context, _, i int) error { return d.decrypt(ctx, keys[i]) })
+		})
+	}
+}
+
+// startBare runs the bare handler of row 2 as a child process of this
+// binary and returns a client and URL for it.
+func (b *bench) startBare(ctx context.Context, answer canned) (*http.Client, string, func(), error) {
+	path := filepath.Join(b.tmp, "canned.json")
+	js, err := json.Marshal(answer)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	if err := os.WriteFile(path, js, 0o600); err != nil {
+		return nil, "", nil, err
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, "", nil, err
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	cmd := exec.Command(b.selfBin, "-bare-listen", addr, "-bare-response", path)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, "", nil, err
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	stop := func() {
+		cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	}
+	c := &http.Client{Timeout: time.Minute, Transport: &http.Transport{MaxIdleConns: 256, MaxIdleConnsPerHost: 256, IdleConnTimeout: time.Minute}}
+	url := "http://" + addr + applyPath
+	sr, err := b.client.rejected()
+	if err != nil {
+		stop()
+		return nil, "", nil, err
+	}
+	for i := 0; ; i++ {
+		if _, _, _, err := b.client.post(ctx, c, url, sr); err == nil {
+			break
+		}
+		if i > 200 {
+			stop()
+			return nil, "", nil, fmt.Errorf("the bare handler did not answer on %s", addr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return c, url, stop, nil
+}
+
+// sideBySide runs the measurements of one comparison back to back,
+// rotating which goes first from one run to the next, so that a drift in
+// the machine's load favours no side.
+func (b *bench) sideBySide(turn int, measures ...func() error) error {
+	for i := range measures {
+		if err := measures[(turn+i)%len(measures)](); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func last(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	return v[len(v)-1]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+type latencySummary struct {
+	Samples int     `json:"samples"`
+	P50     float64 `json:"p50Ms"`
+	P99     float64 `json:"p99Ms"`
+	P999    float64 `json:"p999Ms"`
+	Max     float64 `json:"maxMs"`
+}
+
+func latencies(ds []time.Duration) latencySummary {
+	return latencySummary{Samples: len(ds), P50: ms(percentile(ds, 50)), P99: ms(percentile(ds, 99)),
+		P999: ms(percentile(ds, 99.9)), Max: ms(percentile(ds, 100))}
+}
+
+func latencyText(ds []time.Duration) string {
+	l := latencies(ds)
+	s := fmt.Sprintf("p50 %.2f / p99 %.2f / p99.9 %.2f ms", l.P50, l.P99, l.P999)
+	if l.Samples < 1000 {
+		s += fmt.Sprintf(" (%d samples: p99.9 is the max)", l.Samples)
+	}
+	return s
+}
