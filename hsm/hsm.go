@@ -358,11 +358,28 @@ func (t *Token) vet(err error) error {
 
 // healthy asks the token for its info: cheap, no session needed, and it
 // fails when the token is gone (a device error, a network HSM out of
-// reach, SoftHSM's token directory missing).
+// reach, SoftHSM's token directory missing). A failure is asked again
+// twice, a moment apart, before it counts: SoftHSM fails C_GetTokenInfo
+// now and then while another process logs in to the token (pkcs11-tool,
+// another daemon on the same token), which is no outage.
 func (t *Token) healthy() error {
-	_, err := t.mod.ctx.GetTokenInfo(uint(t.slot.Load()))
+	var err error
+	for i := range healthTries {
+		if i > 0 {
+			time.Sleep(healthRetry)
+		}
+		if _, err = t.mod.ctx.GetTokenInfo(uint(t.slot.Load())); err == nil {
+			return nil
+		}
+	}
 	return err
 }
+
+// A token is unhealthy when healthTries checks, healthRetry apart, fail.
+const (
+	healthTries = 3
+	healthRetry = 25 * time.Millisecond
+)
 
 // enter admits a call: at once while the token is up; while it is down,
 // only the one call that tries to recover it, once the backoff has passed.

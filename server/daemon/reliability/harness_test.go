@@ -149,7 +149,28 @@ format = "json"
 		t.Fatal(err)
 	}
 	t.Cleanup(f.checkSecrets)
+	t.Cleanup(f.dumpOnFailure)
 	return f
+}
+
+// dumpOnFailure logs the warnings and errors of the fixture's daemons when
+// the test failed.
+func (f *fixture) dumpOnFailure() {
+	if !f.t.Failed() {
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, p := range f.procs {
+		n := 0
+		for _, line := range strings.Split(p.stderr.String(), "\n") {
+			if strings.Contains(line, `"level":"WARN"`) || strings.Contains(line, `"level":"ERROR"`) {
+				if n++; n <= 40 {
+					f.t.Logf("daemon %d: %s", i+1, line)
+				}
+			}
+		}
+	}
 }
 
 // password returns a fresh password, remembered as a secret that must

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -254,4 +255,32 @@ func waitEvent(t testing.TB, p *proc, want string) {
 			t.Fatalf("no %q within %s", want, hangLimit)
 		}
 	}
+}
+
+// Regression: another process logging in to the token (pkcs11-tool, as the
+// README's walk-through does, or a second daemon) made SoftHSM fail the
+// daemon's C_GetTokenInfo now and then, and a single failure marked the
+// token down: a false outage, with applies refused, decrypts answered 503
+// and, in token storage, a module reset. The health check now asks again
+// before it counts a failure.
+func TestAnotherProcessOnTheTokenIsNoOutage(t *testing.T) {
+	f := newFixture(t, fixtureConfig{
+		storage: "token", poolSize: 2, generators: 1,
+		ttl: "1m", reap: "100ms", applyWait: "1s",
+	})
+	p := f.mustStart()
+	lists := 0
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); lists++ {
+		f.tokenObjects() // C_Initialize, C_Login, C_FindObjects, C_Finalize
+		if lists%10 == 0 {
+			if h, st, err := p.health(); err != nil || st != http.StatusOK {
+				t.Fatalf("after %d logins by another process: health %d %+v %v", lists, st, h, err)
+			}
+		}
+	}
+	p.stop()
+	if strings.Contains(p.stderr.String(), `"msg":"token down"`) {
+		t.Errorf("the daemon took %d logins by another process for an outage", lists)
+	}
+	t.Logf("%d logins by another process, no outage", lists)
 }
