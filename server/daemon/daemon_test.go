@@ -160,7 +160,8 @@ func start(t *testing.T, cfgPath string, env ...string) *child {
 	t.Helper()
 	c := &child{t: t, stderr: &syncBuffer{}, claims: make(chan string, 16), done: make(chan error, 1)}
 	c.cmd = exec.Command(os.Args[0], "-test.run=^$")
-	c.cmd.Env = append(os.Environ(), append(env, childEnv+"="+cfgPath)...)
+	// A race-built child otherwise sleeps a second at every clean exit.
+	c.cmd.Env = append(os.Environ(), append(env, childEnv+"="+cfgPath, "GORACE=atexit_sleep_ms=0")...)
 	c.cmd.Stderr = c.stderr
 	stdout, err := c.cmd.StdoutPipe()
 	if err != nil {
