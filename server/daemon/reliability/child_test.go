@@ -228,8 +228,8 @@ func (t *faultToken) DestroyObject(ctx context.Context, o hsm.Object) error {
 	return t.Token.DestroyObject(ctx, o)
 }
 
-// faultStore wraps the daemon's record store with fault points: "create"
-// and "to-<state>" for each transition.
+// faultStore wraps the daemon's record store with fault points: "create",
+// "to-<state>" for each transition, "settle-<state>" for each settled one.
 type faultStore struct {
 	issuer.Store
 	f *faults
@@ -238,6 +238,13 @@ type faultStore struct {
 func (s *faultStore) Create(ctx context.Context, r store.Record) error {
 	s.f.crash.at("create")
 	return s.Store.Create(ctx, r)
+}
+
+// Settle queues a record's last move and returns at once: "settle-<state>"
+// arms the kill as it is queued, so that it lands around its commit.
+func (s *faultStore) Settle(id string, from, to store.State, at time.Time) {
+	s.f.crash.at("settle-" + string(to))
+	s.Store.Settle(id, from, to, at)
 }
 
 func (s *faultStore) Transition(ctx context.Context, id string, from, to store.State, at time.Time) (store.Record, error) {

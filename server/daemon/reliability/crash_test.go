@@ -38,18 +38,19 @@ var crashPoints = []struct {
 	point  string
 	jitter time.Duration
 }{
-	{"random", 0},                          // the parent kills at a random instant
-	{"generate", 250 * time.Millisecond},   // inside C_GenerateKeyPair
-	{"create", 3 * time.Millisecond},       // inside the commit of a new record
-	{"to-consuming", 3 * time.Millisecond}, // inside the claim's commit
-	{"claim", 2 * time.Millisecond},        // between the claim and the token's decrypt
-	{"decrypt", 3 * time.Millisecond},      // inside the token's decrypt
-	{"decrypted", 0},                       // decrypted, not yet destroyed or answered
-	{"destroy", 3 * time.Millisecond},      // inside the destroy of the two halves
-	{"destroyed", 0},                       // destroyed, record not yet consumed
-	{"to-consumed", 3 * time.Millisecond},  // inside the final commit
-	{"to-expired", 3 * time.Millisecond},   // inside the reaper's commit
-	{"reconcile", 2 * time.Millisecond},    // inside start-up reconciliation
+	{"random", 0},                             // the parent kills at a random instant
+	{"generate", 250 * time.Millisecond},      // inside C_GenerateKeyPair
+	{"create", 3 * time.Millisecond},          // inside the commit of a new record
+	{"to-consuming", 3 * time.Millisecond},    // inside the claim's commit
+	{"claim", 2 * time.Millisecond},           // between the claim and the token's decrypt
+	{"decrypt", 3 * time.Millisecond},         // inside the token's decrypt
+	{"decrypted", 0},                          // decrypted, not yet destroyed or answered
+	{"destroy", 3 * time.Millisecond},         // inside the destroy of the two halves
+	{"destroyed", 0},                          // destroyed, record not yet consumed
+	{"settle-consumed", 5 * time.Millisecond}, // around the final, queued commit
+	{"to-consumed", 3 * time.Millisecond},     // inside start-up reconciliation's or the reaper's commit
+	{"to-expired", 3 * time.Millisecond},      // inside the reaper's commit
+	{"reconcile", 2 * time.Millisecond},       // inside start-up reconciliation
 }
 
 // crashKey is a key the harness holds, and what it knows of its fate.

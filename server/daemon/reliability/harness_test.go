@@ -275,6 +275,8 @@ func (f *fixture) start(env ...string) (*proc, error) {
 	p.cmd = exec.Command(os.Args[0], "-test.run=^$")
 	p.cmd.Env = append(os.Environ(), append(env, childEnv+"="+f.cfgPath, ledgerEnv+"="+f.ledger)...)
 	p.cmd.Stderr = p.stderr
+	// The daemon dies with the test binary, however that ends.
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdout, err := p.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
