@@ -122,6 +122,9 @@ func TestCrashCycles(t *testing.T) {
 		if t.Failed() {
 			t.Fatalf("cycle %d failed (CRASH_SEED=%d)", cycle, seed)
 		}
+		if cycle%50 == 0 {
+			t.Logf("%d cycles in %s; kills by point %v", cycle, time.Since(start).Round(time.Second), r.kills)
+		}
 	}
 	r.finish()
 	t.Logf("crash harness: %d cycles in %s; kills by point %v; %d keys issued (%d left to expire), %d applies refused (pool empty); "+

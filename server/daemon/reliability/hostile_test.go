@@ -44,7 +44,7 @@ type apiCase struct {
 	code, rstatus string
 }
 
-func apiCases() []apiCase {
+func apiCases(clientKey *rsa.PrivateKey) []apiCase {
 	const ok = `{"customerId":"2188000000000001"}`
 	deep := `{"x":` + strings.Repeat("[", 2000) + `1` + `}`
 	tooBig := `{"customerId":"2188000000000001","pad":"` + strings.Repeat("a", 4096) + `"}`
@@ -141,7 +141,8 @@ func apiCases() []apiCase {
 		}),
 		{name: "signature over another body", body: ok, signOver: `{"customerId":"2188000000000002"}`, status: 200, code: "INVALID_SIGNATURE", rstatus: "F"},
 		{name: "Request-Time an hour ago", body: ok, status: 200, code: "INVALID_SIGNATURE", rstatus: "F", mod: func(r *http.Request) {
-			resign(r, []byte(ok), time.Now().Add(-time.Hour))
+			r.Header.Del("Signature")
+			apisig.SignRequest(r, clientID, 1, clientKey, []byte(ok), time.Now().Add(-time.Hour))
 		}},
 		{name: "Request-Time missing", body: ok, status: 200, code: "PARAM_ILLEGAL", rstatus: "F", mod: func(r *http.Request) { r.Header.Del("Request-Time") }},
 		{name: "Request-Time garbage", body: ok, status: 200, code: "PARAM_ILLEGAL", rstatus: "F", mod: header("Request-Time", "yesterday")},
@@ -162,15 +163,6 @@ var rsaKey = sync.OnceValue(func() *rsa.PrivateKey {
 	return k
 })
 
-// resign signs r again at time at.
-func resign(r *http.Request, body []byte, at time.Time) {
-	r.Header.Del("Signature")
-	apisig.SignRequest(r, clientID, 1, hostileClientKey, body, at)
-}
-
-// hostileClientKey is the fixture client's key, for cases that re-sign.
-var hostileClientKey *rsa.PrivateKey
-
 // socketCase is one malformed request to the decrypt socket. body builds
 // the request from the victim key and a valid ciphertext for it.
 type socketCase struct {
@@ -183,7 +175,9 @@ type socketCase struct {
 	consumes bool // documented to consume the key: run on a key of its own
 }
 
-func socketCases() []socketCase {
+// socketCases are the socket's cases; other is a valid ciphertext under a
+// key of no key id.
+func socketCases(other []byte) []socketCase {
 	b64 := base64.StdEncoding.EncodeToString
 	req := func(id, ct string) string { return fmt.Sprintf(`{"uniqueId":%q,"ciphertext":%q}`, id, ct) }
 	param := func(name string, body func(v keyInfo, ct []byte) string) socketCase {
@@ -268,7 +262,7 @@ func socketCases() []socketCase {
 		}), status: 200, consumes: true},
 		{name: "all-zero ciphertext", body: withCT(func(keyInfo, []byte) string { return b64(make([]byte, 256)) }), status: 422, code: "DECRYPT_FAILED", consumes: true},
 		{name: "ciphertext for another key", body: withCT(func(keyInfo, []byte) string {
-			return b64(otherCiphertext)
+			return b64(other)
 		}), status: 422, code: "DECRYPT_FAILED", consumes: true},
 		{name: "a flipped bit", body: withCT(func(_ keyInfo, c []byte) string {
 			c = bytes.Clone(c)
@@ -278,9 +272,6 @@ func socketCases() []socketCase {
 	}
 }
 
-// otherCiphertext is a valid ciphertext under a key of no key id.
-var otherCiphertext []byte
-
 func TestHostileInput(t *testing.T) {
 	f := newFixture(t, fixtureConfig{
 		storage: "token", poolSize: 4, generators: 1,
@@ -289,11 +280,8 @@ func TestHostileInput(t *testing.T) {
 		extra:  "[limits]\nrate = 100000.0\nburst = 100000\n",
 		signed: true,
 	})
-	hostileClientKey = f.clientKey
 	p := f.mustStart()
-	other := rsaKey()
-	var err error
-	otherCiphertext, err = hsm.Encrypt(&other.PublicKey, hsm.OAEPSHA256, []byte("not for this key"))
+	other, err := hsm.Encrypt(&rsaKey().PublicKey, hsm.OAEPSHA256, []byte("not for this key"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -315,7 +303,7 @@ func TestHostileInput(t *testing.T) {
 
 	base := strings.TrimSuffix(p.api, publicapi.ApplyPath)
 	t.Run("api", func(t *testing.T) {
-		for _, tc := range apiCases() {
+		for _, tc := range apiCases(f.clientKey) {
 			t.Run(tc.name, func(t *testing.T) {
 				method, path, ctype := tc.method, tc.path, tc.ctype
 				if method == "" {
@@ -357,7 +345,7 @@ func TestHostileInput(t *testing.T) {
 
 	t.Run("socket", func(t *testing.T) {
 		ct := seal(t, victim, victimPW)
-		for _, tc := range socketCases() {
+		for _, tc := range socketCases(other) {
 			t.Run(tc.name, func(t *testing.T) {
 				k, pw := victim, victimPW
 				c := ct
@@ -409,7 +397,7 @@ func TestHostileInput(t *testing.T) {
 		}
 	})
 	slow.Wait()
-	tried += len(apiCases()) + len(socketCases())
+	tried += len(apiCases(f.clientKey)) + len(socketCases(other))
 
 	// The victim went through every case and still decrypts, once.
 	if res, err := p.decrypt(victim.UniqueID, seal(t, victim, victimPW)); err != nil || res.status != 200 || res.password != victimPW {
