@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer/store"
 )
 
@@ -217,4 +218,56 @@ func (m *memStore) Prune(context.Context, time.Time, int) (int, error) { return 
 
 func (m *memStore) Settle(id string, from, to store.State, at time.Time) {
 	m.Transition(context.Background(), id, from, to, at)
+}
+
+// destroyProbe runs during, if set, inside every Destroy, before the
+// fake's.
+type destroyProbe struct {
+	*fakeToken
+	mu     sync.Mutex
+	during func()
+}
+
+func (d *destroyProbe) Destroy(ctx context.Context, k *hsm.Key) error {
+	d.mu.Lock()
+	if d.during != nil {
+		d.during()
+	}
+	d.mu.Unlock()
+	return d.fakeToken.Destroy(ctx, k)
+}
+
+// Regression: while the reaper retried the failed destroys it had taken
+// off the queue, Stats (health's pendingDestroys, the metrics) said none
+// was pending. Found by the reliability suite's outage test, which saw 0
+// pending destroys while one was failing every reaper pass.
+func TestPendingDestroysCountedWhileRetried(t *testing.T) {
+	h := newHarness(t, nil)
+	probe := &destroyProbe{fakeToken: h.tok}
+	h.is.cfg.Token = probe
+	h.start(t)
+	iss := h.apply(t)
+	h.tok.set(func(f *fakeToken) { f.failDestroy = errors.New("injected") })
+	if _, err := h.is.Decrypt(context.Background(), iss.UniqueID, seal(t, iss.PublicKey, "pw", iss.Salt)); err != nil {
+		t.Fatal(err)
+	}
+	if n := h.is.Stats().PendingDestroys; n != 1 {
+		t.Fatalf("after a failed destroy: %d pending, want 1", n)
+	}
+	var during []int
+	probe.mu.Lock()
+	probe.during = func() { during = append(during, h.is.Stats().PendingDestroys) }
+	probe.mu.Unlock()
+	h.is.Reap(context.Background()) // fails again
+	h.tok.set(func(f *fakeToken) { f.failDestroy = nil })
+	h.is.Reap(context.Background()) // succeeds
+	probe.mu.Lock()
+	defer probe.mu.Unlock()
+	probe.during = nil
+	if len(during) != 2 || during[0] != 1 || during[1] != 1 {
+		t.Errorf("pending destroys seen during the retries: %v, want [1 1]", during)
+	}
+	if n := h.is.Stats().PendingDestroys; n != 0 {
+		t.Errorf("after the retry succeeded: %d pending, want 0", n)
+	}
 }

@@ -161,12 +161,13 @@ type Issuer struct {
 	log  *slog.Logger
 	pool *pool
 
-	mu      sync.Mutex
-	keys    map[string]*hsm.Key // issued, not yet claimed
-	pending []pendingDestroy    // destroys to retry
-	tally   tally               // outstanding keys by holder (quota.go)
-	lost    []string            // ids reported lost by the token
-	kick    chan struct{}       // wakes the maintenance loop
+	mu       sync.Mutex
+	keys     map[string]*hsm.Key // issued, not yet claimed
+	pending  []pendingDestroy    // destroys to retry
+	retrying int                 // pending destroys the reaper is retrying
+	tally    tally               // outstanding keys by holder (quota.go)
+	lost     []string            // ids reported lost by the token
+	kick     chan struct{}       // wakes the maintenance loop
 
 	stats stats
 }
@@ -663,9 +664,13 @@ func (is *Issuer) Reap(ctx context.Context) {
 	is.mu.Lock()
 	retry := is.pending
 	is.pending = nil
+	is.retrying += len(retry) // still pending while they are retried
 	is.mu.Unlock()
 	for _, p := range retry {
 		is.destroy(ctx, p.k, p.why)
+		is.mu.Lock()
+		is.retrying--
+		is.mu.Unlock()
 	}
 
 	if n, err := is.cfg.Store.Prune(ctx, now.Add(-is.cfg.Retention), reapBatch); err != nil {
@@ -689,7 +694,7 @@ type Stats struct {
 // Stats returns a snapshot.
 func (is *Issuer) Stats() Stats {
 	is.mu.Lock()
-	out, pend := len(is.keys), len(is.pending)
+	out, pend := len(is.keys), len(is.pending)+is.retrying
 	is.mu.Unlock()
 	return Stats{
 		PoolReady:       len(is.pool.ready),
