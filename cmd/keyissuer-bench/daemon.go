@@ -389,6 +389,36 @@ func (d *daemon) cpuProfile(ctx context.Context, hz int, path string) (func() er
 	}, nil
 }
 
+// trace writes an execution trace of the next d of the daemon (a pprof
+// build) to path.
+func (d *daemon) trace(ctx context.Context, span time.Duration, path string) error {
+	if d.pprofURL == "" {
+		return errors.New("not a profiling daemon")
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet,
+		fmt.Sprintf("%s/debug/pprof/trace?seconds=%g", d.pprofURL, span.Seconds()), nil)
+	if err != nil {
+		return err
+	}
+	resp, err := d.api.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("trace: HTTP %d", resp.StatusCode)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
 func freePort() (int, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -23,9 +23,13 @@ import (
 const tokenSessions = 8
 
 // sizes are the benchmark's dimensions at a given BENCH_SCALE. At scale 1
-// the token's key generation (some 7 keys/s on 2 cores) dominates: pools
-// are sized for ~400 s of untimed generation in all, so that `make bench`
-// ends within 15 minutes.
+// the token's key generation (some 7 keys/s on 2 cores) dominates: rows 1
+// and 6 generate for about 2.5 minutes, and the pools of rows 2, 3 and 5 and
+// of the profiles take some 2,200 keys, about 5 minutes of untimed
+// generation, so that `make bench` ends within 15 minutes. Row 2's runs
+// are as long as their pool allows: 70, 110 and 160 requests at
+// concurrency 1, 16 and 64, 1,020 keys over 3 runs, which also gives row 4
+// its 1,000 outstanding keys.
 type sizes struct {
 	Runs        int           // repetitions of each side-by-side comparison
 	GenWarm     time.Duration // rows 1 and 6: untimed lead-in of each window
@@ -53,15 +57,15 @@ func sizesFor(scale float64, runs int) sizes {
 	s := sizes{
 		Runs:        runs,
 		GenWarm:     d(2*time.Second, 500*time.Millisecond),
-		GenWindow:   d(10*time.Second, time.Second),
+		GenWindow:   d(12*time.Second, time.Second),
 		ScaleRuns:   max(1, runs-1),
 		ScaleWindow: d(6*time.Second, time.Second),
-		Apply:       map[int]int{1: n(100, 4), 16: n(120, 32), 64: n(160, 128)},
+		Apply:       map[int]int{1: n(70, 4), 16: n(110, 32), 64: n(160, 128)},
 		Decrypts:    n(40, 8),
 		Outstanding: n(1000, 10),
 		Records:     n(1_000_000, 1000),
 		P50:         n(30, 5),
-		Profile:     n(160, 16),
+		Profile:     n(100, 16),
 	}
 	s.Outstanding = min(s.Outstanding, 1000)
 	s.Records = min(s.Records, 1_000_000)
@@ -626,8 +630,12 @@ func randomID(n int) string {
 }
 
 // profilePass profiles the daemon (a pprof build) under the loads of rows 2
-// and 3: applies at concurrency 64 and decrypts at 1 and 8. Its figures are
-// not published, as profiling at a high rate slows the daemon.
+// and 3: applies at concurrency 1 and 64, decrypts at 1 and 8. Each gets a
+// CPU profile, sampled at 2 kHz as the runs are short, and an execution
+// trace of its first second, from which the time spent blocked in system
+// calls (fsync) and on locks and channels is drawn: what a CPU profile
+// cannot show. Its figures are not published, as profiling slows the
+// daemon.
 func (b *bench) profilePass(ctx context.Context) {
 	if b.pprofBin == "" {
 		return
@@ -641,7 +649,10 @@ func (b *bench) profilePass(ctx context.Context) {
 	}
 	defer d.stop()
 	profDir := filepath.Join(b.runDir, "profiles")
-	os.MkdirAll(profDir, 0o755)
+	if err := os.MkdirAll(profDir, 0o755); err != nil {
+		b.note("profile pass failed: %v", err)
+		return
+	}
 	profile := func(name string, load func() loadRun) {
 		path := filepath.Join(profDir, name+".pprof")
 		stop, err := d.cpuProfile(ctx, 2000, path)
@@ -649,40 +660,57 @@ func (b *bench) profilePass(ctx context.Context) {
 			b.note("profile %s: %v", name, err)
 			return
 		}
+		tracePath := filepath.Join(profDir, name+".trace")
+		traced := make(chan error, 1)
+		go func() { traced <- d.trace(ctx, time.Second, tracePath) }()
 		run := load()
 		if err := stop(); err != nil {
 			b.note("profile %s: %v", name, err)
 			return
 		}
+		if err := <-traced; err != nil {
+			b.note("trace %s: %v", name, err)
+		}
 		b.progress("  %s: %d ops, %.0f/s under the profiler, p50 %.2f ms -> %s", name, run.Ops, run.PerSecond(),
 			ms(percentile(run.Latencies, 50)), path)
-		b.profiles = append(b.profiles, path)
-		if top, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=30", b.pprofBin, path).Output(); err == nil {
-			os.WriteFile(filepath.Join(profDir, name+".top.txt"), top, 0o644)
-		}
+		b.profiles = append(b.profiles, path, tracePath)
+		b.summarizeProfile(profDir, name)
 	}
-	if err := b.waitPool(ctx, d); err != nil {
-		b.note("profile pass failed: %v", err)
-		return
+	waitApply := func(count int) ([]signedRequest, bool) {
+		if err := b.waitPool(ctx, d); err != nil {
+			b.note("profile pass failed: %v", err)
+			return nil, false
+		}
+		reqs, err := b.client.requests(ctx, count)
+		if err != nil {
+			b.note("profile pass failed: %v", err)
+			return nil, false
+		}
+		return reqs, true
 	}
 	if err := d.client.warmConnections(ctx, d.api, d.apiURL, 64); err != nil {
 		b.note("profile pass failed: %v", err)
 		return
 	}
-	reqs, err := b.client.requests(ctx, n)
-	if err != nil {
-		b.note("profile pass failed: %v", err)
-		return
+	for _, c := range []int{1, 64} {
+		count := n
+		if c == 1 {
+			count = n / 2
+		}
+		reqs, ok := waitApply(count)
+		if !ok {
+			return
+		}
+		profile(fmt.Sprintf("apply-c%d", c), func() loadRun {
+			return countedRun(ctx, c, count, func(ctx context.Context, _, i int) error { _, err := d.apply(ctx, reqs[i]); return err })
+		})
 	}
-	profile("apply-c64", func() loadRun {
-		return countedRun(ctx, 64, n, func(ctx context.Context, _, i int) error { _, err := d.apply(ctx, reqs[i]); return err })
-	})
 	for _, c := range decryptConcurrency {
 		if err := b.waitPool(ctx, d); err != nil {
 			b.note("profile pass failed: %v", err)
 			return
 		}
-		keys, err := d.applyMany(ctx, n, 8)
+		keys, err := d.applyMany(ctx, n/2, 8)
 		if err != nil {
 			b.note("profile pass failed: %v", err)
 			return
@@ -692,8 +720,32 @@ func (b *bench) profilePass(ctx context.Context) {
 			return
 		}
 		profile(fmt.Sprintf("decrypt-c%d", c), func() loadRun {
-			return countedRun(ctx, c, n, func(ctx context.Context, _, i int) error { return d.decrypt(ctx, keys[i]) })
+			return countedRun(ctx, c, len(keys), func(ctx context.Context, _, i int) error { return d.decrypt(ctx, keys[i]) })
 		})
+	}
+}
+
+// summarizeProfile writes the top of a CPU profile and of the blocking
+// profiles drawn from its trace, as text, with the go command if there is
+// one.
+func (b *bench) summarizeProfile(dir, name string) {
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		return
+	}
+	top := func(profile, out string) {
+		if txt, err := exec.Command(gobin, "tool", "pprof", "-top", "-nodecount=40", b.pprofBin, profile).Output(); err == nil {
+			os.WriteFile(out, txt, 0o644)
+		}
+	}
+	top(filepath.Join(dir, name+".pprof"), filepath.Join(dir, name+".cpu.txt"))
+	for _, kind := range []string{"syscall", "sync"} {
+		prof := filepath.Join(dir, name+"."+kind+".pprof")
+		out, err := exec.Command(gobin, "tool", "trace", "-pprof="+kind, filepath.Join(dir, name+".trace")).Output()
+		if err != nil || os.WriteFile(prof, out, 0o644) != nil {
+			continue
+		}
+		top(prof, filepath.Join(dir, name+"."+kind+".txt"))
 	}
 }
 
