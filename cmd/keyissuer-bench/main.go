@@ -158,19 +158,23 @@ func run(ctx context.Context, o options) (*results, error) {
 		return nil, err
 	}
 
-	if want["1"] || want["6"] {
-		b.rowKeygen(ctx, want["6"])
+	for _, step := range []struct {
+		on bool
+		fn func()
+	}{
+		{want["1"] || want["6"], func() { b.rowKeygen(ctx, want["6"]) }},
+		{want["2"] || want["4"], func() { b.rowApply(ctx, want["4"]) }},
+		{want["3"], func() { b.rowDecrypt(ctx) }},
+		{want["5"], func() { b.rowBigStore(ctx) }},
+		{true, func() { b.profilePass(ctx) }},
+	} {
+		if err := ctx.Err(); err != nil {
+			return nil, err // interrupted: no table
+		}
+		if step.on {
+			step.fn()
+		}
 	}
-	if want["2"] || want["4"] {
-		b.rowApply(ctx, want["4"])
-	}
-	if want["3"] {
-		b.rowDecrypt(ctx)
-	}
-	if want["5"] {
-		b.rowBigStore(ctx)
-	}
-	b.profilePass(ctx)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
-	"math/big"
 	"net/http"
 	"os"
 	"os/exec"
@@ -581,6 +580,9 @@ func (b *bench) makeStore(ctx context.Context, path string, n int) error {
 	defer st.Close()
 	ids := make([]string, n)
 	for i := range ids {
+		if i%10000 == 0 && ctx.Err() != nil {
+			return ctx.Err()
+		}
 		ids[i] = randomID(32)
 	}
 	slices.Sort(ids)
@@ -619,12 +621,18 @@ func (b *bench) makeStore(ctx context.Context, path string, n int) error {
 
 const idAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
+// randomID returns n characters of [A-Za-z0-9], without modulo bias, like
+// keyissuer's uniqueIds and salts.
 func randomID(n int) string {
-	out := make([]byte, n)
-	max := big.NewInt(int64(len(idAlphabet)))
-	for i := range out {
-		v, _ := rand.Int(rand.Reader, max)
-		out[i] = idAlphabet[v.Int64()]
+	out := make([]byte, 0, n)
+	buf := make([]byte, n+n/2)
+	for len(out) < n {
+		rand.Read(buf)
+		for _, c := range buf {
+			if c < 248 && len(out) < n { // 248 = 4*62
+				out = append(out, idAlphabet[c%62])
+			}
+		}
 	}
 	return string(out)
 }
