@@ -40,11 +40,13 @@ test:
 # a _test.go file) for FUZZTIME; `make test` runs only their seed corpora
 # in testdata/fuzz. A crasher lands in its package's testdata/fuzz/<target>/:
 # commit it as a regression seed. `make soak` runs the crash harness for
-# SOAK_CYCLES kill-and-restart cycles and SOAK_CYCLES/10 token outages;
-# CRASH_SEED=n replays the kills of a logged seed.
+# SOAK_CYCLES kill-and-restart cycles, SOAK_CYCLES/10 token outages and
+# SOAK_STORMS storms of injected token faults; CRASH_SEED=n replays the
+# kills of a logged seed.
 FUZZTIME    ?= 1m
 FUZZFLAGS   ?=
 SOAK_CYCLES ?= 300
+SOAK_STORMS ?= 10
 
 .PHONY: fuzz soak
 fuzz:
@@ -59,6 +61,7 @@ soak:
 	@command -v softhsm2-util >/dev/null || ./softhsm-setup.sh
 	SOAK_CYCLES=$(SOAK_CYCLES) $(GO) test -race -count=1 -timeout 0 -v \
 		-run '^(TestCrashCycles|TestTokenOutage)$$' ./server/daemon/reliability/
+	$(GO) test -race -count=$(SOAK_STORMS) -v -run '^TestIssuerUnderTokenFaults$$' ./issuer/
 
 # `make bench` measures keyissuer against the token's own limits, each
 # comparison side by side in one run (cmd/keyissuer-bench; BENCHMARKS.md):

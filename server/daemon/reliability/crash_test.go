@@ -129,7 +129,7 @@ func TestCrashCycles(t *testing.T) {
 	r.finish()
 	t.Logf("crash harness: %d cycles in %s; kills by point %v; %d keys issued (%d left to expire), %d applies refused (pool empty); "+
 		"%d decrypts succeeded, %d refused; after kills: %d orphaned pool keys, %d claims cut short, "+
-		"%d half-destroyed pairs, %d answers lost; %d keys expired; 0 double decrypts, 0 leaked objects, 0 lost records",
+		"%d half-destroyed pairs, %d answers lost; %d answered KEY_EXPIRED; 0 double decrypts, 0 leaked objects, 0 lost records",
 		cycles, time.Since(start).Round(time.Second), r.kills, r.applies, r.abandoned, r.applyRefusals,
 		r.decryptOK, r.decryptRefused, r.orphans, r.claimsCut, r.halfDestroyed, r.interruptedReplies, r.expiredSeen)
 }
@@ -516,6 +516,8 @@ func (r *crashRun) finish() {
 		}
 		r.decryptRight(p, id)
 	}
+	time.Sleep(500 * time.Millisecond) // two reaper passes: what expired is destroyed
+	stopped := time.Now()
 	p.stop()
 
 	r.mu.Lock()
@@ -529,6 +531,9 @@ func (r *crashRun) finish() {
 			issued[rec.UniqueID] = true
 			if objs[rec.UniqueID] != 2 {
 				t.Errorf("LOST KEY: %s is issued and has %d objects", rec.UniqueID, objs[rec.UniqueID])
+			}
+			if rec.ExpiresAt.Before(stopped.Add(-time.Second)) {
+				t.Errorf("%s expired at %s and was not reaped before the stop at %s", rec.UniqueID, rec.ExpiresAt, stopped)
 			}
 		case store.Consuming:
 			t.Errorf("%s is still consuming after a restart and an orderly stop", rec.UniqueID)
