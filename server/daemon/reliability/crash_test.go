@@ -127,6 +127,9 @@ func TestCrashCycles(t *testing.T) {
 		}
 	}
 	r.finish()
+	if t.Failed() {
+		t.Fatalf("the last restart or the orderly stop failed (CRASH_SEED=%d)", seed)
+	}
 	t.Logf("crash harness: %d cycles in %s; kills by point %v; %d keys issued (%d left to expire), %d applies refused (pool empty); "+
 		"%d decrypts succeeded, %d refused; after kills: %d orphaned pool keys, %d claims cut short, "+
 		"%d half-destroyed pairs, %d answers lost; %d answered KEY_EXPIRED; 0 double decrypts, 0 leaked objects, 0 lost records",
@@ -151,7 +154,7 @@ func (r *crashRun) cycle(n int) {
 	p, err := r.f.start(env...)
 	switch {
 	case errors.Is(err, errExited) && r.planned(p):
-		r.kills[plan]++ // killed in start-up reconciliation
+		r.kills[plan]++ // killed as it started: reconciliation, the first generations
 		r.afterKill(p)
 		return
 	case err != nil:

@@ -148,9 +148,36 @@ format = "json"
 	if err := os.WriteFile(f.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(f.clearToken) // runs last, once every daemon is dead
 	t.Cleanup(f.checkSecrets)
 	t.Cleanup(f.dumpOnFailure)
 	return f
+}
+
+// clearToken destroys what the fixture's daemons left in the binary's
+// shared token (issued keys, in token storage), so that the tests after it
+// list a token as small as it was.
+func (f *fixture) clearToken() {
+	ctx := context.Background()
+	tok, err := hsm.Open(ctx, hsm.Config{
+		Module: f.soft.Module, TokenLabel: f.soft.Label, PIN: f.soft.PIN,
+		Storage: hsm.StorageToken, LabelPrefix: f.prefix, Sessions: 2,
+	})
+	if err != nil {
+		f.t.Errorf("opening the token to clear it: %v", err)
+		return
+	}
+	defer tok.Close()
+	objs, err := tok.List(ctx)
+	if err != nil {
+		f.t.Errorf("listing the token to clear it: %v", err)
+		return
+	}
+	for _, o := range objs {
+		if err := tok.DestroyObject(ctx, o); err != nil {
+			f.t.Errorf("clearing the token: %v", err)
+		}
+	}
 }
 
 // dumpOnFailure logs the warnings and errors of the fixture's daemons when
