@@ -26,20 +26,23 @@ run: export SOFTHSM2_CONF := $(CURDIR)/.softhsm/softhsm2.conf
 run: build softhsm
 	$(BIN)/keyissuerd -config $(CONFIG)
 
-# Every test with the race detector. Integration tests make their own SoftHSM
-# tokens in a temp dir (hsm/hsmtest); the dev token is not touched.
+# Every test with the race detector, then every fuzz target for a few
+# seconds (TEST_FUZZTIME; 0 skips it). Integration tests make their own
+# SoftHSM tokens in a temp dir (hsm/hsmtest); the dev token is not touched.
 # On a machine without SoftHSM, softhsm-setup.sh installs it (as root) or
 # says how.
+TEST_FUZZTIME ?= 3s
 test:
 	@command -v softhsm2-util >/dev/null || ./softhsm-setup.sh
 	$(GO) vet $(PKGS)
 	$(GO) test -race -count=1 -timeout 15m $(PKGS)
+	@if [ "$(TEST_FUZZTIME)" != 0 ]; then $(MAKE) --no-print-directory fuzz FUZZTIME=$(TEST_FUZZTIME); fi
 
 # The long runs of the reliability suite (RELIABILITY.md); `make test` runs
 # their fast parts. `make fuzz` runs every fuzz target (each `func Fuzz...` in
-# a _test.go file) for FUZZTIME; `make test` runs only their seed corpora
-# in testdata/fuzz. A crasher lands in its package's testdata/fuzz/<target>/:
-# commit it as a regression seed. `make soak` runs the crash harness for
+# a _test.go file) for FUZZTIME; `make test` runs their seed corpora (in
+# testdata/fuzz) and then each target for TEST_FUZZTIME. A crasher lands
+# in its package's testdata/fuzz/<target>/: commit it as a regression seed. `make soak` runs the crash harness for
 # SOAK_CYCLES kill-and-restart cycles, SOAK_CYCLES/10 token outages and
 # SOAK_STORMS storms of injected token faults; CRASH_SEED=n replays the
 # kills of a logged seed.
