@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/miekg/pkcs11"
 )
@@ -374,10 +375,7 @@ func (t *Token) List(ctx context.Context) ([]Object, error) {
 				return err
 			}
 			for _, h := range hs {
-				attrs, err := t.mod.ctx.GetAttributeValue(s.h, h, []*pkcs11.Attribute{
-					pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
-					pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil),
-				})
+				attrs, err := t.labelAndToken(s, h)
 				if err != nil {
 					if isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
 						continue // destroyed meanwhile
@@ -405,6 +403,31 @@ func (t *Token) List(ctx context.Context) ([]Object, error) {
 		return nil, fmt.Errorf("failed to list key objects: %w", err)
 	}
 	return objs, nil
+}
+
+// labelAndToken reads an object's CKA_LABEL and CKA_TOKEN. The module reads
+// an attribute in two calls, its length and then its value; an object that
+// another process (another daemon on the token, pkcs11-tool) is creating
+// meanwhile can grow in between, which SoftHSM answers with
+// CKR_BUFFER_TOO_SMALL: the read is tried again.
+func (t *Token) labelAndToken(s *session, h pkcs11.ObjectHandle) ([]*pkcs11.Attribute, error) {
+	var (
+		attrs []*pkcs11.Attribute
+		err   error
+	)
+	for try := range 5 {
+		if try > 0 {
+			time.Sleep(10 * time.Millisecond)
+		}
+		attrs, err = t.mod.ctx.GetAttributeValue(s.h, h, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil),
+		})
+		if !isRV(err, pkcs11.CKR_BUFFER_TOO_SMALL) {
+			break
+		}
+	}
+	return attrs, err
 }
 
 // DestroyObject destroys one object found by List. Gone already is fine.
