@@ -85,6 +85,7 @@ type crashRun struct {
 	halfDestroyed, claimsCut    int
 	orphans, interruptedReplies int
 	expiredSeen, abandoned      int
+	unavailable                 int
 }
 
 func TestCrashCycles(t *testing.T) {
@@ -132,9 +133,9 @@ func TestCrashCycles(t *testing.T) {
 	}
 	t.Logf("crash harness: %d cycles in %s; kills by point %v; %d keys issued (%d left to expire), %d applies refused (pool empty); "+
 		"%d decrypts succeeded, %d refused; after kills: %d orphaned pool keys, %d claims cut short, "+
-		"%d half-destroyed pairs, %d answers lost; %d answered KEY_EXPIRED; 0 double decrypts, 0 leaked objects, 0 lost records",
+		"%d half-destroyed pairs, %d answers lost; %d answered KEY_EXPIRED, %d HSM_UNAVAILABLE; 0 double decrypts, 0 leaked objects, 0 lost records",
 		cycles, time.Since(start).Round(time.Second), r.kills, r.applies, r.abandoned, r.applyRefusals,
-		r.decryptOK, r.decryptRefused, r.orphans, r.claimsCut, r.halfDestroyed, r.interruptedReplies, r.expiredSeen)
+		r.decryptOK, r.decryptRefused, r.orphans, r.claimsCut, r.halfDestroyed, r.interruptedReplies, r.expiredSeen, r.unavailable)
 }
 
 // cycle starts the daemon with a crash planned, drives it until it dies
@@ -321,8 +322,8 @@ func (r *crashRun) decryptConcurrently(p *proc, id string, n int) {
 			mu.Lock()
 			defer mu.Unlock()
 			switch {
-			case err != nil:
-				lost++
+			case err != nil, res.status == http.StatusServiceUnavailable:
+				lost++ // no answer, or the key is untouched
 			case res.status == http.StatusOK:
 				ok++
 			case res.code == "KEY_EXPIRED":
@@ -403,6 +404,15 @@ func (r *crashRun) judge(p *proc, k *crashKey, res decryptResult, err error, wro
 		}
 		k.done = true
 		r.expiredSeen++
+	case res.status == http.StatusServiceUnavailable && res.code == "HSM_UNAVAILABLE":
+		// The key is untouched: try again later. (The harness lists the
+		// token while a daemon runs, which can cost SoftHSM a short false
+		// outage: see RELIABILITY.md.)
+		r.unavailable++
+		if !k.queued {
+			k.queued = true
+			r.pending = append(r.pending, id)
+		}
 	case res.status == http.StatusUnprocessableEntity && res.code == "DECRYPT_FAILED" && wrong:
 		k.done = true
 		r.decryptRefused++
@@ -411,7 +421,7 @@ func (r *crashRun) judge(p *proc, k *crashKey, res decryptResult, err error, wro
 			id, wrong, res.status, res.code)
 		k.done = true
 	}
-	if wrong {
+	if wrong && res.status != http.StatusServiceUnavailable {
 		k.attempted = true
 	}
 }

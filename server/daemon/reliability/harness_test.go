@@ -191,8 +191,10 @@ func (f *fixture) dumpOnFailure() {
 	for i, p := range f.procs {
 		n := 0
 		for _, line := range strings.Split(p.stderr.String(), "\n") {
-			if strings.Contains(line, `"level":"WARN"`) || strings.Contains(line, `"level":"ERROR"`) {
-				if n++; n <= 40 {
+			// Warnings, errors, and what is not a log line: a panic's trace.
+			if strings.Contains(line, `"level":"WARN"`) || strings.Contains(line, `"level":"ERROR"`) ||
+				line != "" && !strings.HasPrefix(line, "{") {
+				if n++; n <= 80 {
 					f.t.Logf("daemon %d: %s", i+1, line)
 				}
 			}

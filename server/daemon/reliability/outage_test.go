@@ -257,18 +257,26 @@ func waitEvent(t testing.TB, p *proc, want string) {
 	}
 }
 
-// Regression: another process logging in to the token (pkcs11-tool, as the
-// README's walk-through does, or a second daemon) made SoftHSM fail the
-// daemon's C_GetTokenInfo now and then, and a single failure marked the
-// token down: a false outage, with applies refused, decrypts answered 503
-// and, in token storage, a module reset. The health check now asks again
-// before it counts a failure.
+// Regression: another process logging in to the token (pkcs11-tool, as
+// the README's walk-through does) made SoftHSM fail the daemon's
+// C_GetTokenInfo now and then, and a single failure marked the token down:
+// a false outage, with applies refused, decrypts answered 503 and, in
+// token storage, a module reset. The health check now asks again before
+// it counts a failure.
+//
+// The daemon is idle here, as when an operator looks at its token. While
+// it writes to the token too (generates, destroys), SoftHSM's file store
+// still fails it now and then for longer: see RELIABILITY.md's limits.
 func TestAnotherProcessOnTheTokenIsNoOutage(t *testing.T) {
 	f := newFixture(t, fixtureConfig{
 		storage: "token", poolSize: 2, generators: 1,
 		ttl: "1m", reap: "100ms", applyWait: "1s",
 	})
 	p := f.mustStart()
+	waitFor(t, "a full pool", func() bool {
+		h, _, err := p.health()
+		return err == nil && h.PoolReady == h.PoolSize
+	})
 	lists := 0
 	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); lists++ {
 		f.tokenObjects() // C_Initialize, C_Login, C_FindObjects, C_Finalize
@@ -278,9 +286,59 @@ func TestAnotherProcessOnTheTokenIsNoOutage(t *testing.T) {
 			}
 		}
 	}
+	r, err := p.apply("")
+	if err != nil || r.code != "SUCCESS" {
+		t.Fatalf("apply after the logins: %+v, %v", r, err)
+	}
+	pw := f.password()
+	if res, err := p.decrypt(r.key.UniqueID, seal(t, r.key, pw)); err != nil || res.status != http.StatusOK || res.password != pw {
+		t.Errorf("decrypt after the logins: %+v, %v", res, err)
+	}
 	p.stop()
 	if strings.Contains(p.stderr.String(), `"msg":"token down"`) {
 		t.Errorf("the daemon took %d logins by another process for an outage", lists)
 	}
 	t.Logf("%d logins by another process, no outage", lists)
+}
+
+// Regression: listing the token while another process made keys in it
+// failed now and then with CKR_BUFFER_TOO_SMALL: SoftHSM reads an
+// attribute in two calls, and a label being written grew in between. List
+// is what start-up reconciliation runs, so a daemon starting next to
+// another on the same token could fail to start. List now reads again.
+// The daemon here makes, uses and destroys keys while this process lists.
+func TestListWhileAnotherProcessMakesKeys(t *testing.T) {
+	f := newFixture(t, fixtureConfig{
+		storage: "token", poolSize: 2, generators: 1,
+		ttl: "1m", reap: "100ms", applyWait: "1s",
+	})
+	p := f.mustStart()
+	stop := make(chan struct{})
+	var (
+		wg   sync.WaitGroup
+		used int
+	)
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			r, err := p.apply("")
+			if err != nil || r.code != "SUCCESS" {
+				continue // the pool is refilling, or the daemon met a false outage
+			}
+			p.decrypt(r.key.UniqueID, seal(t, r.key, f.password()))
+			used++
+		}
+	})
+	lists := 0
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); lists++ {
+		f.tokenObjects() // fails the test on a List error
+	}
+	close(stop)
+	wg.Wait()
+	p.kill()
+	t.Logf("%d lists while %d keys were made, used and destroyed", lists, used)
 }
