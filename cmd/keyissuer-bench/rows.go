@@ -24,8 +24,9 @@ const tokenSessions = 8
 // sizes are the benchmark's dimensions at a given BENCH_SCALE. At scale 1
 // the token's key generation (some 7 keys/s on 2 cores) dominates: rows 1
 // and 6 generate for about 2.5 minutes, and the pools of rows 2, 3 and 5 and
-// of the profiles take some 2,200 keys, about 5 minutes of untimed
-// generation, so that `make bench` ends within 15 minutes. Row 2's runs
+// of the profiles take some 1,800 keys, 4 to 7 minutes of untimed
+// generation, so that `make bench` ends within 15 minutes even on a busy
+// machine. Row 2's runs
 // are as long as their pool allows: 70, 110 and 160 requests at
 // concurrency 1, 16 and 64, 1,020 keys over 3 runs, which also gives row 4
 // its 1,000 outstanding keys.
@@ -56,15 +57,15 @@ func sizesFor(scale float64, runs int) sizes {
 	s := sizes{
 		Runs:        runs,
 		GenWarm:     d(2*time.Second, 500*time.Millisecond),
-		GenWindow:   d(12*time.Second, time.Second),
+		GenWindow:   d(10*time.Second, time.Second),
 		ScaleRuns:   max(1, runs-1),
 		ScaleWindow: d(6*time.Second, time.Second),
 		Apply:       map[int]int{1: n(70, 4), 16: n(110, 32), 64: n(160, 128)},
-		Decrypts:    n(40, 8),
+		Decrypts:    n(30, 8),
 		Outstanding: n(1000, 10),
 		Records:     n(1_000_000, 1000),
 		P50:         n(30, 5),
-		Profile:     n(100, 16),
+		Profile:     n(60, 16),
 	}
 	s.Outstanding = min(s.Outstanding, 1000)
 	s.Records = min(s.Records, 1_000_000)
@@ -639,8 +640,9 @@ func randomID(n int) string {
 
 // profilePass profiles the daemon (a pprof build) under the loads of rows 2
 // and 3: applies at concurrency 1 and 64, decrypts at 1 and 8. Each gets a
-// CPU profile, sampled at 2 kHz as the runs are short, and an execution
-// trace of its first second, from which the time spent blocked in system
+// CPU profile, sampled at 250 Hz (the kernel's tick here bounds a thread's
+// CPU-time timer: asking for more gives fewer samples than it claims), and
+// an execution trace of its first second, from which the time spent blocked in system
 // calls (fsync) and on locks and channels is drawn: what a CPU profile
 // cannot show. Its figures are not published, as profiling slows the
 // daemon.
@@ -663,7 +665,7 @@ func (b *bench) profilePass(ctx context.Context) {
 	}
 	profile := func(name string, load func() loadRun) {
 		path := filepath.Join(profDir, name+".pprof")
-		stop, err := d.cpuProfile(ctx, 2000, path)
+		stop, err := d.cpuProfile(ctx, 250, path)
 		if err != nil {
 			b.note("profile %s: %v", name, err)
 			return

@@ -11,8 +11,9 @@
 // Besides net/http/pprof's handlers it has POST /debug/cpu/start?hz=N and
 // POST /debug/cpu/stop, which return a CPU profile of exactly the span
 // between them, sampled at N Hz: the benchmark's runs last well under a
-// second, too short for the default 100 Hz. Production builds have none of
-// this.
+// second. (On Linux a thread's CPU-time timer fires at most once per kernel
+// tick, so rates above CONFIG_HZ, often 250, give fewer samples than they
+// claim.) Production builds have none of this.
 
 package main
 
