@@ -48,21 +48,8 @@ func (t *Token) ImportPrivateKey(ctx context.Context, id string, priv *rsa.Priva
 	if err != nil {
 		return nil, err
 	}
-	label := t.label(id)
-	tmpl := []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
-		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN_RECOVER, false),
-		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ID, label),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+	_, tmpl := KeyTemplates(false, t.label(id), 0)
+	tmpl = append(tmpl,
 		pkcs11.NewAttribute(pkcs11.CKA_MODULUS, priv.N.Bytes()),
 		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, big.NewInt(int64(priv.E)).Bytes()),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE_EXPONENT, d.Bytes()),
@@ -70,8 +57,7 @@ func (t *Token) ImportPrivateKey(ctx context.Context, id string, priv *rsa.Priva
 		pkcs11.NewAttribute(pkcs11.CKA_PRIME_2, q.Bytes()),
 		pkcs11.NewAttribute(pkcs11.CKA_EXPONENT_1, dp.Bytes()),
 		pkcs11.NewAttribute(pkcs11.CKA_EXPONENT_2, dq.Bytes()),
-		pkcs11.NewAttribute(pkcs11.CKA_COEFFICIENT, qinv.Bytes()),
-	}
+		pkcs11.NewAttribute(pkcs11.CKA_COEFFICIENT, qinv.Bytes()))
 	im := &Imported{tok: t, id: id, pub: &priv.PublicKey, der: der}
 	err = t.do(ctx, func(s *session) error {
 		h, err := t.mod.ctx.CreateObject(s.h, tmpl)

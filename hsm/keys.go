@@ -43,15 +43,15 @@ func (k *Key) Alive() bool {
 
 func (t *Token) label(id string) []byte { return []byte(t.cfg.LabelPrefix + id) }
 
-// Generate makes a new key pair in the token for id. The private half is
-// sensitive, never extractable and can only decrypt.
-func (t *Token) Generate(ctx context.Context, id string) (*Key, error) {
-	if id == "" {
-		return nil, errors.New("empty key id")
-	}
-	token := t.cfg.Storage == StorageToken
-	label := t.label(id)
-	pubTmpl := []*pkcs11.Attribute{
+// KeyTemplates returns the templates of a key pair as [Token.Generate]
+// makes it, labelled label (CKA_ID and CKA_LABEL): a private, sensitive,
+// non-extractable, decrypt-only private half and an encrypt-only public
+// half; token objects if token is set, else session objects. bits > 0 adds
+// what C_GenerateKeyPair needs (the modulus length, e = 65537); pass 0 for
+// C_CreateObject, which refuses CKA_MODULUS_BITS, and add the key's own
+// components. Tools and tests use it so that their keys match the daemon's.
+func KeyTemplates(token bool, label []byte, bits int) (pub, priv []*pkcs11.Attribute) {
+	pub = []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, token),
@@ -61,12 +61,15 @@ func (t *Token) Generate(ctx context.Context, id string) (*Key, error) {
 		pkcs11.NewAttribute(pkcs11.CKA_VERIFY_RECOVER, false),
 		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
 		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, t.cfg.KeyBits),
-		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}),
 		pkcs11.NewAttribute(pkcs11.CKA_ID, label),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 	}
-	privTmpl := []*pkcs11.Attribute{
+	if bits > 0 {
+		pub = append(pub,
+			pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, bits),
+			pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}))
+	}
+	priv = []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, token),
@@ -81,6 +84,17 @@ func (t *Token) Generate(ctx context.Context, id string) (*Key, error) {
 		pkcs11.NewAttribute(pkcs11.CKA_ID, label),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 	}
+	return pub, priv
+}
+
+// Generate makes a new key pair in the token for id. The private half is
+// sensitive, never extractable and can only decrypt.
+func (t *Token) Generate(ctx context.Context, id string) (*Key, error) {
+	if id == "" {
+		return nil, errors.New("empty key id")
+	}
+	token := t.cfg.Storage == StorageToken
+	pubTmpl, privTmpl := KeyTemplates(token, t.label(id), t.cfg.KeyBits)
 	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)}
 
 	var k *Key

@@ -80,41 +80,6 @@ func (r *rawToken) close() {
 
 type rawPair struct{ pub, priv pkcs11.ObjectHandle }
 
-// keygenTemplates are the attributes keyissuer's hsm.Token.Generate uses,
-// so that the token does the same work for the baseline.
-func keygenTemplates(token bool, label string) (pub, priv []*pkcs11.Attribute) {
-	id := []byte(label)
-	pub = []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, token),
-		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
-		pkcs11.NewAttribute(pkcs11.CKA_VERIFY_RECOVER, false),
-		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, id),
-	}
-	priv = []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, token),
-		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN_RECOVER, false),
-		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, id),
-	}
-	return pub, priv
-}
-
 // keygen is the baseline of rows 1 and 6: a C_GenerateKeyPair loop on
 // sessions sessions, counted in a steady-state window like keyissuer's
 // applies. The keys are destroyed afterwards, untimed.
@@ -128,10 +93,8 @@ func (r *rawToken) keygen(ctx context.Context, sessions int, warm, window time.D
 	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)}
 	run := timedRun(ctx, sessions, warm, window, func(ctx context.Context, w, i int) error {
 		s, _ := r.session(w)
-		pubT, privT := keygenTemplates(false, fmt.Sprintf("raw:%d", i))
-		pubT = append(pubT,
-			pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, keyBits),
-			pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}))
+		// The daemon's own templates: the token does the same work.
+		pubT, privT := hsm.KeyTemplates(false, fmt.Appendf(nil, "raw:%d", i), keyBits)
 		pub, priv, err := r.ctx.GenerateKeyPair(s, mech, pubT, privT)
 		if err != nil {
 			return err
@@ -170,7 +133,7 @@ func (r *rawToken) importKeys(n int, token bool, material []*rsa.PrivateKey) ([]
 	for i := range n {
 		k := material[i%len(material)]
 		label := fmt.Sprintf("raw-import:%d", i)
-		pubT, privT := keygenTemplates(token, label)
+		pubT, privT := hsm.KeyTemplates(token, []byte(label), 0)
 		be := func(x *big.Int) []byte { return x.Bytes() }
 		pubT = append(pubT,
 			pkcs11.NewAttribute(pkcs11.CKA_MODULUS, be(k.N)),
