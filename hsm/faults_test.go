@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"testing"
+
+	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 )
 
 // The fault counters follow a real outage: down once, recovered once.
@@ -13,7 +15,7 @@ func TestFaultsCountAnOutage(t *testing.T) {
 	if f := tok.Faults(); f != (Faults{}) {
 		t.Fatalf("Faults of a fresh token = %+v, want zero", f)
 	}
-	restore := moveTokenDir(t)
+	restore := hsmtest.MoveTokenDir(t)
 	if err := tok.Check(ctx); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("Check during the outage: %v, want ErrUnavailable", err)
 	}

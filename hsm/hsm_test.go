@@ -6,8 +6,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -465,26 +463,6 @@ func TestConcurrentGenerateDecryptDestroy(t *testing.T) {
 	}
 }
 
-// moveTokenDir takes the test binary's SoftHSM token directory away, as a
-// real fault would, and returns the function that brings it back.
-func moveTokenDir(t testing.TB) (restore func()) {
-	t.Helper()
-	dir := filepath.Join(filepath.Dir(os.Getenv("SOFTHSM2_CONF")), "tokens")
-	if err := os.Rename(dir, dir+".away"); err != nil {
-		t.Fatal(err)
-	}
-	var once sync.Once
-	restore = func() {
-		once.Do(func() {
-			if err := os.Rename(dir+".away", dir); err != nil {
-				t.Fatal(err)
-			}
-		})
-	}
-	t.Cleanup(restore)
-	return restore
-}
-
 // waitReady runs Check until the token has recovered.
 func waitReady(t testing.TB, tok *Token) {
 	t.Helper()
@@ -512,7 +490,7 @@ func TestTokenOutageAndRecovery(t *testing.T) {
 				t.Fatal(err)
 			}
 			ct, _ := Encrypt(k.Public, OAEPSHA256, []byte("pw"))
-			restore := moveTokenDir(t)
+			restore := hsmtest.MoveTokenDir(t)
 
 			if err := tok.Check(ctx); !errors.Is(err, ErrUnavailable) {
 				t.Fatalf("Check during the outage: %v, want ErrUnavailable", err)
@@ -570,7 +548,7 @@ func TestOutageFoundByACall(t *testing.T) {
 		t.Fatal(err)
 	}
 	ct, _ := Encrypt(k.Public, OAEPSHA1, []byte("pw"))
-	restore := moveTokenDir(t)
+	restore := hsmtest.MoveTokenDir(t)
 	if _, err := tok.Decrypt(ctx, k, OAEPSHA1, ct); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("Decrypt: %v, want ErrUnavailable", err)
 	}

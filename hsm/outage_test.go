@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"testing"
+
+	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 )
 
 // During an outage SoftHSM answers CKR_OBJECT_HANDLE_INVALID to
@@ -24,7 +26,7 @@ func TestDestroyDuringOutageIsRetried(t *testing.T) {
 		t.Fatal(err)
 	}
 	ct, _ := Encrypt(k.Public, OAEPSHA256, []byte("pw"))
-	restore := moveTokenDir(t)
+	restore := hsmtest.MoveTokenDir(t)
 
 	if err := tok.Destroy(ctx, k); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("Destroy during the outage: %v, want ErrUnavailable", err)
@@ -62,7 +64,7 @@ func TestListAndDestroyObjectDuringOutage(t *testing.T) {
 	if err != nil || len(objs) != 2 {
 		t.Fatalf("List: %v, %v; want the key's 2 objects", objs, err)
 	}
-	restore := moveTokenDir(t)
+	restore := hsmtest.MoveTokenDir(t)
 	if got, err := tok.List(ctx); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("List during the outage: %v, %v; want ErrUnavailable", got, err)
 	}

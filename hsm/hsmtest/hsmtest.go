@@ -201,6 +201,33 @@ func NewTokens(t testing.TB, n int) []Token {
 	return toks
 }
 
+// MoveTokenDir takes the test binary's SoftHSM token directory away (every
+// token [Main] made), as a real fault would, and returns the function that
+// brings it back. Cleanup brings it back if the test does not.
+func MoveTokenDir(t testing.TB) (restore func()) {
+	t.Helper()
+	mu.Lock()
+	conf := confPath
+	mu.Unlock()
+	if conf == "" {
+		t.Fatal("hsmtest: no private SoftHSM configuration: call hsmtest.Main from TestMain")
+	}
+	dir := filepath.Join(filepath.Dir(conf), "tokens")
+	if err := os.Rename(dir, dir+".away"); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	restore = func() {
+		once.Do(func() {
+			if err := os.Rename(dir+".away", dir); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	t.Cleanup(restore)
+	return restore
+}
+
 // Module returns the path of the SoftHSM2 PKCS#11 module: $SOFTHSM2_MODULE
 // if set (taken as is), else the first of Debian's paths that exists
 // (/usr/lib/softhsm/libsofthsm2.so, then

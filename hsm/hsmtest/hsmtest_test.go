@@ -3,6 +3,8 @@ package hsmtest
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -106,6 +108,20 @@ func TestNewTokenAfterInitialize(t *testing.T) {
 	}
 	if got := len(slotsByLabel(t, p)); got != before+1 {
 		t.Errorf("after C_Finalize and C_Initialize: %d tokens, want %d", got, before+1)
+	}
+}
+
+func TestMoveTokenDir(t *testing.T) {
+	NewToken(t) // the directory exists
+	dir := filepath.Join(filepath.Dir(os.Getenv("SOFTHSM2_CONF")), "tokens")
+	restore := MoveTokenDir(t)
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("token directory after MoveTokenDir: %v, want it gone", err)
+	}
+	restore()
+	restore() // a second call, and the Cleanup's, do nothing
+	if _, err := os.Stat(dir); err != nil {
+		t.Fatalf("token directory after restore: %v", err)
 	}
 }
 

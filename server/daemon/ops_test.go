@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer/store"
 	"github.com/keyissuer/keyissuer/server/admin"
 	"github.com/keyissuer/keyissuer/server/audit"
@@ -305,26 +306,6 @@ func TestMetricsAndAuditAfterApplyDecryptExpire(t *testing.T) {
 	}
 }
 
-// moveTokenDir takes the test binary's SoftHSM token directory away, as a
-// real fault would, and returns the function that brings it back.
-func moveTokenDir(t testing.TB) (restore func()) {
-	t.Helper()
-	dir := filepath.Join(filepath.Dir(os.Getenv("SOFTHSM2_CONF")), "tokens")
-	if err := os.Rename(dir, dir+".away"); err != nil {
-		t.Fatal(err)
-	}
-	var once sync.Once
-	restore = func() {
-		once.Do(func() {
-			if err := os.Rename(dir+".away", dir); err != nil {
-				t.Fatal(err)
-			}
-		})
-	}
-	t.Cleanup(restore)
-	return restore
-}
-
 // /readyz turns 503 when the token goes away and 200 when it is back, and
 // the outage is counted and audited.
 func TestReadinessFollowsTheToken(t *testing.T) {
@@ -332,7 +313,7 @@ func TestReadinessFollowsTheToken(t *testing.T) {
 	adminURL := "http://" + d.AdminAddr()
 	waitFor(t, "readiness", func() bool { code, _ := readyz(t, adminURL); return code == 200 })
 
-	restore := moveTokenDir(t)
+	restore := hsmtest.MoveTokenDir(t)
 	waitFor(t, "readiness to fail with the token gone", func() bool {
 		code, rd := readyz(t, adminURL)
 		return code == 503 && !rd.Token

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 )
 
 // A real token fault under a running keyissuerd: the SoftHSM token
@@ -17,36 +19,6 @@ import (
 // UNKNOWN_EXCEPTION/U and decrypts HSM_UNAVAILABLE 503 without using the
 // key; the daemon recovers by itself once it is back; a destroy that
 // failed in the outage is retried, and its key never decrypts meanwhile.
-
-// tokenDir is the test binary's SoftHSM token directory (hsmtest.Main).
-func tokenDir(t testing.TB) string {
-	t.Helper()
-	conf := os.Getenv("SOFTHSM2_CONF")
-	if conf == "" {
-		t.Fatal("SOFTHSM2_CONF is not set: hsmtest.Main did not run")
-	}
-	return filepath.Join(filepath.Dir(conf), "tokens")
-}
-
-// takeTokenAway moves the token directory away, as a real fault would, and
-// returns the function that brings it back.
-func takeTokenAway(t testing.TB) (restore func()) {
-	t.Helper()
-	dir := tokenDir(t)
-	if err := os.Rename(dir, dir+".away"); err != nil {
-		t.Fatal(err)
-	}
-	var once sync.Once
-	restore = func() {
-		once.Do(func() {
-			if err := os.Rename(dir+".away", dir); err != nil {
-				t.Fatal(err)
-			}
-		})
-	}
-	t.Cleanup(restore)
-	return restore
-}
 
 func TestTokenOutage(t *testing.T) {
 	outages := 1
@@ -137,7 +109,7 @@ func outage(t *testing.T, f *fixture, p *proc, storage string, n int) {
 			pausedDone <- res
 		}()
 		waitEvent(t, p, "paused decrypted "+paused.k.UniqueID)
-		restore = takeTokenAway(t)
+		restore = hsmtest.MoveTokenDir(t)
 		start = time.Now()
 
 		// The first call to meet the outage: the key is claimed, the
@@ -155,7 +127,7 @@ func outage(t *testing.T, f *fixture, p *proc, storage string, n int) {
 		// Session objects live in the token's memory and keep working
 		// without its directory: the daemon finds the outage through the
 		// token's health, in its periodic check.
-		restore = takeTokenAway(t)
+		restore = hsmtest.MoveTokenDir(t)
 	}
 	waitFor(t, "the daemon to report the token down", func() bool {
 		_, st, err := p.health()
