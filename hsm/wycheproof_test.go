@@ -18,6 +18,7 @@ import (
 
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
+	"github.com/keyissuer/keyissuer/hsm/internal/wycheproof"
 )
 
 // Project Wycheproof's RSA decryption vectors, run through a SoftHSM token
@@ -26,26 +27,7 @@ import (
 // one-time Key over it.
 //
 // The vectors live outside the repository (see their README); the test
-// finds them at ../../shared/testdata/wycheproof from this package, or in
-// $KEYISSUER_WYCHEPROOF_DIR.
-
-const wycheproofDefaultDir = "../../shared/testdata/wycheproof"
-
-func wycheproofDir(t *testing.T) string {
-	t.Helper()
-	dir := os.Getenv("KEYISSUER_WYCHEPROOF_DIR")
-	if dir == "" {
-		dir = wycheproofDefaultDir
-	}
-	if _, err := os.Stat(filepath.Join(dir, "README.md")); err != nil {
-		msg := fmt.Sprintf("Wycheproof vectors not found in %s (set KEYISSUER_WYCHEPROOF_DIR): %v", dir, err)
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	return dir
-}
+// finds them with wycheproof.Dir.
 
 // hexBytes is a hex string in the vector files.
 type hexBytes []byte
@@ -110,7 +92,7 @@ type wpCounts struct {
 }
 
 func TestWycheproof(t *testing.T) {
-	dir := wycheproofDir(t)
+	dir := wycheproof.Dir(t)
 	ctx := context.Background()
 	st := hsmtest.Shared(t)
 	tok, err := hsm.Open(ctx, hsm.Config{

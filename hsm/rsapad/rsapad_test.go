@@ -16,6 +16,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/keyissuer/keyissuer/hsm/internal/wycheproof"
 	"github.com/keyissuer/keyissuer/hsm/rsapad"
 )
 
@@ -455,10 +456,6 @@ func TestRoundTripPKCS1v15(t *testing.T) {
 	}
 }
 
-// wycheproofDir holds the shared Wycheproof vectors, outside this
-// repository (see its README.md).
-const wycheproofDir = "../../../shared/testdata/wycheproof"
-
 type wycheproofFile struct {
 	Algorithm     string            `json:"algorithm"`
 	NumberOfTests int               `json:"numberOfTests"`
@@ -501,9 +498,9 @@ func (v *wycheproofTest) hasFlag(flags ...string) bool {
 	return false
 }
 
-func loadWycheproof(tb testing.TB, name string) *wycheproofFile {
+func loadWycheproof(tb testing.TB, dir, name string) *wycheproofFile {
 	tb.Helper()
-	data, err := os.ReadFile(filepath.Join(wycheproofDir, name))
+	data, err := os.ReadFile(filepath.Join(dir, name))
 	if err != nil {
 		tb.Fatalf("failed to read Wycheproof vectors: %v", err)
 	}
@@ -547,7 +544,10 @@ var wycheproofHashes = map[string]crypto.Hash{
 	"SHA-512": crypto.SHA512,
 }
 
+// TestWycheproof runs the vectors found by wycheproof.Dir, outside this
+// repository, through rsapad's decoders.
 func TestWycheproof(t *testing.T) {
+	dir := wycheproof.Dir(t)
 	tests := []struct {
 		file string
 		oaep bool
@@ -561,7 +561,7 @@ func TestWycheproof(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.file, func(t *testing.T) {
 			t.Parallel()
-			f := loadWycheproof(t, tt.file)
+			f := loadWycheproof(t, dir, tt.file)
 			var run, passed, skipped, malformed int
 			for i := range f.TestGroups {
 				g := &f.TestGroups[i]
