@@ -2,7 +2,6 @@ package daemon_test
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/rsa"
 	"crypto/x509"
@@ -18,7 +17,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -27,37 +25,25 @@ import (
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/daemon"
+	"github.com/keyissuer/keyissuer/server/daemon/internal/daemontest"
 )
 
 // End-to-end tests: keyissuerd runs as a child process (this test binary,
 // re-executed) on a SoftHSM token, and is driven over HTTP and its socket,
 // killed and restarted as an operator or a crash would.
 
-const (
-	childEnv      = "KEYISSUERD_TEST_CHILD"       // config path: run as the daemon
-	claimPauseEnv = "KEYISSUERD_TEST_CLAIM_PAUSE" // pause after a decrypt's claim
-)
+// claimPauseEnv makes the child pause after a decrypt's claim.
+const claimPauseEnv = "KEYISSUERD_TEST_CLAIM_PAUSE"
 
-func TestMain(m *testing.M) {
-	if path := os.Getenv(childEnv); path != "" {
-		os.Exit(runChild(path))
-	}
-	hsmtest.Main(m)
-}
+func TestMain(m *testing.M) { daemontest.Main(m, childOptions) }
 
-// runChild is keyissuerd's main with a test hook: after a decrypt claims its
-// record it says so on stdout and pauses, so the parent can kill it there.
-func runChild(path string) int {
-	cfg, err := config.Load(path)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
+// childOptions are keyissuerd's, with a test hook: after a decrypt claims
+// its record the child says so on stdout and pauses, so the parent can kill
+// it there.
+func childOptions(path string, cfg config.Config) (daemon.Options, error) {
 	level := new(slog.LevelVar)
 	level.UnmarshalText([]byte(cfg.Log.Level))
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	opts := daemon.Options{Log: log, LogLevel: level, ConfigPath: path, ReloadSignal: hup}
@@ -67,16 +53,7 @@ func runChild(path string) int {
 			time.Sleep(p)
 		}
 	}
-	d, err := daemon.New(ctx, cfg, opts)
-	if err != nil {
-		log.Error("start failed", "err", err)
-		return 1
-	}
-	if err := d.Run(ctx); err != nil {
-		log.Error("run failed", "err", err)
-		return 1
-	}
-	return 0
+	return opts, nil
 }
 
 // setup writes a config for a daemon on the package's SoftHSM token.
@@ -130,7 +107,7 @@ listen = "127.0.0.1:0"
 type child struct {
 	t      *testing.T
 	cmd    *exec.Cmd
-	stderr *syncBuffer
+	stderr *daemontest.SyncBuffer
 	claims chan string
 	api    string
 	socket string
@@ -138,30 +115,12 @@ type child struct {
 	done   chan error
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // start runs the daemon and waits until it serves.
 func start(t *testing.T, cfgPath string, env ...string) *child {
 	t.Helper()
-	c := &child{t: t, stderr: &syncBuffer{}, claims: make(chan string, 16), done: make(chan error, 1)}
-	c.cmd = exec.Command(os.Args[0], "-test.run=^$")
+	c := &child{t: t, stderr: &daemontest.SyncBuffer{}, claims: make(chan string, 16), done: make(chan error, 1)}
 	// A race-built child otherwise sleeps a second at every clean exit.
-	c.cmd.Env = append(os.Environ(), append(env, childEnv+"="+cfgPath, "GORACE=atexit_sleep_ms=0")...)
+	c.cmd = daemontest.Command(cfgPath, append(env, "GORACE=atexit_sleep_ms=0")...)
 	c.cmd.Stderr = c.stderr
 	stdout, err := c.cmd.StdoutPipe()
 	if err != nil {
@@ -372,8 +331,7 @@ func TestEndToEnd(t *testing.T) {
 			cfg2 := strings.Replace(mustRead(t, cfgPath), `path = "data/keyissuer.db"`, `path = "data2/keyissuer.db"`, 1)
 			cfg2Path := filepath.Join(filepath.Dir(cfgPath), "second.toml")
 			os.WriteFile(cfg2Path, []byte(cfg2), 0o600)
-			second := exec.Command(os.Args[0], "-test.run=^$")
-			second.Env = append(os.Environ(), childEnv+"="+cfg2Path)
+			second := daemontest.Command(cfg2Path)
 			out, err := second.CombinedOutput()
 			if err == nil || !strings.Contains(string(out), "another server is answering") {
 				t.Errorf("second daemon: %v\n%s", err, out)

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -16,62 +15,38 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/hsm"
-	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/issuer/store"
 	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/daemon"
+	"github.com/keyissuer/keyissuer/server/daemon/internal/daemontest"
 )
 
 // The child: this test binary re-executed as keyissuerd, with fault points
 // set from its environment.
 
 const (
-	childEnv  = "KEYISSUERD_RELIABILITY_CHILD" // config path: run as keyissuerd
-	crashEnv  = "KEYISSUERD_CRASH"             // point:nth:jitter: SIGKILL itself there
-	ledgerEnv = "KEYISSUERD_LEDGER"            // file noting every decrypt that reaches the token
-	pauseEnv  = "KEYISSUERD_PAUSE"             // point:dir: wait there while dir/pause-<id> exists
+	crashEnv  = "KEYISSUERD_CRASH"  // point:nth:jitter: SIGKILL itself there
+	ledgerEnv = "KEYISSUERD_LEDGER" // file noting every decrypt that reaches the token
+	pauseEnv  = "KEYISSUERD_PAUSE"  // point:dir: wait there while dir/pause-<id> exists
 )
 
-func TestMain(m *testing.M) {
-	if path := os.Getenv(childEnv); path != "" {
-		os.Exit(runChild(path))
-	}
-	hsmtest.Main(m)
-}
+func TestMain(m *testing.M) { daemontest.Main(m, childOptions) }
 
-// runChild is keyissuerd's main with the fault points of faultsFromEnv.
-// It logs JSON at debug level, the most talkative, so that the secret scans
-// see everything the daemon could ever log.
-func runChild(path string) int {
-	cfg, err := config.Load(path)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+// childOptions are keyissuerd's with the fault points of faultsFromEnv.
+// The child logs JSON at debug level, the most talkative, so that the
+// secret scans see everything the daemon could ever log.
+func childOptions(_ string, _ config.Config) (daemon.Options, error) {
 	f, err := faultsFromEnv()
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+		return daemon.Options{}, err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	d, err := daemon.New(ctx, cfg, daemon.Options{
-		Log:        log,
+	return daemon.Options{
+		Log:        slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		AfterClaim: func(string) { f.crash.at("claim") },
 		WrapToken:  func(t issuer.Token) issuer.Token { return &faultToken{Token: t, f: f} },
 		WrapStore:  func(s issuer.Store) issuer.Store { return &faultStore{Store: s, f: f} },
-	})
-	if err != nil {
-		log.Error("start failed", "err", err)
-		return 1
-	}
-	if err := d.Run(ctx); err != nil {
-		log.Error("run failed", "err", err)
-		return 1
-	}
-	return 0
+	}, nil
 }
 
 // faults are the child's fault points.

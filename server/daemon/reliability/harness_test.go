@@ -30,6 +30,7 @@ import (
 	"github.com/keyissuer/keyissuer/issuer/store"
 	"github.com/keyissuer/keyissuer/server/admin"
 	"github.com/keyissuer/keyissuer/server/apisig"
+	"github.com/keyissuer/keyissuer/server/daemon/internal/daemontest"
 )
 
 // The parent's side: a fixture per daemon (config, data, label prefix),
@@ -260,35 +261,18 @@ func (f *fixture) checkSecrets() {
 type proc struct {
 	t      testing.TB
 	cmd    *exec.Cmd
-	stderr *syncBuffer
+	stderr *daemontest.SyncBuffer
 	events chan string // the child's stdout: "crash <point>", "paused <point> <id>"
 	api    string      // applyPublicKey URL
 	admin  string      // the admin listener's URL
 	socket string
-	scrape syncBuffer // what the admin listener served, for the secret scans
+	scrape daemontest.SyncBuffer // what the admin listener served, for the secret scans
 	exited chan struct{}
 	err    error // the exit status, once exited
 
 	apiClient, sockClient *http.Client
 	clientKey             *rsa.PrivateKey // sign applies as clientID, if set
 	crashed               atomic.Bool     // the child announced a planned crash
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // errExited: the daemon exited before it served.
@@ -300,9 +284,8 @@ var errExited = errors.New("the daemon exited before serving")
 func (f *fixture) start(env ...string) (*proc, error) {
 	t := f.t
 	t.Helper()
-	p := &proc{t: t, stderr: &syncBuffer{}, events: make(chan string, 64), exited: make(chan struct{}), clientKey: f.clientKey}
-	p.cmd = exec.Command(os.Args[0], "-test.run=^$")
-	p.cmd.Env = append(os.Environ(), append(env, childEnv+"="+f.cfgPath, ledgerEnv+"="+f.ledger)...)
+	p := &proc{t: t, stderr: &daemontest.SyncBuffer{}, events: make(chan string, 64), exited: make(chan struct{}), clientKey: f.clientKey}
+	p.cmd = daemontest.Command(f.cfgPath, append(env, ledgerEnv+"="+f.ledger)...)
 	p.cmd.Stderr = p.stderr
 	// The daemon dies with the test binary, however that ends.
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
