@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"strings"
@@ -175,9 +176,8 @@ type socketCase struct {
 	consumes bool // documented to consume the key: run on a key of its own
 }
 
-// socketCases are the socket's cases; other is a valid ciphertext under a
-// key of no key id.
-func socketCases(other []byte) []socketCase {
+// socketCases are the socket's cases; other is a key of no key id.
+func socketCases(other *rsa.PublicKey) []socketCase {
 	b64 := base64.StdEncoding.EncodeToString
 	req := func(id, ct string) string { return fmt.Sprintf(`{"uniqueId":%q,"ciphertext":%q}`, id, ct) }
 	param := func(name string, body func(v keyInfo, ct []byte) string) socketCase {
@@ -261,8 +261,17 @@ func socketCases(other []byte) []socketCase {
 			return s[:76] + "\r\n" + s[76:152] + "\n" + s[152:]
 		}), status: 200, consumes: true},
 		{name: "all-zero ciphertext", body: withCT(func(keyInfo, []byte) string { return b64(make([]byte, 256)) }), status: 422, code: "DECRYPT_FAILED", consumes: true},
-		{name: "ciphertext for another key", body: withCT(func(keyInfo, []byte) string {
-			return b64(other)
+		{name: "ciphertext for another key", body: withCT(func(v keyInfo, _ []byte) string {
+			// It must be below this key's modulus, or the daemon refuses
+			// it before the claim (PARAM_ILLEGAL). OAEP is randomised, and
+			// each try is below with a chance over one half.
+			for range 64 {
+				c, err := hsm.Encrypt(other, hsm.OAEPSHA256, []byte("not for this key"))
+				if err == nil && new(big.Int).SetBytes(c).Cmp(v.pub.N) < 0 {
+					return b64(c)
+				}
+			}
+			panic("no ciphertext under the other key is below this key's modulus")
 		}), status: 422, code: "DECRYPT_FAILED", consumes: true},
 		{name: "a flipped bit", body: withCT(func(_ keyInfo, c []byte) string {
 			c = bytes.Clone(c)
@@ -281,10 +290,7 @@ func TestHostileInput(t *testing.T) {
 		signed: true,
 	})
 	p := f.mustStart()
-	other, err := hsm.Encrypt(&rsaKey().PublicKey, hsm.OAEPSHA256, []byte("not for this key"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	other := &rsaKey().PublicKey
 	newKey := func() (keyInfo, string) {
 		t.Helper()
 		r, err := p.apply("")
