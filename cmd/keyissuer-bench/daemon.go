@@ -373,19 +373,7 @@ func (d *daemon) cpuProfile(ctx context.Context, hz int, path string) (func() er
 		if err != nil {
 			return err
 		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("stop profile: HTTP %d", resp.StatusCode)
-		}
-		f, err := os.Create(path)
-		if err != nil {
-			return err
-		}
-		if _, err := io.Copy(f, resp.Body); err != nil {
-			f.Close()
-			return err
-		}
-		return f.Close()
+		return save(resp, "stop profile", path)
 	}, nil
 }
 
@@ -404,9 +392,14 @@ func (d *daemon) trace(ctx context.Context, span time.Duration, path string) err
 	if err != nil {
 		return err
 	}
+	return save(resp, "trace", path)
+}
+
+// save writes the body of resp, which must be a 200, to path, and closes it.
+func save(resp *http.Response, what, path string) error {
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("trace: HTTP %d", resp.StatusCode)
+		return fmt.Errorf("%s: HTTP %d", what, resp.StatusCode)
 	}
 	f, err := os.Create(path)
 	if err != nil {

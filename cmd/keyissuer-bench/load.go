@@ -35,6 +35,33 @@ func (r loadRun) PerSecond() float64 {
 // Err is the run's first error, if any op failed.
 func (r loadRun) Err() error { return r.FirstErr }
 
+// tally is what one worker of a run counted, merged into the run at its end.
+type tally struct {
+	lats     []time.Duration // of the successful ops
+	errs     int
+	firstErr error
+}
+
+func (t *tally) add(lat time.Duration, err error) {
+	if err != nil {
+		t.errs++
+		if t.firstErr == nil {
+			t.firstErr = err
+		}
+		return
+	}
+	t.lats = append(t.lats, lat)
+}
+
+// merge adds a worker's tally to r; the caller serialises the merges.
+func (r *loadRun) merge(t tally) {
+	r.Latencies = append(r.Latencies, t.lats...)
+	r.Errors += t.errs
+	if r.FirstErr == nil {
+		r.FirstErr = t.firstErr
+	}
+}
+
 // countedRun is the closed-loop load generator used for keyissuer and for
 // every baseline alike: workers goroutines each perform one op at a time and
 // start the next the moment it returns, until n ops have been started. The
@@ -51,9 +78,7 @@ func countedRun(ctx context.Context, workers, n int, fn op) loadRun {
 	start := time.Now()
 	for w := range workers {
 		wg.Go(func() {
-			lats := make([]time.Duration, 0, n/workers+1)
-			var errs int
-			var firstErr error
+			t := tally{lats: make([]time.Duration, 0, n/workers+1)}
 			var end time.Time
 			for {
 				i := int(next.Add(1)) - 1
@@ -63,22 +88,11 @@ func countedRun(ctx context.Context, workers, n int, fn op) loadRun {
 				t0 := time.Now()
 				err := fn(ctx, w, i)
 				end = time.Now()
-				if err != nil {
-					errs++
-					if firstErr == nil {
-						firstErr = err
-					}
-					continue
-				}
-				lats = append(lats, end.Sub(t0))
+				t.add(end.Sub(t0), err)
 			}
 			mu.Lock()
 			defer mu.Unlock()
-			run.Latencies = append(run.Latencies, lats...)
-			run.Errors += errs
-			if run.FirstErr == nil {
-				run.FirstErr = firstErr
-			}
+			run.merge(t)
 			if end.After(lastEnd) {
 				lastEnd = end
 			}
@@ -109,9 +123,7 @@ func timedRun(ctx context.Context, workers int, warm, window time.Duration, fn o
 	from, to := start.Add(warm), start.Add(warm+window)
 	for w := range workers {
 		wg.Go(func() {
-			var lats []time.Duration
-			var errs int
-			var firstErr error
+			var t tally
 			for time.Now().Before(to) && ctx.Err() == nil {
 				t0 := time.Now()
 				err := fn(ctx, w, int(seq.Add(1)-1))
@@ -119,22 +131,11 @@ func timedRun(ctx context.Context, workers int, warm, window time.Duration, fn o
 				if end.Before(from) || !end.Before(to) {
 					continue
 				}
-				if err != nil {
-					errs++
-					if firstErr == nil {
-						firstErr = err
-					}
-					continue
-				}
-				lats = append(lats, end.Sub(t0))
+				t.add(end.Sub(t0), err)
 			}
 			mu.Lock()
 			defer mu.Unlock()
-			run.Latencies = append(run.Latencies, lats...)
-			run.Errors += errs
-			if run.FirstErr == nil {
-				run.FirstErr = firstErr
-			}
+			run.merge(t)
 		})
 	}
 	wg.Wait()
