@@ -68,6 +68,7 @@ func main() {
 	out := flag.String("out", "bench-results", "directory of the JSON results, logs and profiles")
 	daemonBin := flag.String("keyissuerd", "bin/keyissuerd", "the keyissuerd binary to measure")
 	pprofBin := flag.String("keyissuerd-pprof", "", "a keyissuerd built with -tags pprof: adds a profile pass")
+	profileOps := flag.Int("profile-ops", 0, "requests per profile in the profile pass (default 60 × scale); a longer profile costs as many keys")
 	flag.Parse()
 	if *bareListen != "" {
 		if err := serveBare(*bareListen, *bareResponse); err != nil {
@@ -78,7 +79,8 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	_, err := run(ctx, options{scale: *scale, runs: *runs, rows: *rowsFlag, out: *out, daemonBin: *daemonBin, pprofBin: *pprofBin})
+	_, err := run(ctx, options{scale: *scale, runs: *runs, rows: *rowsFlag, out: *out, daemonBin: *daemonBin, pprofBin: *pprofBin,
+		profileOps: *profileOps})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "keyissuer-bench:", err)
 		os.Exit(1)
@@ -100,12 +102,15 @@ type options struct {
 	out       string
 	daemonBin string
 	pprofBin  string
+	// profileOps, when positive, replaces the scaled size of the profile
+	// pass, so that a profile can be longer without the whole run.
+	profileOps int
 }
 
 // run measures the rows asked for, prints the table and saves the results.
 func run(ctx context.Context, o options) (*results, error) {
-	if o.scale <= 0 || o.runs < 1 {
-		return nil, fmt.Errorf("scale %g and runs %d must be positive", o.scale, o.runs)
+	if o.scale <= 0 || o.runs < 1 || o.profileOps < 0 {
+		return nil, fmt.Errorf("scale %g, runs %d and profile-ops %d must be positive", o.scale, o.runs, o.profileOps)
 	}
 	want := map[string]bool{}
 	for _, r := range strings.Split(o.rows, ",") {
@@ -113,6 +118,9 @@ func run(ctx context.Context, o options) (*results, error) {
 	}
 	scale, runs, out, daemonBin, pprofBin := o.scale, o.runs, o.out, o.daemonBin, o.pprofBin
 	b := &bench{sz: sizesFor(scale, runs), start: time.Now()}
+	if o.profileOps > 0 {
+		b.sz.Profile = max(o.profileOps, 16)
+	}
 	var err error
 	for _, p := range []*string{&daemonBin, &pprofBin} {
 		if *p != "" {

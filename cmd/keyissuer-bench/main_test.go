@@ -190,3 +190,16 @@ func TestSmoke(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestRunRefusesBadOptions: nonsense flags fail before any token is made.
+func TestRunRefusesBadOptions(t *testing.T) {
+	for _, o := range []options{
+		{scale: 0, runs: 1},
+		{scale: 1, runs: 0},
+		{scale: 1, runs: 1, profileOps: -1},
+	} {
+		if _, err := run(context.Background(), o); err == nil || !strings.Contains(err.Error(), "must be positive") {
+			t.Errorf("run(%+v) = %v, want an error saying what must be positive", o, err)
+		}
+	}
+}
