@@ -661,9 +661,16 @@ func (is *Issuer) Reap(ctx context.Context) {
 		is.cfg.Store.Transition(ctx, r.UniqueID, store.Consuming, store.Consumed, now)
 	}
 
+	// While the token is down every retry would fail again, each with a
+	// warning and an audit event, on every pass of a long outage: the
+	// retries wait for the token to come back.
+	ready := is.cfg.Token.Ready()
 	is.mu.Lock()
-	retry := is.pending
-	is.pending = nil
+	var retry []pendingDestroy
+	if ready {
+		retry = is.pending
+		is.pending = nil
+	}
 	is.retrying += len(retry) // still pending while they are retried
 	is.mu.Unlock()
 	for _, p := range retry {

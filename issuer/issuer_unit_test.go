@@ -1134,3 +1134,37 @@ func TestStripSalt(t *testing.T) {
 		})
 	}
 }
+
+// TestReapWaitsForTheTokenToRetry: while the token is down, reaper passes
+// leave failed destroys queued instead of failing them again, with a
+// warning and an audit event each, on every pass of the outage.
+func TestReapWaitsForTheTokenToRetry(t *testing.T) {
+	ctx := context.Background()
+	var log eventLog
+	h := newHarness(t, func(c *Config) { c.OnEvent = log.add })
+	h.start(t)
+	iss := h.apply(t)
+	h.tok.set(func(f *fakeToken) { f.failDestroy = errors.New("CKR_DEVICE_REMOVED") })
+	if _, err := h.is.Decrypt(ctx, iss.UniqueID, seal(t, iss.PublicKey, "pw", iss.Salt)); err != nil {
+		t.Fatal(err)
+	}
+	h.tok.set(func(f *fakeToken) { f.ready = false })
+	for range 5 {
+		h.is.Reap(ctx)
+	}
+	if n := len(log.of(EventDestroyFailed, iss.UniqueID)); n != 1 {
+		t.Errorf("%d destroy failures reported over 5 passes of an outage, want 1 (the first)", n)
+	}
+	if s := h.is.Stats(); s.PendingDestroys != 1 {
+		t.Errorf("PendingDestroys during the outage = %d, want 1", s.PendingDestroys)
+	}
+
+	h.tok.set(func(f *fakeToken) { f.failDestroy, f.ready = nil, true })
+	h.is.Reap(ctx)
+	if h.tok.has(iss.UniqueID) || !h.tok.wasDestroyed(iss.UniqueID) {
+		t.Error("the reaper did not destroy the key once the token was back")
+	}
+	if s := h.is.Stats(); s.PendingDestroys != 0 {
+		t.Errorf("PendingDestroys = %d, want 0", s.PendingDestroys)
+	}
+}
