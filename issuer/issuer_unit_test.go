@@ -423,14 +423,14 @@ func TestDecryptConcurrent(t *testing.T) {
 	}
 }
 
-// TestDecryptRacingClaim orders two decrypts of one key: B reads the record
-// while it is still issued, then A claims it, then B goes on. B must report
-// the key as consumed, not lost.
-func TestDecryptRacingClaim(t *testing.T) {
-	ctx := context.Background()
-	claimed, resume := make(chan struct{}), make(chan struct{})
+// newClaimPausingHarness returns a harness whose first decrypt, once it has
+// claimed its key, closes claimed and waits for resume to be closed before
+// it asks the token.
+func newClaimPausingHarness(t *testing.T) (h *harness, claimed, resume chan struct{}) {
+	t.Helper()
+	claimed, resume = make(chan struct{}), make(chan struct{})
 	var once sync.Once
-	h := newHarness(t, func(c *Config) {
+	h = newHarness(t, func(c *Config) {
 		c.AfterClaim = func(string) {
 			once.Do(func() {
 				close(claimed)
@@ -438,6 +438,15 @@ func TestDecryptRacingClaim(t *testing.T) {
 			})
 		}
 	})
+	return h, claimed, resume
+}
+
+// TestDecryptRacingClaim orders two decrypts of one key: B reads the record
+// while it is still issued, then A claims it, then B goes on. B must report
+// the key as consumed, not lost.
+func TestDecryptRacingClaim(t *testing.T) {
+	ctx := context.Background()
+	h, claimed, resume := newClaimPausingHarness(t)
 	h.start(t)
 	iss := h.apply(t)
 	ct := seal(t, iss.PublicKey, "pw", iss.Salt)
@@ -484,16 +493,7 @@ func TestDecryptRacingClaim(t *testing.T) {
 // map meanwhile. Whatever B answers, A's retry must decrypt.
 func TestDecryptRetryAfterRacingRelease(t *testing.T) {
 	ctx := context.Background()
-	claimed, resume := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	h := newHarness(t, func(c *Config) {
-		c.AfterClaim = func(string) {
-			once.Do(func() {
-				close(claimed)
-				<-resume
-			})
-		}
-	})
+	h, claimed, resume := newClaimPausingHarness(t)
 	h.start(t)
 	iss := h.apply(t)
 	ct := seal(t, iss.PublicKey, "pw", iss.Salt)
