@@ -10,6 +10,15 @@
 //
 //	keyissuer-bench [-scale F] [-runs N] [-rows 1,2,3,4,5,6] [-out DIR]
 //	                [-keyissuerd PATH] [-keyissuerd-pprof PATH]
+//	keyissuer-bench -redraw bench-results/<time>.json
+//
+// Rows 2 and 3 are judged against floors measured in the same run: the
+// token's signing ceiling (raw C_Sign) for applies, and for decrypts the
+// durable floor (raw C_Decrypt, the destroys and one fdatasync'd line per
+// decrypt). Beside bench-results/<time>.json it writes SVG charts,
+// bench-results/<time>-<chart>.svg, and latest-<chart>.svg: throughput
+// against concurrency with the floor drawn in, latency percentiles, and the
+// key-generation curve.
 //
 // BENCH_SCALE (or -scale) stretches or shrinks every window, run and pool;
 // at 1 the whole benchmark takes some 12 minutes on 2 cores, most of it
@@ -69,7 +78,15 @@ func main() {
 	daemonBin := flag.String("keyissuerd", "bin/keyissuerd", "the keyissuerd binary to measure")
 	pprofBin := flag.String("keyissuerd-pprof", "", "a keyissuerd built with -tags pprof: adds a profile pass")
 	profileOps := flag.Int("profile-ops", 0, "requests per profile in the profile pass (default 60 × scale); a longer profile costs as many keys")
+	redraw := flag.String("redraw", "", "draw the charts of a saved results JSON again, beside it, and exit")
 	flag.Parse()
+	if *redraw != "" {
+		if err := redrawCharts(*redraw); err != nil {
+			fmt.Fprintln(os.Stderr, "keyissuer-bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *bareListen != "" {
 		if err := serveBare(*bareListen, *bareResponse); err != nil {
 			fmt.Fprintln(os.Stderr, "keyissuer-bench:", err)
@@ -197,6 +214,13 @@ func run(ctx context.Context, o options) (*results, error) {
 		return nil, err
 	}
 	fmt.Printf("\nresults: %s (and %s); daemon logs: %s\n", path, filepath.Join(out, "latest.json"), b.logDir)
+	charts, err := b.res.writeCharts(path, true)
+	if err != nil {
+		return nil, err
+	}
+	for _, c := range charts {
+		fmt.Printf("chart: %s\n", c)
+	}
 	for _, r := range b.res.Rows {
 		if r.Verdict == "ERROR" {
 			return &b.res, fmt.Errorf("row %s failed: %s", r.ID, r.Short)

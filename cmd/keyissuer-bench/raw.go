@@ -166,8 +166,9 @@ func (r *rawToken) importKeys(n int, token bool, material []*rsa.PrivateKey) ([]
 
 // decryptDestroy is the baseline of row 3: C_DecryptInit and C_Decrypt with
 // mech, then C_DestroyObject of the private and the public half, each worker
-// on its own session.
-func (r *rawToken) decryptDestroy(ctx context.Context, workers int, keys []rawKey, m []*pkcs11.Mechanism) (loadRun, error) {
+// on its own session; then, if durable is not nil, its write (the durable
+// floor's fdatasync), inside the timed op.
+func (r *rawToken) decryptDestroy(ctx context.Context, workers int, keys []rawKey, m []*pkcs11.Mechanism, durable *durableLog) (loadRun, error) {
 	for i := range workers {
 		if _, err := r.session(i); err != nil {
 			return loadRun{}, err
@@ -189,6 +190,9 @@ func (r *rawToken) decryptDestroy(ctx context.Context, workers int, keys []rawKe
 		}
 		if err := r.ctx.DestroyObject(s, k.pub); err != nil {
 			return fmt.Errorf("C_DestroyObject: %w", err)
+		}
+		if durable != nil {
+			return durable.write()
 		}
 		return nil
 	})

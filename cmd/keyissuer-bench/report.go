@@ -19,7 +19,9 @@ type row struct {
 	BaselineWhat string         `json:"baselineWhat,omitempty"`
 	Baseline     *summary       `json:"baseline,omitempty"`
 	Ratio        *summary       `json:"ratio,omitempty"`
-	Cells        []string       `json:"cells,omitempty"` // the keyissuer column of rows without a baseline
+	Cells        []string       `json:"cells,omitempty"`        // the keyissuer column of rows without a baseline
+	BaselineCell string         `json:"baselineCell,omitempty"` // the baseline column of rows without a baseline summary
+	RatioCell    string         `json:"ratioCell,omitempty"`
 	Target       string         `json:"target"`
 	Verdict      string         `json:"verdict"` // PASS, FALL SHORT, REPORT, n/a, ERROR
 	Short        string         `json:"short,omitempty"`
@@ -80,6 +82,12 @@ func (r row) cells() (kis, base, ratio string) {
 		ratio = spread(*r.Ratio, pct)
 	default:
 		kis, base, ratio = strings.Join(r.Cells, "; "), "—", "—"
+		if r.BaselineCell != "" {
+			base = r.BaselineCell
+		}
+		if r.RatioCell != "" {
+			ratio = r.RatioCell
+		}
 	}
 	return kis, base, ratio
 }
@@ -96,6 +104,7 @@ type results struct {
 	Finished time.Time `json:"finished"`
 	Rows     []row     `json:"rows"`
 	Profiles []string  `json:"profiles,omitempty"`
+	Curves   curves    `json:"curves"` // what the charts draw
 	Notes    []string  `json:"notes,omitempty"`
 }
 

@@ -144,6 +144,13 @@ func (b *bench) rowKeygen(ctx context.Context, withScaling bool) {
 		"raw C_GenerateKeyPair loop, 2 sessions", "/s", kis[2], raw[2], 0.90, true)
 	row1.Notes = notes
 	b.add(row1)
+	for _, g := range []int{1, 2, 4} {
+		if len(kis[g]) == 0 {
+			continue
+		}
+		b.res.Curves.Keygen = append(b.res.Curves.Keygen, curvePoint{X: g,
+			PerSecond: map[string]summary{seriesKeyissuer: summarize(kis[g]), seriesKeygen: summarize(raw[g])}})
+	}
 	if !withScaling {
 		return
 	}
@@ -288,30 +295,20 @@ func (b *bench) rowApply(ctx context.Context, withRSS bool) {
 		}
 	}
 	for _, c := range applyConcurrency {
-		rw := ratioRow(fmt.Sprintf("2 c=%d", c), fmt.Sprintf("warm-pool apply, concurrency %d: requests/s", c),
-			"bare net/http handler, canned response of the same size", "/s", kisRate[c], bareRate[c], 0.40, true)
-		ceiling := summarize(signRate[c])
-		vsCeiling := summarize(ratios(kisRate[c], signRate[c]))
-		rw.Detail = map[string]any{
-			"requestsPerRun":  b.sz.Apply[c],
-			"keyissuer":       latencies(kisLat[c]),
-			"bare":            latencies(bareLat[c]),
-			"tokenSignPerSec": ceiling,
-			"ofTokenCeiling":  vsCeiling,
+		b.add(applyRow(c, b.sz.Apply[c], kisRate[c], signRate[c], bareRate[c], kisLat[c], bareLat[c], notes))
+		k, ceil, bare := summarize(kisRate[c]), summarize(signRate[c]), summarize(bareRate[c])
+		pt := curvePoint{X: c, PerSecond: map[string]summary{seriesKeyissuer: k, seriesCeiling: ceil, seriesBare: bare}}
+		if c != 1 {
+			pt.Target = applyTarget * ceil.Median
 		}
-		rw.Notes = append(rw.Notes,
-			fmt.Sprintf("latency keyissuer %s; bare %s", latencyText(kisLat[c]), latencyText(bareLat[c])),
-			fmt.Sprintf("every answer is signed in the token: raw C_Sign on %d session(s) ran at %.0f/s in the same runs, so keyissuer reached %.0f%% of the token's signing ceiling",
-				min(c, tokenSessions), ceiling.Median, 100*vsCeiling.Median))
-		if c == 64 {
-			rw.Notes = append(rw.Notes, notes...)
-		}
-		b.add(rw)
+		l := latencies(kisLat[c])
+		pt.Latency = &l
+		b.res.Curves.Apply = append(b.res.Curves.Apply, pt)
 	}
-	p99 := percentile(kisLat[64], 99)
-	lat := row{ID: "2 p99", What: "warm-pool apply, concurrency 64: p99 latency", Target: "≤ 10 ms",
-		Cells: []string{fmt.Sprintf("%.2f ms (%d samples)", ms(p99), len(kisLat[64]))}}
-	lat.judge(p99 <= 10*time.Millisecond, fmt.Sprintf("%.2f ms over", ms(p99)-10))
+	lat := p99Row(kisLat[64], signRate[64])
+	if bound, ok := lat.Detail["boundMs"].(float64); ok {
+		b.res.Curves.P99TargetMs = bound
+	}
 	b.add(lat)
 
 	if !withRSS {
@@ -372,9 +369,11 @@ func (b *bench) rowRSS(ctx context.Context, d *daemon) {
 	b.add(rw)
 }
 
-// rowDecrypt is row 3: decrypt and destroy over the Unix socket against raw
-// C_Decrypt and two C_DestroyObject, at concurrency 1 and 8, in session and
-// token storage.
+// rowDecrypt is row 3: decrypt and destroy over the Unix socket, at
+// concurrency 1 and 8, in session and token storage, against the durable
+// floor (raw C_Decrypt, two C_DestroyObject and one fdatasync'd line in a
+// file beside the daemon's store) and the raw decrypt that writes nothing,
+// three sides of one comparison.
 func (b *bench) rowDecrypt(ctx context.Context) {
 	material, err := keyMaterial(4)
 	if err != nil {
@@ -389,9 +388,17 @@ func (b *bench) rowDecrypt(ctx context.Context) {
 			b.fail("3", err)
 			return
 		}
+		// The floor's file sits beside the daemon's store, on the same
+		// filesystem.
+		durable, err := openDurableLog(filepath.Join(d.dir, "durable-floor.log"))
+		if err != nil {
+			d.stop()
+			b.fail("3", err)
+			return
+		}
 		mech := decryptMechanism(d.paddingMethod())
-		kisRate, rawRate := map[int][]float64{}, map[int][]float64{}
-		kisLat, rawLat := map[int][]time.Duration{}, map[int][]time.Duration{}
+		kisRate, rawRate, floorRate := map[int][]float64{}, map[int][]float64{}, map[int][]float64{}
+		kisLat, rawLat, floorLat := map[int][]time.Duration{}, map[int][]time.Duration{}, map[int][]time.Duration{}
 		for r := range b.sz.Runs {
 			for ci, c := range decryptConcurrency {
 				measureKIS := func() error {
@@ -419,38 +426,48 @@ func (b *bench) rowDecrypt(ctx context.Context) {
 					kisLat[c] = append(kisLat[c], run.Latencies...)
 					return nil
 				}
-				measureRaw := func() error {
-					keys, err := b.raw.importKeys(n+1, storage == "token", material)
-					if err != nil {
-						return err
+				// measureRaw times the raw decrypt, and with a durable log
+				// the durable floor.
+				measureRaw := func(log *durableLog, rate map[int][]float64, lat map[int][]time.Duration) func() error {
+					return func() error {
+						keys, err := b.raw.importKeys(n+1, storage == "token", material)
+						if err != nil {
+							return err
+						}
+						if _, err := b.raw.decryptDestroy(ctx, 1, keys[:1], mech, log); err != nil { // warm-up
+							return err
+						}
+						run, err := b.raw.decryptDestroy(ctx, c, keys[1:], mech, log)
+						if err != nil {
+							return err
+						}
+						rate[c] = append(rate[c], run.PerSecond())
+						lat[c] = append(lat[c], run.Latencies...)
+						return nil
 					}
-					if _, err := b.raw.decryptDestroy(ctx, 1, keys[:1], mech); err != nil { // warm-up
-						return err
-					}
-					run, err := b.raw.decryptDestroy(ctx, c, keys[1:], mech)
-					if err != nil {
-						return err
-					}
-					rawRate[c] = append(rawRate[c], run.PerSecond())
-					rawLat[c] = append(rawLat[c], run.Latencies...)
-					return nil
 				}
-				if err := b.sideBySide(r+ci, measureKIS, measureRaw); err != nil {
+				if err := b.sideBySide(r+ci, measureKIS, measureRaw(durable, floorRate, floorLat), measureRaw(nil, rawRate, rawLat)); err != nil {
+					durable.close()
 					d.stop()
 					b.fail("3", err)
 					return
 				}
-				b.progress("  run %d/%d, c=%d: keyissuer %.0f/s, raw %.0f/s", r+1, b.sz.Runs, c, last(kisRate[c]), last(rawRate[c]))
+				b.progress("  run %d/%d, c=%d: keyissuer %.0f/s, durable floor %.0f/s, raw %.0f/s", r+1, b.sz.Runs, c,
+					last(kisRate[c]), last(floorRate[c]), last(rawRate[c]))
 			}
 		}
+		durable.close()
 		d.stop()
+		if b.res.Curves.Decrypt == nil {
+			b.res.Curves.Decrypt = map[string][]curvePoint{}
+		}
 		for _, c := range decryptConcurrency {
-			rw := ratioRow(fmt.Sprintf("3 %s c=%d", storage, c),
-				fmt.Sprintf("decrypt + destroy over the socket, %s storage, concurrency %d: decrypts/s", storage, c),
-				"raw C_Decrypt + 2 × C_DestroyObject", "/s", kisRate[c], rawRate[c], 0.70, true)
-			rw.Detail = map[string]any{"decryptsPerRun": n, "keyissuer": latencies(kisLat[c]), "raw": latencies(rawLat[c])}
-			rw.Notes = append(rw.Notes, fmt.Sprintf("latency keyissuer %s; raw %s", latencyText(kisLat[c]), latencyText(rawLat[c])))
-			b.add(rw)
+			b.add(decryptRow(storage, c, n, kisRate[c], floorRate[c], rawRate[c], kisLat[c], floorLat[c], rawLat[c]))
+			k, fl, raw := summarize(kisRate[c]), summarize(floorRate[c]), summarize(rawRate[c])
+			l := latencies(kisLat[c])
+			b.res.Curves.Decrypt[storage] = append(b.res.Curves.Decrypt[storage], curvePoint{X: c, Latency: &l,
+				PerSecond: map[string]summary{seriesKeyissuer: k, seriesFloor: fl, seriesRaw: raw},
+				Target:    decryptTarget(c, fl, raw)})
 		}
 	}
 }
