@@ -22,7 +22,7 @@ func sampleCurves() curves {
 	dec := func(scale float64) []curvePoint {
 		return []curvePoint{
 			{X: 1, PerSecond: map[string]summary{seriesKeyissuer: sum(440*scale, 420*scale, 470*scale),
-				seriesFloor: sum(520*scale), seriesRaw: sum(1590*scale)}, Latency: lat(2.3, 4.1), Target: 0.85 * 520 * scale},
+				seriesFloor: sum(520 * scale), seriesRaw: sum(1590 * scale)}, Latency: lat(2.3, 4.1), Target: 0.85 * 520 * scale},
 			{X: 8, PerSecond: map[string]summary{seriesKeyissuer: sum(1105 * scale),
 				seriesFloor: sum(900 * scale), seriesRaw: sum(2832 * scale)}, Latency: lat(7.2, 20), Target: 0.7 * 2832 * scale},
 		}
