@@ -126,6 +126,23 @@ func TestMonitoringMetricsExist(t *testing.T) {
 	}
 }
 
+// TestDashboardShowsEveryMetric: no keyissuer metric is left off the
+// dashboard (a histogram counts when its buckets are queried).
+func TestDashboardShowsEveryMetric(t *testing.T) {
+	used := map[string]bool{}
+	for _, e := range dashboardExprs(t) {
+		for _, name := range metricNames(e) {
+			used[strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(name, "_bucket"), "_sum"), "_count")] = true
+		}
+	}
+	for name := range exportedSeries(t) {
+		if strings.HasPrefix(name, "keyissuer_") && !strings.HasSuffix(name, "_bucket") && !strings.HasSuffix(name, "_sum") &&
+			!strings.HasSuffix(name, "_count") && !used[name] {
+			t.Errorf("%s is not on the dashboard", name)
+		}
+	}
+}
+
 // TestDashboardShape: the dashboard parses as Grafana expects it: unique
 // panel ids, every panel placed on the grid, every query with a refId and
 // the data source variable.
