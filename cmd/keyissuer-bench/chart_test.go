@@ -111,9 +111,9 @@ func TestChartsParse(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string][]string{
-		"apply":           {seriesKeyissuer, seriesCeiling, seriesBare, seriesTarget},
-		"decrypt-session": {seriesKeyissuer, seriesFloor, seriesRaw, seriesTarget},
-		"decrypt-token":   {seriesKeyissuer, seriesFloor, seriesRaw, seriesTarget},
+		"apply":           {seriesKeyissuer, seriesCeiling, seriesBare, seriesApplyTarget},
+		"decrypt-session": {seriesKeyissuer, seriesFloor, seriesRaw, seriesDecryptTarget},
+		"decrypt-token":   {seriesKeyissuer, seriesFloor, seriesRaw, seriesDecryptTarget},
 		"latency":         {seriesP50, seriesP99, seriesP999, seriesP99Target},
 		"keygen":          {seriesKeyissuer, seriesKeygen},
 	}
