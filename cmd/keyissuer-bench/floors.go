@@ -41,7 +41,7 @@ func applyRow(c, perRun int, kis, sign, bare []float64, kisLat, bareLat []time.D
 	sessions := min(c, tokenSessions)
 	rw := ratioRow(fmt.Sprintf("2 c=%d", c), fmt.Sprintf("warm-pool apply, concurrency %d: requests/s", c),
 		fmt.Sprintf("token's signing ceiling: raw C_Sign, %d session(s)", sessions), "/s", kis, sign, applyTarget, true)
-	if c != 16 && c != 64 && rw.Verdict != "ERROR" {
+	if !applyJudged(c) && rw.Verdict != "ERROR" {
 		rw.Verdict, rw.Short, rw.Target = "REPORT", "", "report (targets at 16 and 64)"
 	}
 	vsBare := summarize(ratios(kis, bare))
@@ -63,6 +63,9 @@ func applyRow(c, perRun int, kis, sign, bare []float64, kisLat, bareLat []time.D
 	}
 	return rw
 }
+
+// applyJudged says whether row 2 has a throughput target at concurrency c.
+func applyJudged(c int) bool { return c == 16 || c == 64 }
 
 // p99Row is row 2's latency target: keyissuer's p99 at concurrency 64, over
 // every run, against p99Factor × (64 / the median signing ceiling at 64).

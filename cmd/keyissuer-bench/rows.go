@@ -298,7 +298,7 @@ func (b *bench) rowApply(ctx context.Context, withRSS bool) {
 		b.add(applyRow(c, b.sz.Apply[c], kisRate[c], signRate[c], bareRate[c], kisLat[c], bareLat[c], notes))
 		k, ceil, bare := summarize(kisRate[c]), summarize(signRate[c]), summarize(bareRate[c])
 		pt := curvePoint{X: c, PerSecond: map[string]summary{seriesKeyissuer: k, seriesCeiling: ceil, seriesBare: bare}}
-		if c != 1 {
+		if applyJudged(c) {
 			pt.Target = applyTarget * ceil.Median
 		}
 		l := latencies(kisLat[c])
