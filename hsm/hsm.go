@@ -64,6 +64,14 @@ type Config struct {
 	// block for long.
 	OnLost func(ids []string)
 	Log    *slog.Logger
+
+	// AfterCall is a fault-injection seam for tests: leave it nil. When
+	// set, it is called after each PKCS#11 call the Token makes for its
+	// keys, sessions and health, with the call (an [Op]), the id of the key
+	// it concerns ("" for none) and the call's error, and the Token goes
+	// on with the error it returns. A test makes a call fail after the
+	// token did its work, which a wrapper around the Token cannot.
+	AfterCall func(op Op, keyID string, err error) error
 }
 
 func (c *Config) setDefaults() {
@@ -254,11 +262,14 @@ func (t *Token) findSlot() (uint, pkcs11.TokenInfo, error) {
 // open (re)opens s as a fresh, logged-in session with a new owner.
 func (t *Token) open(s *session) error {
 	h, err := t.mod.ctx.OpenSession(uint(t.slot.Load()), pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
-	if err != nil {
+	if err = t.after(OpOpenSession, "", err); err != nil {
+		if h != 0 {
+			t.mod.ctx.CloseSession(h)
+		}
 		return fmt.Errorf("failed to open session: %w", err)
 	}
 	// Login is per application: the first session's login covers the rest.
-	if err := t.mod.ctx.Login(h, pkcs11.CKU_USER, t.cfg.PIN); err != nil &&
+	if err := t.after(OpLogin, "", t.mod.ctx.Login(h, pkcs11.CKU_USER, t.cfg.PIN)); err != nil &&
 		!isRV(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
 		t.mod.ctx.CloseSession(h)
 		if isRV(err, pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE) {
@@ -368,7 +379,8 @@ func (t *Token) healthy() error {
 		if i > 0 {
 			time.Sleep(healthRetry)
 		}
-		if _, err = t.mod.ctx.GetTokenInfo(uint(t.slot.Load())); err == nil {
+		_, err = t.mod.ctx.GetTokenInfo(uint(t.slot.Load()))
+		if err = t.after(OpGetTokenInfo, "", err); err == nil {
 			return nil
 		}
 	}
@@ -510,7 +522,7 @@ func (t *Token) Check(ctx context.Context) error {
 	for range t.cfg.Sessions {
 		err := t.do(ctx, func(s *session) error {
 			si, err := t.mod.ctx.GetSessionInfo(s.h)
-			if err != nil {
+			if err = t.after(OpGetSessionInfo, "", err); err != nil {
 				return err
 			}
 			if si.State != pkcs11.CKS_RW_USER_FUNCTIONS {

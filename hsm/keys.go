@@ -100,7 +100,7 @@ func (t *Token) Generate(ctx context.Context, id string) (*Key, error) {
 	var k *Key
 	err := t.do(ctx, func(s *session) error {
 		pub, priv, err := t.mod.ctx.GenerateKeyPair(s.h, mech, pubTmpl, privTmpl)
-		if err != nil {
+		if err = t.after(OpGenerateKeyPair, id, err); err != nil {
 			return err
 		}
 		k = &Key{ID: id, pub: pub, priv: priv, tokenStore: token, epoch: t.epoch.Load()}
@@ -128,7 +128,7 @@ func (t *Token) readPublic(s *session, k *Key) error {
 		pkcs11.NewAttribute(pkcs11.CKA_MODULUS, nil),
 		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, nil),
 	})
-	if err != nil {
+	if err = t.after(OpGetAttributeValue, k.ID, err); err != nil {
 		return err
 	}
 	n := new(big.Int).SetBytes(attrs[0].Value)
@@ -165,13 +165,13 @@ func (t *Token) Decrypt(ctx context.Context, k *Key, p Padding, ciphertext []byt
 		if err != nil {
 			return err
 		}
-		out, err = t.decrypt(s, priv, p, method, k.Size(), ciphertext)
+		out, err = t.decrypt(s, k.ID, priv, p, method, k.Size(), ciphertext)
 		if k.tokenStore && isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID) {
 			// C_DecryptInit refused the handle: nothing was decrypted.
 			if priv, err = t.handles(s, k, true); err != nil {
 				return err
 			}
-			out, err = t.decrypt(s, priv, p, method, k.Size(), ciphertext)
+			out, err = t.decrypt(s, k.ID, priv, p, method, k.Size(), ciphertext)
 		}
 		return err
 	})
@@ -196,12 +196,16 @@ func (t *Token) Decrypt(ctx context.Context, k *Key, p Padding, ciphertext []byt
 	}
 }
 
-func (t *Token) decrypt(s *session, priv pkcs11.ObjectHandle, p Padding, m Method, size int, ct []byte) ([]byte, error) {
-	if err := t.mod.ctx.DecryptInit(s.h, p.mechanism(m), priv); err != nil {
+func (t *Token) decrypt(s *session, id string, priv pkcs11.ObjectHandle, p Padding, m Method, size int, ct []byte) ([]byte, error) {
+	if err := t.after(OpDecryptInit, id, t.mod.ctx.DecryptInit(s.h, p.mechanism(m), priv)); err != nil {
 		return nil, err
 	}
 	out, err := t.mod.ctx.Decrypt(s.h, ct)
-	if err != nil || m == Native {
+	if err = t.after(OpDecrypt, id, err); err != nil {
+		clear(out)
+		return nil, err
+	}
+	if m == Native {
 		return out, err
 	}
 	// Raw RSA yields k bytes; should a token strip leading zeros, pad
@@ -273,13 +277,13 @@ func (t *Token) find(s *session, class uint, id string) (pkcs11.ObjectHandle, er
 }
 
 func (t *Token) findAll(s *session, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
-	if err := t.mod.ctx.FindObjectsInit(s.h, tmpl); err != nil {
+	if err := t.after(OpFindObjectsInit, "", t.mod.ctx.FindObjectsInit(s.h, tmpl)); err != nil {
 		return nil, err
 	}
 	var all []pkcs11.ObjectHandle
 	for {
 		hs, _, err := t.mod.ctx.FindObjects(s.h, 256)
-		if err != nil {
+		if err = t.after(OpFindObjects, "", err); err != nil {
 			t.mod.ctx.FindObjectsFinal(s.h)
 			return nil, err
 		}
@@ -288,7 +292,7 @@ func (t *Token) findAll(s *session, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHa
 		}
 		all = append(all, hs...)
 	}
-	return all, t.mod.ctx.FindObjectsFinal(s.h)
+	return all, t.after(OpFindObjectsFinal, "", t.mod.ctx.FindObjectsFinal(s.h))
 }
 
 // Destroy destroys both halves of k, the private half first. Objects already
@@ -358,7 +362,7 @@ func (t *Token) destroyHandles(s *session, k *Key) error {
 		if *h == 0 {
 			continue
 		}
-		err := t.mod.ctx.DestroyObject(s.h, *h)
+		err := t.after(OpDestroyObject, k.ID, t.mod.ctx.DestroyObject(s.h, *h))
 		if err != nil && (k.tokenStore || !isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID)) {
 			return err
 		}
@@ -448,7 +452,7 @@ func (t *Token) labelAndToken(s *session, h pkcs11.ObjectHandle) ([]*pkcs11.Attr
 func (t *Token) DestroyObject(ctx context.Context, o Object) error {
 	var invalid bool
 	err := t.do(ctx, func(s *session) error {
-		err := t.mod.ctx.DestroyObject(s.h, o.handle)
+		err := t.after(OpDestroyObject, o.ID, t.mod.ctx.DestroyObject(s.h, o.handle))
 		if invalid = isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID); invalid {
 			return nil
 		}
@@ -519,7 +523,7 @@ func (t *Token) probe(ctx context.Context) error {
 			var got []byte
 			err := t.do(ctx, func(s *session) error {
 				var err error
-				got, err = t.decrypt(s, k.priv, p, m, k.Size(), ct)
+				got, err = t.decrypt(s, k.ID, k.priv, p, m, k.Size(), ct)
 				return err
 			})
 			if err == nil && string(got) == string(msg) {
