@@ -158,13 +158,24 @@ type Token struct {
 	epoch atomic.Uint64
 
 	faults faultCounts // for metrics (faults.go)
+
+	// orphans are ids under which a failed generation may have left
+	// objects that could not be destroyed at once; Check destroys them.
+	orphans map[string]struct{} // guarded by mu
 }
 
 // session is one PKCS#11 session. At most one goroutine uses it at a time.
 type session struct {
 	h     pkcs11.SessionHandle
 	owner *owner // nil when the session is broken and must be reopened
+	// committed is set by the function do runs, just before a call that
+	// must not be repeated: see do.
+	committed bool
 }
+
+// commit tells do that fn is about to make a call that may do work that
+// must not happen twice: from here on a failure is not retried.
+func (s *session) commit() { s.committed = true }
 
 // owner tracks the session objects made in one session: they die with it.
 type owner struct {
@@ -309,10 +320,20 @@ func (t *Token) retire(s *session, cause error) {
 	}
 }
 
-// do runs fn on an idle session. A dead session is replaced and fn tried
-// once more; any other failure makes the token check its health, and a
-// token that fails it is marked down: the call, and every call until the
-// next recovery attempt, fails fast with ErrUnavailable.
+// do runs fn on an idle session.
+//
+// Until fn calls s.commit, which it does just before a call that may do
+// work that must not happen twice (C_Decrypt, C_GenerateKeyPair), a failure
+// is taken to have done nothing: a dead session is replaced and fn tried
+// once more, and any other failure makes the token check its health; a
+// token that fails it is marked down, and the call, and every call until
+// the next recovery attempt, fails fast with ErrUnavailable.
+//
+// Once fn has committed, nothing is tried again and no health check
+// follows: do returns fn's own error, or for a fault (the session or the
+// token died, so whether the call did its work is unknown) ErrInterrupted
+// wrapping it, and never ErrUnavailable. The caller decides what an
+// ambiguous outcome means; the session is replaced for the next call.
 func (t *Token) do(ctx context.Context, fn func(*session) error) error {
 	if err := t.enter(ctx); err != nil {
 		return err
@@ -332,24 +353,32 @@ func (t *Token) do(ctx context.Context, fn func(*session) error) error {
 			return err
 		}
 	}
-	err := fn(s)
-	if classify(err) == faultNone {
-		return t.vet(err)
+	for try := 0; ; try++ {
+		s.committed = false
+		err := fn(s)
+		switch {
+		case classify(err) == faultNone && s.committed:
+			return err
+		case classify(err) == faultNone:
+			return t.vet(err)
+		}
+		// The session is dead.
+		t.retire(s, err)
+		if s.committed {
+			t.reconnect(s)
+			return fmt.Errorf("%w: %w", ErrInterrupted, err)
+		}
+		// The call did nothing, so it is tried once more on a fresh
+		// session: after a token fault every idle session is dead, and
+		// one retry spares the caller finding them all.
+		if try == 1 {
+			t.reconnect(s)
+			return fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+		if t.reconnect(s) != nil {
+			return fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
 	}
-	// The session is dead. A fault means the call did nothing, so it is
-	// tried once more on a fresh session: after a token fault every idle
-	// session is dead, and one retry spares the caller finding them all.
-	t.retire(s, err)
-	if t.reconnect(s) != nil {
-		return fmt.Errorf("%w: %w", ErrUnavailable, err)
-	}
-	err = fn(s)
-	if classify(err) == faultNone {
-		return t.vet(err)
-	}
-	t.retire(s, err)
-	t.reconnect(s)
-	return fmt.Errorf("%w: %w", ErrUnavailable, err)
 }
 
 // vet tells an answer of the token from a symptom of its failure. SoftHSM,
@@ -508,9 +537,10 @@ func (t *Token) reset(ctx context.Context) error {
 
 // Check asks the token for its health, then looks at every session once
 // (C_GetSessionInfo), retires those that are dead or logged out, and
-// reopens them; while the token is down, it tries to recover it. Run it
-// periodically, so that an outage, dead sessions and their lost keys are
-// found before a request trips on them.
+// reopens them; while the token is down, it tries to recover it. Last, it
+// destroys what generations cut short by a fault may have left in the token
+// (see Generate). Run it periodically, so that an outage, dead sessions and
+// their lost keys are found before a request trips on them.
 func (t *Token) Check(ctx context.Context) error {
 	if t.Ready() {
 		if err := t.healthy(); err != nil {
@@ -537,6 +567,9 @@ func (t *Token) Check(ctx context.Context) error {
 		if errors.Is(err, ErrClosed) {
 			break
 		}
+	}
+	if err := t.sweepOrphans(ctx); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
