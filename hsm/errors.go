@@ -9,8 +9,16 @@ import (
 var (
 	// ErrUnavailable means the token could not serve the call: it is down,
 	// a session died under the call, or the token is being reconnected.
-	// Nothing was decrypted and the call may be retried.
+	// The call did nothing in the token (Decrypt returns it only when
+	// C_Decrypt was never called) and may be retried.
 	ErrUnavailable = errors.New("token unavailable")
+
+	// ErrInterrupted means the token failed (its session or the token
+	// died) during or after a call that may have done its work: whether
+	// C_Decrypt decrypted, or C_GenerateKeyPair made a pair, is unknown.
+	// Such a call is never retried. A key whose Decrypt returns it is
+	// spent and must be destroyed.
+	ErrInterrupted = errors.New("token failed during the call; its outcome is unknown")
 
 	// ErrKeyLost means the key's objects are gone from the token: its
 	// session died (session storage) or the objects were removed. The key
@@ -23,8 +31,9 @@ var (
 	// caller can build a padding oracle from it.
 	ErrDecrypt = errors.New("decryption failed")
 
-	// ErrKeySpent means a decrypt was already attempted with this key in
-	// this process. The issuer's records prevent it; this is a second lock.
+	// ErrKeySpent means C_Decrypt was already called with this key in this
+	// process, or the key was handed to Destroy. The issuer's records
+	// prevent it; this is a second lock.
 	ErrKeySpent = errors.New("key already used for a decrypt")
 
 	// ErrClosed is returned by calls on a closed Token.

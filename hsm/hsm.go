@@ -64,6 +64,14 @@ type Config struct {
 	// block for long.
 	OnLost func(ids []string)
 	Log    *slog.Logger
+
+	// AfterCall is a fault-injection seam for tests: leave it nil. When
+	// set, it is called after each PKCS#11 call the Token makes for its
+	// keys, sessions and health, with the call (an [Op]), the id of the key
+	// it concerns ("" for none) and the call's error, and the Token goes
+	// on with the error it returns. A test makes a call fail after the
+	// token did its work, which a wrapper around the Token cannot.
+	AfterCall func(op Op, keyID string, err error) error
 }
 
 func (c *Config) setDefaults() {
@@ -150,13 +158,24 @@ type Token struct {
 	epoch atomic.Uint64
 
 	faults faultCounts // for metrics (faults.go)
+
+	// orphans are ids under which a failed generation may have left
+	// objects that could not be destroyed at once; Check destroys them.
+	orphans map[string]struct{} // guarded by mu
 }
 
 // session is one PKCS#11 session. At most one goroutine uses it at a time.
 type session struct {
 	h     pkcs11.SessionHandle
 	owner *owner // nil when the session is broken and must be reopened
+	// committed is set by the function do runs, just before a call that
+	// must not be repeated: see do.
+	committed bool
 }
+
+// commit tells do that fn is about to make a call that may do work that
+// must not happen twice: from here on a failure is not retried.
+func (s *session) commit() { s.committed = true }
 
 // owner tracks the session objects made in one session: they die with it.
 type owner struct {
@@ -254,11 +273,14 @@ func (t *Token) findSlot() (uint, pkcs11.TokenInfo, error) {
 // open (re)opens s as a fresh, logged-in session with a new owner.
 func (t *Token) open(s *session) error {
 	h, err := t.mod.ctx.OpenSession(uint(t.slot.Load()), pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
-	if err != nil {
+	if err = t.after(OpOpenSession, "", err); err != nil {
+		if h != 0 {
+			t.mod.ctx.CloseSession(h)
+		}
 		return fmt.Errorf("failed to open session: %w", err)
 	}
 	// Login is per application: the first session's login covers the rest.
-	if err := t.mod.ctx.Login(h, pkcs11.CKU_USER, t.cfg.PIN); err != nil &&
+	if err := t.after(OpLogin, "", t.mod.ctx.Login(h, pkcs11.CKU_USER, t.cfg.PIN)); err != nil &&
 		!isRV(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
 		t.mod.ctx.CloseSession(h)
 		if isRV(err, pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE) {
@@ -298,10 +320,20 @@ func (t *Token) retire(s *session, cause error) {
 	}
 }
 
-// do runs fn on an idle session. A dead session is replaced and fn tried
-// once more; any other failure makes the token check its health, and a
-// token that fails it is marked down: the call, and every call until the
-// next recovery attempt, fails fast with ErrUnavailable.
+// do runs fn on an idle session.
+//
+// Until fn calls s.commit, which it does just before a call that may do
+// work that must not happen twice (C_Decrypt, C_GenerateKeyPair), a failure
+// is taken to have done nothing: a dead session is replaced and fn tried
+// once more, and any other failure makes the token check its health; a
+// token that fails it is marked down, and the call, and every call until
+// the next recovery attempt, fails fast with ErrUnavailable.
+//
+// Once fn has committed, nothing is tried again and no health check
+// follows: do returns fn's own error, or for a fault (the session or the
+// token died, so whether the call did its work is unknown) ErrInterrupted
+// wrapping it, and never ErrUnavailable. The caller decides what an
+// ambiguous outcome means; the session is replaced for the next call.
 func (t *Token) do(ctx context.Context, fn func(*session) error) error {
 	if err := t.enter(ctx); err != nil {
 		return err
@@ -321,24 +353,32 @@ func (t *Token) do(ctx context.Context, fn func(*session) error) error {
 			return err
 		}
 	}
-	err := fn(s)
-	if classify(err) == faultNone {
-		return t.vet(err)
+	for try := 0; ; try++ {
+		s.committed = false
+		err := fn(s)
+		switch {
+		case classify(err) == faultNone && s.committed:
+			return err
+		case classify(err) == faultNone:
+			return t.vet(err)
+		}
+		// The session is dead.
+		t.retire(s, err)
+		if s.committed {
+			t.reconnect(s)
+			return fmt.Errorf("%w: %w", ErrInterrupted, err)
+		}
+		// The call did nothing, so it is tried once more on a fresh
+		// session: after a token fault every idle session is dead, and
+		// one retry spares the caller finding them all.
+		if try == 1 {
+			t.reconnect(s)
+			return fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+		if t.reconnect(s) != nil {
+			return fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
 	}
-	// The session is dead. A fault means the call did nothing, so it is
-	// tried once more on a fresh session: after a token fault every idle
-	// session is dead, and one retry spares the caller finding them all.
-	t.retire(s, err)
-	if t.reconnect(s) != nil {
-		return fmt.Errorf("%w: %w", ErrUnavailable, err)
-	}
-	err = fn(s)
-	if classify(err) == faultNone {
-		return t.vet(err)
-	}
-	t.retire(s, err)
-	t.reconnect(s)
-	return fmt.Errorf("%w: %w", ErrUnavailable, err)
 }
 
 // vet tells an answer of the token from a symptom of its failure. SoftHSM,
@@ -368,7 +408,8 @@ func (t *Token) healthy() error {
 		if i > 0 {
 			time.Sleep(healthRetry)
 		}
-		if _, err = t.mod.ctx.GetTokenInfo(uint(t.slot.Load())); err == nil {
+		_, err = t.mod.ctx.GetTokenInfo(uint(t.slot.Load()))
+		if err = t.after(OpGetTokenInfo, "", err); err == nil {
 			return nil
 		}
 	}
@@ -496,9 +537,10 @@ func (t *Token) reset(ctx context.Context) error {
 
 // Check asks the token for its health, then looks at every session once
 // (C_GetSessionInfo), retires those that are dead or logged out, and
-// reopens them; while the token is down, it tries to recover it. Run it
-// periodically, so that an outage, dead sessions and their lost keys are
-// found before a request trips on them.
+// reopens them; while the token is down, it tries to recover it. Last, it
+// destroys what generations cut short by a fault may have left in the token
+// (see Generate). Run it periodically, so that an outage, dead sessions and
+// their lost keys are found before a request trips on them.
 func (t *Token) Check(ctx context.Context) error {
 	if t.Ready() {
 		if err := t.healthy(); err != nil {
@@ -510,7 +552,7 @@ func (t *Token) Check(ctx context.Context) error {
 	for range t.cfg.Sessions {
 		err := t.do(ctx, func(s *session) error {
 			si, err := t.mod.ctx.GetSessionInfo(s.h)
-			if err != nil {
+			if err = t.after(OpGetSessionInfo, "", err); err != nil {
 				return err
 			}
 			if si.State != pkcs11.CKS_RW_USER_FUNCTIONS {
@@ -525,6 +567,9 @@ func (t *Token) Check(ctx context.Context) error {
 		if errors.Is(err, ErrClosed) {
 			break
 		}
+	}
+	if err := t.sweepOrphans(ctx); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

@@ -7,7 +7,9 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"maps"
 	"math/big"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -89,25 +91,57 @@ func KeyTemplates(token bool, label []byte, bits int) (pub, priv []*pkcs11.Attri
 
 // Generate makes a new key pair in the token for id. The private half is
 // sensitive, never extractable and can only decrypt.
+//
+// C_GenerateKeyPair is never simply tried again: a fault after it leaves
+// the token holding a pair or not, nobody can tell. So every object under
+// id's CKA_ID is found and destroyed first, and only then, after a fault,
+// is the generation tried once more; the token never holds two pairs under
+// one CKA_ID, nor one that Generate did not return. Objects that cannot be
+// destroyed at once (the token is down) are remembered, and Check destroys
+// them once it answers.
 func (t *Token) Generate(ctx context.Context, id string) (*Key, error) {
 	if id == "" {
 		return nil, errors.New("empty key id")
 	}
+	for try := 0; ; try++ {
+		k, made, err := t.generate(ctx, id)
+		if err == nil {
+			return k, nil
+		}
+		if !made {
+			return nil, fmt.Errorf("failed to generate key %s: %w", id, err)
+		}
+		if !errors.Is(err, ErrInterrupted) {
+			err = t.vet(err) // a token error may be a symptom of an outage
+		}
+		if serr := t.sweep(ctx, id); serr != nil {
+			t.addOrphan(id)
+			t.cfg.Log.Warn("objects of a failed key generation left for the next check", "key", id, "err", serr)
+			return nil, fmt.Errorf("failed to generate key %s: %w (cleaning up after it: %v)", id, err, serr)
+		}
+		if try == 1 || !errors.Is(err, ErrInterrupted) {
+			return nil, fmt.Errorf("failed to generate key %s: %w", id, err)
+		}
+	}
+}
+
+// generate makes one attempt at a key pair. made reports whether
+// C_GenerateKeyPair was called, so that the token may hold objects under
+// id's label whatever err says.
+func (t *Token) generate(ctx context.Context, id string) (k *Key, made bool, err error) {
 	token := t.cfg.Storage == StorageToken
 	pubTmpl, privTmpl := KeyTemplates(token, t.label(id), t.cfg.KeyBits)
 	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)}
-
-	var k *Key
-	err := t.do(ctx, func(s *session) error {
+	err = t.do(ctx, func(s *session) error {
+		s.commit()
+		made = true
 		pub, priv, err := t.mod.ctx.GenerateKeyPair(s.h, mech, pubTmpl, privTmpl)
-		if err != nil {
+		if err = t.after(OpGenerateKeyPair, id, err); err != nil {
 			return err
 		}
 		k = &Key{ID: id, pub: pub, priv: priv, tokenStore: token, epoch: t.epoch.Load()}
 		if err := t.readPublic(s, k); err != nil {
-			t.mod.ctx.DestroyObject(s.h, priv)
-			t.mod.ctx.DestroyObject(s.h, pub)
-			return err
+			return err // Generate destroys the pair
 		}
 		if !token {
 			k.owner = s.owner
@@ -118,9 +152,60 @@ func (t *Token) Generate(ctx context.Context, id string) (*Key, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("failed to generate key %s: %w", id, err)
+		return nil, made, err
 	}
-	return k, nil
+	return k, made, nil
+}
+
+// sweep destroys every object under id's CKA_ID, whatever its class: what
+// a generation that may or may not have happened left behind. An empty
+// search is believed only from a healthy token.
+func (t *Token) sweep(ctx context.Context, id string) error {
+	err := t.do(ctx, func(s *session) error {
+		hs, err := t.findAll(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, t.label(id))})
+		if err != nil {
+			return err
+		}
+		for _, h := range hs {
+			err := t.after(OpDestroyObject, id, t.mod.ctx.DestroyObject(s.h, h))
+			if err != nil && !isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
+				return err
+			}
+		}
+		return nil
+	})
+	if err == nil {
+		err = t.confirmGone()
+	}
+	return err
+}
+
+func (t *Token) addOrphan(id string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.orphans == nil {
+		t.orphans = map[string]struct{}{}
+	}
+	t.orphans[id] = struct{}{}
+}
+
+// sweepOrphans destroys the objects that failed generations may have left
+// and that could not be destroyed at the time.
+func (t *Token) sweepOrphans(ctx context.Context) error {
+	t.mu.Lock()
+	ids := slices.Collect(maps.Keys(t.orphans))
+	t.mu.Unlock()
+	var errs []error
+	for _, id := range ids {
+		if err := t.sweep(ctx, id); err != nil {
+			errs = append(errs, fmt.Errorf("failed to destroy what the generation of key %s left: %w", id, err))
+			continue
+		}
+		t.mu.Lock()
+		delete(t.orphans, id)
+		t.mu.Unlock()
+	}
+	return errors.Join(errs...)
 }
 
 func (t *Token) readPublic(s *session, k *Key) error {
@@ -128,7 +213,7 @@ func (t *Token) readPublic(s *session, k *Key) error {
 		pkcs11.NewAttribute(pkcs11.CKA_MODULUS, nil),
 		pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, nil),
 	})
-	if err != nil {
+	if err = t.after(OpGetAttributeValue, k.ID, err); err != nil {
 		return err
 	}
 	n := new(big.Int).SetBytes(attrs[0].Value)
@@ -142,9 +227,18 @@ func (t *Token) readPublic(s *session, k *Key) error {
 }
 
 // Decrypt decrypts ciphertext with k's private half inside the token. A key
-// allows one attempt: a second call returns ErrKeySpent, unless the first
-// failed with ErrUnavailable (nothing reached the token's decrypt). Every
-// rejection of the ciphertext is ErrDecrypt.
+// allows one attempt: once C_Decrypt has been called with it, whatever
+// came of it, a second call returns ErrKeySpent. Every rejection of the
+// ciphertext is ErrDecrypt.
+//
+// Whether C_Decrypt was called decides the error. Before it, a failure
+// leaves the key as it was: ErrUnavailable (the token is down or its
+// session died; retry), the context's error (the caller gave up while
+// waiting for a session), ErrKeyLost, or another error. After it, Decrypt
+// never returns ErrUnavailable: it returns ErrDecrypt, ErrInterrupted (a
+// fault: whether the token decrypted is unknown) or another error, and no
+// health check follows, so that every answer to a ciphertext costs the
+// same token calls.
 func (t *Token) Decrypt(ctx context.Context, k *Key, p Padding, ciphertext []byte) ([]byte, error) {
 	method, ok := t.info.Methods[p]
 	if !ok {
@@ -159,49 +253,63 @@ func (t *Token) Decrypt(ctx context.Context, k *Key, p Padding, ciphertext []byt
 	if !k.spent.CompareAndSwap(false, true) {
 		return nil, ErrKeySpent
 	}
-	var out []byte
+	var (
+		out       []byte
+		attempted bool // C_Decrypt was called
+	)
 	err := t.do(ctx, func(s *session) error {
+		defer func() { attempted = attempted || s.committed }()
 		priv, err := t.handles(s, k, false)
 		if err != nil {
 			return err
 		}
-		out, err = t.decrypt(s, priv, p, method, k.Size(), ciphertext)
-		if k.tokenStore && isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID) {
+		out, err = t.decrypt(s, k.ID, priv, p, method, k.Size(), ciphertext)
+		if !s.committed && k.tokenStore && isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID) {
 			// C_DecryptInit refused the handle: nothing was decrypted.
 			if priv, err = t.handles(s, k, true); err != nil {
 				return err
 			}
-			out, err = t.decrypt(s, priv, p, method, k.Size(), ciphertext)
+			out, err = t.decrypt(s, k.ID, priv, p, method, k.Size(), ciphertext)
 		}
 		return err
 	})
-	switch {
-	case err == nil:
+	if err == nil {
 		return out, nil
-	case errors.Is(err, ErrUnavailable):
-		k.spent.Store(false) // no decrypt happened: a retry may try again
-		return nil, err
-	case isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID), errors.Is(err, ErrKeyLost):
-		return nil, ErrKeyLost
-	case errors.Is(err, ErrDecrypt):
-		return nil, ErrDecrypt
-	case isRV(err, pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE,
-		pkcs11.CKR_DATA_INVALID, pkcs11.CKR_DATA_LEN_RANGE,
-		// SoftHSM 2.6 reports bad padding, and a ciphertext not below
-		// the modulus, as a general error.
-		pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_FUNCTION_FAILED):
-		return nil, ErrDecrypt
-	default:
+	}
+	clear(out)
+	if !attempted {
+		k.spent.Store(false) // C_Decrypt never saw a ciphertext
+		switch {
+		case errors.Is(err, ErrUnavailable), errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+			return nil, fmt.Errorf("failed to decrypt with key %s: %w", k.ID, err)
+		case isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID), errors.Is(err, ErrKeyLost):
+			return nil, ErrKeyLost
+		}
 		return nil, fmt.Errorf("failed to decrypt with key %s: %w", k.ID, err)
 	}
+	switch {
+	case errors.Is(err, ErrDecrypt),
+		isRV(err, pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE,
+			pkcs11.CKR_DATA_INVALID, pkcs11.CKR_DATA_LEN_RANGE,
+			// SoftHSM 2.6 reports bad padding, and a ciphertext not below
+			// the modulus, as a general error.
+			pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_FUNCTION_FAILED):
+		return nil, ErrDecrypt
+	}
+	return nil, fmt.Errorf("failed to decrypt with key %s: %w", k.ID, err)
 }
 
-func (t *Token) decrypt(s *session, priv pkcs11.ObjectHandle, p Padding, m Method, size int, ct []byte) ([]byte, error) {
-	if err := t.mod.ctx.DecryptInit(s.h, p.mechanism(m), priv); err != nil {
+func (t *Token) decrypt(s *session, id string, priv pkcs11.ObjectHandle, p Padding, m Method, size int, ct []byte) ([]byte, error) {
+	if err := t.after(OpDecryptInit, id, t.mod.ctx.DecryptInit(s.h, p.mechanism(m), priv)); err != nil {
 		return nil, err
 	}
+	s.commit() // the token sees the ciphertext: never again with this key
 	out, err := t.mod.ctx.Decrypt(s.h, ct)
-	if err != nil || m == Native {
+	if err = t.after(OpDecrypt, id, err); err != nil {
+		clear(out)
+		return nil, err
+	}
+	if m == Native {
 		return out, err
 	}
 	// Raw RSA yields k bytes; should a token strip leading zeros, pad
@@ -273,13 +381,13 @@ func (t *Token) find(s *session, class uint, id string) (pkcs11.ObjectHandle, er
 }
 
 func (t *Token) findAll(s *session, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
-	if err := t.mod.ctx.FindObjectsInit(s.h, tmpl); err != nil {
+	if err := t.after(OpFindObjectsInit, "", t.mod.ctx.FindObjectsInit(s.h, tmpl)); err != nil {
 		return nil, err
 	}
 	var all []pkcs11.ObjectHandle
 	for {
 		hs, _, err := t.mod.ctx.FindObjects(s.h, 256)
-		if err != nil {
+		if err = t.after(OpFindObjects, "", err); err != nil {
 			t.mod.ctx.FindObjectsFinal(s.h)
 			return nil, err
 		}
@@ -288,7 +396,7 @@ func (t *Token) findAll(s *session, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHa
 		}
 		all = append(all, hs...)
 	}
-	return all, t.mod.ctx.FindObjectsFinal(s.h)
+	return all, t.after(OpFindObjectsFinal, "", t.mod.ctx.FindObjectsFinal(s.h))
 }
 
 // Destroy destroys both halves of k, the private half first. Objects already
@@ -304,12 +412,21 @@ func (t *Token) Destroy(ctx context.Context, k *Key) error {
 		k.destroyed.Store(true)
 		return nil
 	}
-	var notFound bool // a search came back without the private half
+	var (
+		notFound bool // a search came back without the private half
+		tries    int
+	)
 	err := t.do(ctx, func(s *session) error {
 		k.mu.Lock()
 		defer k.mu.Unlock()
 		notFound = false
-		for refresh := range 2 {
+		start := 0
+		if tries++; tries > 1 && k.tokenStore {
+			// After a fault a handle is not trusted (a token may give
+			// it to another object): look the objects up by CKA_ID.
+			start = 1
+		}
+		for refresh := start; refresh < 2; refresh++ {
 			if _, err := t.handlesLocked(s, k, refresh == 1); errors.Is(err, ErrKeyLost) {
 				notFound = true
 			} else if err != nil {
@@ -358,7 +475,7 @@ func (t *Token) destroyHandles(s *session, k *Key) error {
 		if *h == 0 {
 			continue
 		}
-		err := t.mod.ctx.DestroyObject(s.h, *h)
+		err := t.after(OpDestroyObject, k.ID, t.mod.ctx.DestroyObject(s.h, *h))
 		if err != nil && (k.tokenStore || !isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID)) {
 			return err
 		}
@@ -448,7 +565,7 @@ func (t *Token) labelAndToken(s *session, h pkcs11.ObjectHandle) ([]*pkcs11.Attr
 func (t *Token) DestroyObject(ctx context.Context, o Object) error {
 	var invalid bool
 	err := t.do(ctx, func(s *session) error {
-		err := t.mod.ctx.DestroyObject(s.h, o.handle)
+		err := t.after(OpDestroyObject, o.ID, t.mod.ctx.DestroyObject(s.h, o.handle))
 		if invalid = isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID); invalid {
 			return nil
 		}
@@ -519,7 +636,7 @@ func (t *Token) probe(ctx context.Context) error {
 			var got []byte
 			err := t.do(ctx, func(s *session) error {
 				var err error
-				got, err = t.decrypt(s, k.priv, p, m, k.Size(), ct)
+				got, err = t.decrypt(s, k.ID, k.priv, p, m, k.Size(), ct)
 				return err
 			})
 			if err == nil && string(got) == string(msg) {

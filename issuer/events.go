@@ -16,6 +16,8 @@ const (
 	EventIssued
 	// EventDecrypt: a decrypt of UniqueID finished; Err is its outcome
 	// (nil for success, else one of the package's sentinel errors).
+	// ErrAbandoned is its own outcome: the caller gave up before the
+	// token decrypted, and the key is consumed unused.
 	EventDecrypt
 	// EventExpired: the record of UniqueID moved to expired.
 	EventExpired

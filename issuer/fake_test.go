@@ -54,8 +54,14 @@ type fakeToken struct {
 	decrypts     int                    // Decrypt calls that reached a live key
 	failGenerate bool
 	failDecrypt  error // returned by Decrypt before any decrypt; ErrUnavailable leaves the key unspent
-	failDestroy  error
-	ready        bool
+	// failAfterDecrypt is returned by Decrypt after the decrypt happened,
+	// as a token that decrypts and then fails does; the key is spent.
+	failAfterDecrypt error
+	// plaintexts keeps every plaintext Decrypt returned, to check that the
+	// issuer zeroes what it does not hand on.
+	plaintexts  [][]byte
+	failDestroy error
+	ready       bool
 }
 
 var _ Token = (*fakeToken)(nil)
@@ -133,6 +139,10 @@ func (f *fakeToken) Decrypt(ctx context.Context, k *hsm.Key, p hsm.Padding, ciph
 	switch {
 	case !ok:
 		return nil, fmt.Errorf("padding %q was not probed at start-up", p)
+	case ctx.Err() != nil:
+		// As the real token: the caller gave up waiting for a session,
+		// before C_Decrypt; the key is as it was.
+		return nil, ctx.Err()
 	case !f.ready:
 		return nil, hsm.ErrUnavailable
 	case f.failDecrypt != nil:
@@ -161,9 +171,14 @@ func (f *fakeToken) Decrypt(ctx context.Context, k *hsm.Key, p hsm.Padding, ciph
 	} else {
 		pt, err = o.priv.Decrypt(nil, ciphertext, opts)
 	}
+	if f.failAfterDecrypt != nil {
+		clear(pt)
+		return nil, f.failAfterDecrypt
+	}
 	if err != nil {
 		return nil, hsm.ErrDecrypt
 	}
+	f.plaintexts = append(f.plaintexts, pt)
 	return pt, nil
 }
 

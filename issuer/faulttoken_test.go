@@ -1,6 +1,7 @@
 package issuer_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/rsa"
 	"crypto/x509"
@@ -12,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/miekg/pkcs11"
 
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
@@ -25,20 +28,33 @@ import (
 // session reports them. The faults keep the token's contract: an
 // ErrUnavailable call did nothing, so a decrypt it stopped leaves the key
 // unspent. It counts the decrypts that succeeded in the real token.
+//
+// Through the real token's hsm.Config.AfterCall (its method afterCall) it
+// also fails PKCS#11 calls after the token did their work: C_Decrypt that
+// decrypted or refused the ciphertext, C_GenerateKeyPair, the read of a new
+// public key, C_DestroyObject; and after a C_Decrypt that failed, it makes
+// the next health checks fail, as a token that goes away at that moment
+// would. It counts every C_Decrypt call per key: more than one is a key
+// that saw two ciphertexts.
 type faultToken struct {
 	issuer.Token // the real *hsm.Token
 
-	mu       sync.Mutex
-	rng      *rand.Rand
-	fail     float64       // chance that Generate, Decrypt, Destroy or DestroyObject fails
-	latency  time.Duration // up to this much is added to every call
-	down     bool          // every call fails and Ready is false
-	decrypts map[string]int
-	injected int
+	mu          sync.Mutex
+	rng         *rand.Rand
+	fail        float64       // chance that Generate, Decrypt, Destroy or DestroyObject fails
+	after       float64       // chance that a PKCS#11 call fails after its work
+	latency     time.Duration // up to this much is added to every call
+	down        bool          // every call fails and Ready is false
+	decrypts    map[string]int
+	attempts    map[string]int  // C_Decrypt calls by key
+	interrupted map[string]bool // keys whose C_Decrypt was failed after the call
+	sick        int             // health checks still to fail
+	injected    int
 }
 
 func newFaultToken(real issuer.Token, seed uint64) *faultToken {
-	return &faultToken{Token: real, rng: rand.New(rand.NewPCG(seed, 1)), decrypts: map[string]int{}}
+	return &faultToken{Token: real, rng: rand.New(rand.NewPCG(seed, 1)), decrypts: map[string]int{},
+		attempts: map[string]int{}, interrupted: map[string]bool{}}
 }
 
 // set changes the faults under the lock.
@@ -46,6 +62,49 @@ func (f *faultToken) set(fail float64, latency time.Duration, down bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.fail, f.latency, f.down = fail, latency, down
+}
+
+// setAfter changes the chance of a fault after a call's work.
+func (f *faultToken) setAfter(after float64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.after = after
+}
+
+// afterCall is the real token's hsm.Config.AfterCall.
+func (f *faultToken) afterCall(op hsm.Op, id string, err error) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	switch op {
+	case hsm.OpDecrypt:
+		f.attempts[id]++
+		if f.rng.Float64() < f.after {
+			f.injected++
+			f.interrupted[id] = true
+			err = pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)
+		}
+		if err != nil && f.rng.IntN(2) == 0 {
+			f.sick = 3 // the token goes away just as C_Decrypt failed
+		}
+		return err
+	case hsm.OpGetTokenInfo:
+		if f.sick > 0 {
+			f.sick--
+			return pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)
+		}
+	case hsm.OpGenerateKeyPair, hsm.OpGetAttributeValue, hsm.OpDestroyObject:
+		if f.rng.Float64() < f.after {
+			f.injected++
+			return pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)
+		}
+	}
+	return err
+}
+
+func (f *faultToken) wasInterrupted(id string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.interrupted[id]
 }
 
 // fault sleeps for the injected latency and reports whether the call must
@@ -135,15 +194,24 @@ func faultStorm(t *testing.T, storage hsm.Storage) {
 	ctx := context.Background()
 	softTok := hsmtest.Shared(t)
 	prefix := "ft-" + filepath.Base(t.TempDir()) + ":"
-	var is atomic.Pointer[issuer.Issuer]
+	var (
+		is     atomic.Pointer[issuer.Issuer]
+		faults atomic.Pointer[faultToken] // set once the probe at Open is done
+	)
 	real, err := hsm.Open(ctx, hsm.Config{
 		Module: softTok.Module, TokenLabel: softTok.Label, PIN: softTok.PIN,
 		Storage: storage, LabelPrefix: prefix, Sessions: 4,
-		Paddings: []hsm.Padding{hsm.OAEPSHA256},
+		Paddings: []hsm.Padding{hsm.OAEPSHA256, hsm.OAEPSHA1},
 		OnLost: func(ids []string) {
 			if i := is.Load(); i != nil {
 				i.KeysLost(ids)
 			}
+		},
+		AfterCall: func(op hsm.Op, id string, err error) error {
+			if f := faults.Load(); f != nil {
+				return f.afterCall(op, id, err)
+			}
+			return err
 		},
 	})
 	if err != nil {
@@ -158,9 +226,11 @@ func faultStorm(t *testing.T, storage hsm.Storage) {
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	ft := newFaultToken(real, seed)
+	faults.Store(ft)
 	iss, err := issuer.New(issuer.Config{
 		Token: ft, Store: st, Storage: storage,
-		Paddings: []hsm.Padding{hsm.OAEPSHA256},
+		// OAEP-SHA-1 is native on SoftHSM: bad padding is a token error.
+		Paddings: []hsm.Padding{hsm.OAEPSHA256, hsm.OAEPSHA1},
 		TTL:      2 * time.Second, PoolSize: 4, Generators: 2,
 		ApplyWait: 300 * time.Millisecond, ReapInterval: 50 * time.Millisecond,
 	})
@@ -191,17 +261,25 @@ func faultStorm(t *testing.T, storage hsm.Storage) {
 		answers[what]++
 		mu.Unlock()
 	}
-	decrypt := func(k key, wrong bool) {
+	// decrypt decrypts k's password, or with wrong a wrong salt, or with
+	// garbage a ciphertext whose padding is bad (OAEP-SHA-1, native).
+	decrypt := func(k key, wrong bool, garbage ...bool) {
 		salt := k.Salt
 		if wrong {
 			salt = "WRONGSALT000"
 		}
-		ct, err := hsm.Encrypt(k.pub, hsm.OAEPSHA256, []byte("pw-"+k.UniqueID[:8]+salt))
+		p := hsm.OAEPSHA256
+		ct, err := hsm.Encrypt(k.pub, p, []byte("pw-"+k.UniqueID[:8]+salt))
 		if err != nil {
 			t.Error(err)
 			return
 		}
-		pw, err := iss.Decrypt(ctx, k.UniqueID, ct)
+		if len(garbage) > 0 && garbage[0] {
+			p, wrong = hsm.OAEPSHA1, true
+			ct = bytes.Repeat([]byte{0x5a}, len(ct))
+			ct[0] = 0x01
+		}
+		pw, err := iss.DecryptWithPadding(ctx, k.UniqueID, ct, p)
 		switch {
 		case err == nil:
 			if wrong || string(pw) != "pw-"+k.UniqueID[:8] {
@@ -220,6 +298,8 @@ func faultStorm(t *testing.T, storage hsm.Storage) {
 			note("refused")
 		case errors.Is(err, issuer.ErrDecrypt) && wrong:
 			note("failed")
+		case errors.Is(err, issuer.ErrDecrypt) && ft.wasInterrupted(k.UniqueID):
+			note("interrupted")
 		default:
 			t.Errorf("decrypt %s (wrong: %v): %v", k.UniqueID, wrong, err)
 		}
@@ -238,6 +318,7 @@ func faultStorm(t *testing.T, storage hsm.Storage) {
 			}
 			down := rng.IntN(6) == 0
 			ft.set(rng.Float64()*0.4, time.Duration(rng.IntN(20))*time.Millisecond, down)
+			ft.setAfter(rng.Float64() * 0.3)
 			if storage == hsm.StorageSession && rng.IntN(4) == 0 {
 				// A session died and took a key with it.
 				mu.Lock()
@@ -269,9 +350,12 @@ func faultStorm(t *testing.T, storage hsm.Storage) {
 					keys[r.UniqueID] = k
 					mu.Unlock()
 					note("issued")
-					switch rng.IntN(4) {
+					switch rng.IntN(5) {
 					case 0:
 						decrypt(k, true)
+						decrypt(k, false)
+					case 4: // bad padding, then the right ciphertext, too late
+						decrypt(k, false, true)
 						decrypt(k, false)
 					case 1:
 						var inner sync.WaitGroup
@@ -299,6 +383,7 @@ func faultStorm(t *testing.T, storage hsm.Storage) {
 	close(storm)
 	wg.Wait()
 	ft.set(0, 0, false)
+	ft.setAfter(0)
 
 	// Calm: every failed destroy is retried, every unused key expires and
 	// is destroyed.
@@ -308,6 +393,12 @@ func faultStorm(t *testing.T, storage hsm.Storage) {
 	})
 	stopRun()
 	<-runDone
+	// What failed generations left and could not destroy at once, the
+	// token's Check destroys (the reaper runs it; once more, to be sure it
+	// ran since the storm).
+	if err := real.Check(ctx); err != nil {
+		t.Fatalf("Check after the storm: %v", err)
+	}
 	objs, err := real.List(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -327,6 +418,11 @@ func faultStorm(t *testing.T, storage hsm.Storage) {
 	for id, n := range ft.decrypts {
 		if n > 1 {
 			t.Errorf("DOUBLE DECRYPT: %s decrypted %d times in the token", id, n)
+		}
+	}
+	for id, n := range ft.attempts {
+		if n > 1 {
+			t.Errorf("DOUBLE DECRYPT: C_Decrypt was called %d times with key %s", n, id)
 		}
 	}
 	t.Logf("%s storage: %d faults injected; answers %v", storage, ft.injected, answers)

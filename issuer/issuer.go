@@ -33,9 +33,17 @@ import (
 
 // Token is the part of the PKCS#11 token the issuer uses; [*hsm.Token]
 // implements it. Implementations are safe for concurrent use. Calls fail
-// with [hsm.ErrUnavailable] when the token is down (retryable, nothing was
-// decrypted), [hsm.ErrKeyLost] when a key's objects are gone, and Decrypt
+// with [hsm.ErrUnavailable] when the token is down (retryable, the call did
+// nothing), [hsm.ErrKeyLost] when a key's objects are gone, and Decrypt
 // with [hsm.ErrDecrypt] for every rejected ciphertext.
+//
+// Decrypt says whether the token saw the ciphertext: it returns
+// [hsm.ErrUnavailable], or the context's error when the caller gave up
+// waiting for the token, only when C_Decrypt was never called. Once it
+// was, it returns [hsm.ErrDecrypt], [hsm.ErrInterrupted] (the token failed
+// and whether it decrypted is unknown) or another error, never
+// ErrUnavailable. Generate leaves no object behind that it did not return
+// (what a fault keeps it from destroying at once, Check destroys later).
 type Token interface {
 	Generate(ctx context.Context, id string) (*hsm.Key, error)
 	Decrypt(ctx context.Context, k *hsm.Key, p hsm.Padding, ciphertext []byte) ([]byte, error)
@@ -76,6 +84,10 @@ var (
 	ErrConsumed    = errors.New("key already used")
 	ErrExpired     = errors.New("key expired")
 	ErrLost        = errors.New("key lost by the token")
+	// ErrAbandoned means the caller gave up (its context ended) after the
+	// key was claimed and before the token decrypted anything. Nothing
+	// was decrypted, but the key is consumed and destroyed all the same.
+	ErrAbandoned = errors.New("decrypt abandoned by the caller before the token decrypted; the key is consumed")
 	// ErrDecrypt covers every failed decrypt: bad padding, wrong salt. The
 	// key is destroyed all the same.
 	ErrDecrypt = errors.New("decryption failed")
@@ -390,8 +402,14 @@ func (is *Issuer) Record(ctx context.Context, uniqueID string) (store.Record, er
 //
 // It fails with ErrNotFound, ErrConsumed, ErrExpired or ErrLost when the key
 // cannot decrypt; ErrCiphertext (key untouched) when the ciphertext has the
-// wrong length or is not below the modulus; ErrUnavailable (key untouched, retry) when the token is
-// down; ErrDecrypt when the padding or the salt is wrong, whichever it was.
+// wrong length or is not below the modulus; ErrUnavailable (key untouched,
+// retry) when the token is down before it saw the ciphertext; ErrAbandoned
+// (key consumed, nothing decrypted) when ctx ends while the decrypt waits
+// for the token; ErrDecrypt when the padding or the salt is wrong,
+// whichever it was, or when the token failed once it had the ciphertext.
+//
+// The password is a sub-slice of a buffer that holds nothing else (the
+// rest of the plaintext is zeroed): the caller zeroes it once used.
 func (is *Issuer) Decrypt(ctx context.Context, uniqueID string, ciphertext []byte) ([]byte, error) {
 	return is.DecryptWithPadding(ctx, uniqueID, ciphertext, "")
 }
@@ -452,7 +470,11 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	}
 
 	pt, derr := is.cfg.Token.Decrypt(ctx, k, p, ciphertext)
-	if errors.Is(derr, hsm.ErrUnavailable) && is.release(ctx, k, holderOf(rec)) {
+	// Only a token that never saw the ciphertext gives the key back. The
+	// token's word for it is ErrUnavailable, which it never returns once
+	// C_Decrypt was called; ErrInterrupted wins should both be wrapped.
+	if errors.Is(derr, hsm.ErrUnavailable) && !errors.Is(derr, hsm.ErrInterrupted) &&
+		is.release(ctx, k, holderOf(rec)) {
 		return nil, ErrUnavailable
 	}
 	is.destroy(ctx, k, ReasonConsumed)
@@ -469,6 +491,15 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	case derr == nil:
 	case final == store.Lost:
 		return nil, ErrLost
+	case errors.Is(derr, context.Canceled), errors.Is(derr, context.DeadlineExceeded):
+		// The caller went away while the decrypt waited for a session.
+		// The claim stands: the key is destroyed unused.
+		is.log.Warn("decrypt abandoned by its caller before the token decrypted; key consumed unused",
+			"unique_id", uniqueID, "err", derr)
+		return nil, ErrAbandoned
+	case errors.Is(derr, hsm.ErrInterrupted):
+		is.log.Warn("the token failed during a decrypt; key consumed", "unique_id", uniqueID, "err", derr)
+		return nil, ErrDecrypt
 	case errors.Is(derr, hsm.ErrDecrypt), errors.Is(derr, hsm.ErrKeySpent), errors.Is(derr, hsm.ErrUnavailable):
 		return nil, ErrDecrypt
 	default:
@@ -480,6 +511,7 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 		clear(pt)
 		return nil, ErrDecrypt
 	}
+	keepOnly(pt, password)
 	return password, nil
 }
 
@@ -513,6 +545,18 @@ func (is *Issuer) release(ctx context.Context, k *hsm.Key, h holder) bool {
 	is.untrackLocked(k.ID)
 	is.mu.Unlock()
 	return false
+}
+
+// keepOnly zeroes every byte of buf outside sub, a sub-slice of it, so
+// that a caller who zeroes sub leaves nothing of buf behind.
+func keepOnly(buf, sub []byte) {
+	if len(sub) == 0 {
+		clear(buf)
+		return
+	}
+	start := cap(buf) - cap(sub) // sub = buf[start : start+len(sub)]
+	clear(buf[:start])
+	clear(buf[start+len(sub):])
 }
 
 // stripSalt checks, in constant time, that pt ends with salt and returns the
