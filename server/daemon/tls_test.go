@@ -17,17 +17,25 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/server/devtls"
+	"github.com/keyissuer/keyissuer/server/publicapi"
 )
 
 // HTTPS on the public listener: keyissuerd as a process with a certificate
 // from a test CA, driven by Go's crypto/tls; its reload on SIGHUP; mutual
 // TLS.
 
-// tlsSetup writes a CA and a server certificate for 127.0.0.1 beside the
-// config of setup, and turns HTTPS on with extraAPI added to [api].
+// tlsSetup is setup's config with HTTPS on: see addTLS.
 func tlsSetup(t *testing.T, extraAPI string) (cfgPath string, ca *devtls.CA) {
 	t.Helper()
 	path, _ := setup(t, "session")
+	return path, addTLS(t, path, extraAPI)
+}
+
+// addTLS writes a CA (ca.pem) and a server certificate for 127.0.0.1
+// (server.pem, server.key) beside the config at path, and turns HTTPS on
+// with extraAPI added to [api].
+func addTLS(t *testing.T, path, extraAPI string) *devtls.CA {
+	t.Helper()
 	dir := filepath.Dir(path)
 	ca, err := devtls.NewCA("keyissuer test CA")
 	if err != nil {
@@ -41,12 +49,12 @@ func tlsSetup(t *testing.T, extraAPI string) (cfgPath string, ca *devtls.CA) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b = bytes.Replace(b, []byte("allow_unsigned = true\n"),
-		[]byte("allow_unsigned = true\ntls_cert_file = \"server.pem\"\ntls_key_file = \"server.key\"\n"+extraAPI+"\n"), 1)
+	b = bytes.Replace(b, []byte("\n[api]\n"),
+		[]byte("\n[api]\ntls_cert_file = \"server.pem\"\ntls_key_file = \"server.key\"\n"+extraAPI+"\n"), 1)
 	if err := os.WriteFile(path, b, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return path, ca
+	return ca
 }
 
 // writePair issues a server certificate for 127.0.0.1 and writes it, with
@@ -227,6 +235,23 @@ func TestHTTPSReload(t *testing.T) {
 	}
 	if code := applyOn(); code != "SUCCESS" {
 		t.Errorf("apply after the refused reload: %s", code)
+	}
+	c.stop()
+}
+
+// TestSignedApplyHTTPS: the wallet SDKs' signed apply over HTTPS, on the
+// production and the sandbox path; each answer's signature verifies over
+// the path used. (The same with Java's HttpsURLConnection: sdk_java_test.go.)
+func TestSignedApplyHTTPS(t *testing.T) {
+	path := signedSetup(t, "")
+	ca := addTLS(t, path, "")
+	c := start(t, path)
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: tlsClientConfig(ca, nil)}}
+	for _, p := range []string{publicapi.ApplyPath, publicapi.SandboxApplyPath} {
+		a := sdkApply(t, client, strings.Replace(c.api, publicapi.ApplyPath, p, 1), `{"customerId":"2188000123456789"}`)
+		if a.Result.ResultCode != "SUCCESS" || a.PublicKeyInfo == nil {
+			t.Errorf("%s: %+v", p, a.Result)
+		}
 	}
 	c.stop()
 }
