@@ -93,7 +93,7 @@ func serve(log *slog.Logger, args []string) error {
 	if o.ServerKey, err = apisig.ParsePublicKey(string(b)); err != nil {
 		return fmt.Errorf("-server-key %s: %w", *serverKey, err)
 	}
-	if o.MerchantKey, err = readKey(*merchantKey); err != nil {
+	if o.MerchantKey, err = apisig.ReadPrivateKey(*merchantKey); err != nil {
 		return fmt.Errorf("-merchant-key: %w (keyissuer-demo setup makes it)", err)
 	}
 	ln, err := net.Listen("tcp", *listen)
@@ -166,26 +166,6 @@ func NewHandler(addr string, o Options) (http.Handler, error) {
 	return mux, nil
 }
 
-func readKey(path string) (*rsa.PrivateKey, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	block, _ := pem.Decode(b)
-	if block == nil {
-		return nil, fmt.Errorf("%s holds no PEM key", path)
-	}
-	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	rk, ok := k.(*rsa.PrivateKey)
-	if !ok {
-		return nil, fmt.Errorf("%s: not an RSA key", path)
-	}
-	return rk, nil
-}
-
 // setup makes the demo merchant's key, once, and writes keyissuerd's demo
 // config: the base config with the merchant registered.
 func setup(args []string) error {
@@ -197,7 +177,7 @@ func setup(args []string) error {
 		return err
 	}
 	keyFile := filepath.Join(*dir, "merchant.pem")
-	key, err := readKey(keyFile)
+	key, err := apisig.ReadPrivateKey(keyFile)
 	if errors.Is(err, os.ErrNotExist) {
 		key, err = WriteMerchantKey(keyFile)
 	}
