@@ -1,7 +1,9 @@
 // The checkout page: asks the merchant's backend for a one-time key,
 // encrypts the wallet password followed by the salt with WebCrypto
 // (RSA-OAEP, SHA-256), and posts {uniqueId, ciphertext} for the wallet to
-// check. The password never leaves this page unencrypted.
+// check. The password never leaves this page unencrypted. "Password then
+// salt" is keyissuerd's default plaintext layout (keys.layout =
+// "password-salt"); a daemon with another layout needs that order here.
 "use strict";
 
 const form = document.getElementById("checkout");
