@@ -26,6 +26,38 @@ run: export SOFTHSM2_CONF := $(CURDIR)/.softhsm/softhsm2.conf
 run: build softhsm
 	$(BIN)/keyissuerd -config $(CONFIG)
 
+# HTTPS for development: `make dev-tls` writes a development CA and a
+# server certificate for 127.0.0.1 and localhost into .dev-tls/ (git-ignored;
+# keys mode 0600), once. `make run-tls` is `make run` with applyPublicKey on
+# https://127.0.0.1:8443: $(CONFIG) with api.listen and the certificate
+# changed, written to config.tls.toml (git-ignored). curl --cacert
+# .dev-tls/ca.pem trusts it.
+.PHONY: dev-tls run-tls
+dev-tls: .dev-tls/server.pem
+.dev-tls/server.pem:
+	$(GO) run ./cmd/keyissuer dev-tls -dir .dev-tls
+
+run-tls: export SOFTHSM2_CONF := $(CURDIR)/.softhsm/softhsm2.conf
+run-tls: build softhsm dev-tls
+	sed -e 's|^listen = "127.0.0.1:8080"$$|listen = "127.0.0.1:8443"\ntls_cert_file = ".dev-tls/server.pem"\ntls_key_file = ".dev-tls/server.key"|' \
+		$(CONFIG) > config.tls.toml
+	@grep -q '^tls_cert_file' config.tls.toml || { echo "run-tls: $(CONFIG) has no line listen = \"127.0.0.1:8080\" to change"; exit 1; }
+	$(BIN)/keyissuerd -config config.tls.toml
+
+# The checkout demo: keyissuerd as `make run` starts it, with the demo
+# merchant registered (config.demo.toml, git-ignored; its key, a development
+# fixture made here, in .demo/), and keyissuer-demo's checkout page on
+# http://127.0.0.1:8090/. The wallet password is "correct horse". Ctrl-C
+# stops both.
+.PHONY: demo
+demo: export SOFTHSM2_CONF := $(CURDIR)/.softhsm/softhsm2.conf
+demo: build softhsm
+	$(BIN)/keyissuer-demo setup -config $(CONFIG) -dir .demo -out config.demo.toml
+	@$(BIN)/keyissuerd -config config.demo.toml & kid=$$!; \
+	trap 'kill -TERM $$kid 2>/dev/null; wait $$kid' EXIT; \
+	$(BIN)/keyissuer-demo -listen 127.0.0.1:8090 -merchant-key .demo/merchant.pem \
+		-server-key .softhsm/response-signing.pub -socket run/decrypt.sock
+
 # Every test with the race detector, then every fuzz target for a few
 # seconds (TEST_FUZZTIME; 0 skips it). Integration tests make their own
 # SoftHSM tokens in a temp dir (hsm/hsmtest); the dev token is not touched.

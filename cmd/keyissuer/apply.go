@@ -44,7 +44,7 @@ func applyCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	case *keyFile != "" && *clientID == "":
 		return errors.New("apply: -key needs -client-id")
 	case *keyFile != "":
-		k, err := readPrivateKey(*keyFile)
+		k, err := apisig.ReadPrivateKey(*keyFile)
 		if err != nil {
 			return fmt.Errorf("apply: -key: %w", err)
 		}
@@ -113,37 +113,6 @@ func applyCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return fmt.Errorf("apply: %s/%s: %s", out.Result.ResultCode, out.Result.ResultStatus, out.Result.ResultMessage)
 	}
 	return printJSON(stdout, out.PublicKeyInfo)
-}
-
-// readPrivateKey reads an RSA private key, PEM: PKCS #8 ("PRIVATE KEY", as
-// `openssl genpkey` writes) or PKCS #1 ("RSA PRIVATE KEY"). Errors never
-// quote the file.
-func readPrivateKey(path string) (*rsa.PrivateKey, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	block, _ := pem.Decode(b)
-	if block == nil {
-		return nil, fmt.Errorf("%s holds no PEM block", path)
-	}
-	var key any
-	switch block.Type {
-	case "PRIVATE KEY":
-		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
-	case "RSA PRIVATE KEY":
-		key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
-	default:
-		return nil, fmt.Errorf("%s holds a %q PEM block, not an RSA private key", path, block.Type)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("%s: not a valid private key", path)
-	}
-	rk, ok := key.(*rsa.PrivateKey)
-	if !ok {
-		return nil, fmt.Errorf("%s: a %T, not an RSA key", path, key)
-	}
-	return rk, nil
 }
 
 // signingKeyCmd is `keyissuer signing-key`: print, and with -create first

@@ -13,6 +13,7 @@
 //	keyissuer health  [-socket PATH]
 //	keyissuer status  [-admin URL] [-json]
 //	keyissuer audit verify FILE...
+//	keyissuer dev-tls [-dir .dev-tls]
 //	keyissuer version
 package main
 
@@ -35,6 +36,7 @@ import (
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/server/decryptclient"
+	"github.com/keyissuer/keyissuer/server/devtls"
 )
 
 const usage = `keyissuer: the keyissuerd client
@@ -54,6 +56,8 @@ const usage = `keyissuer: the keyissuerd client
   keyissuer health  [-socket PATH]                      the daemon's health
   keyissuer status  [-admin URL] [-json]                the daemon's status (admin listener)
   keyissuer audit verify FILE...                        check the audit trail's chain (oldest file first)
+  keyissuer dev-tls [-dir .dev-tls]                     a development CA and a server certificate for 127.0.0.1
+                                                        and localhost (make dev-tls); never for production
   keyissuer version
 `
 
@@ -88,6 +92,17 @@ func run(ctx context.Context, cmd string, args []string, stdin io.Reader, stdout
 		return applyCmd(ctx, args, stdout, os.Stderr) // apply.go
 	case "signing-key":
 		return signingKeyCmd(ctx, args, stdout, os.Stderr)
+	case "dev-tls":
+		dir := fs.String("dir", ".dev-tls", "the `directory` to write ca.pem, ca.key, server.pem and server.key to")
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		if err := devtls.WriteDev(*dir); err != nil {
+			return fmt.Errorf("dev-tls: %w", err)
+		}
+		_, err := fmt.Fprintf(stdout, "development CA %s/ca.pem; server certificate %s/server.pem (key server.key) for %s\n",
+			*dir, *dir, strings.Join(devtls.Hosts, ", "))
+		return err
 	case "encrypt":
 		pub := fs.String("public-key", "", "publicKey from apply (base64 DER)")
 		salt := fs.String("salt", "", "salt from apply")

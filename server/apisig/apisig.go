@@ -32,6 +32,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -362,4 +363,35 @@ func VerifyResponse(h http.Header, path string, body []byte, pub *rsa.PublicKey)
 	}
 	content := Content(http.MethodPost, path, h.Get(HeaderClientID), h.Get(HeaderResponseTime), body)
 	return Verify(pub, content, sig.Value)
+}
+
+// ReadPrivateKey reads an RSA private key, PEM: PKCS #8 ("PRIVATE KEY", as
+// `openssl genpkey` writes) or PKCS #1 ("RSA PRIVATE KEY"). Errors never
+// quote the file. A client signs its requests with it.
+func ReadPrivateKey(path string) (*rsa.PrivateKey, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	block, _ := pem.Decode(b)
+	if block == nil {
+		return nil, fmt.Errorf("%s holds no PEM block", path)
+	}
+	var key any
+	switch block.Type {
+	case "PRIVATE KEY":
+		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
+	case "RSA PRIVATE KEY":
+		key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
+	default:
+		return nil, fmt.Errorf("%s holds a %q PEM block, not an RSA private key", path, block.Type)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%s: not a valid private key", path)
+	}
+	rk, ok := key.(*rsa.PrivateKey)
+	if !ok {
+		return nil, fmt.Errorf("%s: a %T, not an RSA key", path, key)
+	}
+	return rk, nil
 }

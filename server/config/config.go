@@ -146,6 +146,20 @@ type API struct {
 	// change, without a restart. Empty (the default): no blocklist.
 	BlocklistFile string        `toml:"blocklist_file"`
 	BlocklistPoll time.Duration `toml:"blocklist_poll"`
+
+	// HTTPS (tls.go).
+	//
+	// TLSCertFile and TLSKeyFile, both or neither, turn HTTPS on for
+	// Listen: the certificate in PEM (the server's first, then any
+	// intermediates) and its private key in PEM. TLS 1.2 at least. SIGHUP
+	// reads both again; a pair that does not load keeps the running one.
+	TLSCertFile string `toml:"tls_cert_file"`
+	TLSKeyFile  string `toml:"tls_key_file"`
+	// TLSClientCAFile, with HTTPS, requires every client to present a
+	// certificate that chains to one of the CA certificates in this PEM
+	// file (mutual TLS); without one the handshake fails. Read at
+	// start-up only.
+	TLSClientCAFile string `toml:"tls_client_ca_file"`
 }
 
 // Decrypt sets the local decrypt socket.
@@ -269,6 +283,7 @@ func (c *Config) resolve(dir string) {
 	}
 	c.resolveAccess(dir)
 	c.resolveOps(dir)
+	c.resolveTLS(dir)
 }
 
 // Validate checks every field and names the first bad one.
@@ -339,6 +354,9 @@ func (c *Config) Validate() error {
 		return bad("api.listen", "%q: the port must be a number from 0 to 65535", c.API.Listen)
 	}
 	if err := c.validateOps(); err != nil {
+		return err
+	}
+	if err := c.validateTLS(); err != nil {
 		return err
 	}
 	if _, err := c.SocketMode(); err != nil {

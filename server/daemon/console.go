@@ -102,11 +102,16 @@ func (d *Daemon) warmUp(ctx context.Context) {
 // tryThis is what to run against a daemon started at the terminal.
 func tryThis(d *Daemon) string {
 	var b strings.Builder
-	api := "http://" + d.APIAddr() + publicapi.ApplyPath
+	api := d.apiScheme() + "://" + d.APIAddr() + publicapi.ApplyPath
 	adm := "http://" + d.AdminAddr()
 	fmt.Fprintf(&b, "\nkeyissuerd is serving. From another terminal, in the repository:\n")
-	fmt.Fprintf(&b, "  curl -s %s -H 'Content-Type: application/json' -d '{\"customerId\": \"2188000123456789\"}'\n", api)
-	fmt.Fprintf(&b, "  bin/keyissuer apply -url %s -customer-id 2188000123456789\n", api)
+	if d.tls != nil {
+		// The CA that make dev-tls writes; another CA's file otherwise.
+		fmt.Fprintf(&b, "  curl -s --cacert .dev-tls/ca.pem %s -H 'Content-Type: application/json' -d '{\"customerId\": \"2188000123456789\"}'\n", api)
+	} else {
+		fmt.Fprintf(&b, "  curl -s %s -H 'Content-Type: application/json' -d '{\"customerId\": \"2188000123456789\"}'\n", api)
+		fmt.Fprintf(&b, "  bin/keyissuer apply -url %s -customer-id 2188000123456789\n", api)
+	}
 	fmt.Fprintf(&b, "  curl -s --unix-socket %s http://localhost/v1/health\n", d.cfg.Decrypt.Socket)
 	fmt.Fprintf(&b, "  bin/keyissuer status -admin %s          (also %s%s, %s%s)\n", adm, adm, admin.MetricsPath, adm, admin.ReadyzPath)
 	fmt.Fprintf(&b, "  bin/keyissuer audit verify %s\n", d.cfg.Audit.Path)

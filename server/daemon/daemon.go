@@ -65,6 +65,8 @@ type Daemon struct {
 
 	access access // clients, response signing, blocklist (access.go)
 
+	tls *serverTLS // nil: plain HTTP (tls.go)
+
 	ops *ops // admin listener, metrics, audit trail (ops.go)
 }
 
@@ -107,6 +109,9 @@ func (d *Daemon) open(ctx context.Context) error {
 		return fmt.Errorf("failed to listen on api.listen %s: %w", cfg.API.Listen, err)
 	}
 	if err := d.openOps(); err != nil {
+		return err
+	}
+	if err := d.openTLS(); err != nil {
 		return err
 	}
 	var is atomic.Pointer[issuer.Issuer]
@@ -234,7 +239,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.issuer.Run(issuerCtx)
 	}()
 
-	d.log.Info("serving", "api", "http://"+d.APIAddr()+publicapi.ApplyPath, "decrypt_socket", d.cfg.Decrypt.Socket,
+	if d.tls != nil {
+		api.TLSConfig = d.tls.config
+	}
+	d.log.Info("serving", "api", d.apiScheme()+"://"+d.APIAddr()+publicapi.ApplyPath, "decrypt_socket", d.cfg.Decrypt.Socket,
 		"admin", "http://"+d.AdminAddr())
 	opsCtx, stopOps := context.WithCancel(ctx)
 	opsDone := make(chan struct{})
@@ -248,7 +256,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 		ln  net.Listener
 	}{{api, d.apiLn}, {sock, d.sockLn}} {
 		g.Go(func() error {
-			if err := s.srv.Serve(s.ln); !errors.Is(err, http.ErrServerClosed) {
+			var err error
+			if s.srv.TLSConfig != nil {
+				err = s.srv.ServeTLS(s.ln, "", "") // the certificate comes from TLSConfig.GetCertificate
+			} else {
+				err = s.srv.Serve(s.ln)
+			}
+			if !errors.Is(err, http.ErrServerClosed) {
 				return err
 			}
 			return nil

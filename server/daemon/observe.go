@@ -56,7 +56,7 @@ var clientIDRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
 func apiOf(listener, path string) string {
 	if listener == listenerPublic {
-		if path == publicapi.ApplyPath {
+		if path == publicapi.ApplyPath || path == publicapi.SandboxApplyPath {
 			return metrics.APIApply
 		}
 		return metrics.APIOther

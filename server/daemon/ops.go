@@ -298,6 +298,7 @@ func (d *Daemon) runOps(ctx context.Context) {
 				return
 			case <-d.opts.ReloadSignal: // nil: never
 				d.ReloadFile(d.opts.ConfigPath)
+				d.reloadCert() // the running paths, whether the file reloaded or not
 			}
 		}
 	})

@@ -145,6 +145,15 @@ func New(is Issuer, tok Token, version string) *Metrics {
 	return m
 }
 
+// CertExpiry exports keyissuer_api_tls_cert_expiry_seconds: the seconds
+// from the scrape to the notAfter of the public listener's certificate,
+// read at scrape time (negative once expired). Call it once, with HTTPS on.
+func (m *Metrics) CertExpiry(notAfter func() time.Time) {
+	factory{m.reg}.gaugeFunc("api_tls_cert_expiry_seconds",
+		"Seconds until the public listener's TLS certificate expires (its notAfter); negative once expired.",
+		func() float64 { return time.Until(notAfter()).Seconds() })
+}
+
 // Registry is the registry, for tests.
 func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 

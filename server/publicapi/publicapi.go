@@ -35,8 +35,14 @@ import (
 	"github.com/keyissuer/keyissuer/server/jsonbody"
 )
 
-// ApplyPath is the applyPublicKey endpoint.
-const ApplyPath = "/ams/api/v1/customer/applyPublicKey"
+// ApplyPath is the applyPublicKey endpoint. SandboxApplyPath is where the
+// wallet SDKs send a sandbox client's requests (sandbox mode on, Client-Id
+// SANDBOX_...); it is served the same way. Either way the answer's
+// signature covers the path the request used, as the SDKs check it.
+const (
+	ApplyPath        = "/ams/api/v1/customer/applyPublicKey"
+	SandboxApplyPath = "/ams/sandbox/api/v1/customer/applyPublicKey"
+)
 
 // Issuer issues keys; [*issuer.Issuer] implements it. ApplyWithin is safe
 // for concurrent use. It fails with a *[issuer.QuotaError] (errors.Is
@@ -144,7 +150,7 @@ type Config struct {
 	Now func() time.Time // the clock (time.Now)
 }
 
-// Handler serves /ams/api/.
+// Handler serves /ams/api/ and /ams/sandbox/api/.
 type Handler struct {
 	cfg     Config
 	log     *slog.Logger
@@ -241,7 +247,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *Handler) serve(w http.ResponseWriter, r *http.Request) (Response, *outcome) {
-	if r.URL.Path != ApplyPath {
+	if r.URL.Path != ApplyPath && r.URL.Path != SandboxApplyPath {
 		return Response{}, &outcome{http: http.StatusNotFound, code: CodeInvalidAPI, status: "F", msg: "no such API: " + printable(r.URL.Path)}
 	}
 	if r.Method != http.MethodPost {
