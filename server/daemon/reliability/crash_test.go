@@ -111,6 +111,7 @@ type crashRun struct {
 	mustVanish map[string]bool // objects a kill left that the next start must destroy
 
 	// figures
+	plan                        string         // the crash point of the current cycle
 	kills                       map[string]int // planned kills that fired, by point; "random": the parent's
 	missed                      map[string]int // planned kills whose point did not come up
 	aimed                       map[string]int // cycles of the aimed phase, by point
@@ -179,7 +180,7 @@ func TestCrashCycles(t *testing.T) {
 			r.cycle(cycle+1, cp.point, jitter, false)
 		}
 		if t.Failed() {
-			t.Fatalf("cycle %d failed (CRASH_SEED=%d)", cycle+1, seed)
+			t.Fatalf("cycle %d failed, its crash point %s (CRASH_SEED=%d)", cycle+1, r.plan, seed)
 		}
 		if (cycle+1)%50 == 0 {
 			t.Logf("%d cycles in %s; kills by point %v", cycle+1, time.Since(start).Round(time.Second), r.kills)
@@ -217,6 +218,7 @@ func TestCrashCycles(t *testing.T) {
 // point after aimLimit.
 func (r *crashRun) cycle(n int, point string, jitter time.Duration, aimed bool) (fired bool) {
 	t := r.t
+	r.plan = point
 	var env []string
 	nth := 1
 	if !aimed {
