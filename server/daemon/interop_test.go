@@ -60,32 +60,37 @@ var (
 // it and a skip would hide a gap.
 func needTool(t *testing.T, name, pkg string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
+	p, missing := lookTool(t, name, pkg)
+	if p == "" {
+		t.Skip(missing)
 	}
-	msg := fmt.Sprintf("%s not found (Debian package %s): %v", name, pkg, err)
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg + "; .ci/run should have installed it")
-	}
-	t.Skip(msg)
-	return ""
+	return p
 }
 
 // optionalTool returns the path of a client program that some cases need,
 // or "" and a log line without it. In CI (CI=true) it is required.
 func optionalTool(t *testing.T, name, pkg string) string {
 	t.Helper()
+	p, missing := lookTool(t, name, pkg)
+	if p == "" {
+		t.Log(missing + ": its cases do not run")
+	}
+	return p
+}
+
+// lookTool finds a client program, or says why not; in CI a missing one
+// fails the test.
+func lookTool(t *testing.T, name, pkg string) (path, missing string) {
+	t.Helper()
 	p, err := exec.LookPath(name)
 	if err == nil {
-		return p
+		return p, ""
 	}
-	msg := fmt.Sprintf("%s not found (Debian package %s): %v", name, pkg, err)
+	missing = fmt.Sprintf("%s not found (Debian package %s): %v", name, pkg, err)
 	if os.Getenv("CI") == "true" {
-		t.Fatal(msg + "; .ci/run should have installed it")
+		t.Fatal(missing + "; .ci/run should have installed it")
 	}
-	t.Log(msg + ": its cases do not run")
-	return ""
+	return "", missing
 }
 
 func TestInteropClients(t *testing.T) {
