@@ -766,9 +766,17 @@ func seal(t testing.TB, k keyInfo, password string) []byte {
 // daemon is dead, or accept that a running one's pool is there too.
 func (f *fixture) tokenObjects() map[string]int {
 	f.t.Helper()
+	f.mu.Lock()
+	live := slices.ContainsFunc(f.procs, (*proc).alive)
+	f.mu.Unlock()
 	ids := map[string]int{}
 	for _, o := range hsmtest.Added(f.baseline, hsmtest.Objects(f.t, f.soft)) {
 		id, ok := f.keyID(o)
+		if !ok && live && o.Label == "" && o.ID == "" {
+			// A live daemon's key being made: SoftHSM writes its
+			// attributes after creating it. Judged once it is dead.
+			continue
+		}
 		if !ok {
 			f.mu.Lock()
 			fresh := !f.foreign[o]
