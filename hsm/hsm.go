@@ -480,6 +480,8 @@ func (t *Token) markDown(cause error) {
 	if !t.down {
 		t.cfg.Log.Error("token down", "label", t.info.Label, "err", cause)
 		t.faults.down.Add(1)
+	} else {
+		t.cfg.Log.Debug("token still down", "label", t.info.Label, "retry_in", t.backoff)
 	}
 	t.down, t.retryAt = true, time.Now().Add(t.backoff)
 }

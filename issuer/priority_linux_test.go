@@ -1,6 +1,8 @@
 package issuer
 
 import (
+	"fmt"
+	"os"
 	"runtime"
 	"testing"
 
@@ -29,7 +31,12 @@ func TestLowerThreadPriority(t *testing.T) {
 		t.Fatal(err)
 	}
 	if 20-base >= generatorNice {
-		t.Skipf("the test runs at nice %d already", 20-base)
+		// Nothing to lower. CI runs make test at nice 0: there it must run.
+		msg := fmt.Sprintf("the test runs at nice %d already, at or below the generators' %d", 20-base, generatorNice)
+		if os.Getenv("CI") == "true" {
+			t.Fatal(msg + "; CI runs make test at nice 0")
+		}
+		t.Skip(msg)
 	}
 	lowered := <-niceOfThread(lowerThreadPriority, hold)
 	// Both goroutines hold their threads, so this one runs on another.

@@ -32,7 +32,9 @@ import (
 // re-executed) on a SoftHSM token, and is driven over HTTP and its socket,
 // killed and restarted as an operator or a crash would.
 
-// claimPauseEnv makes the child pause after a decrypt's claim.
+// claimPauseEnv makes the child pause after a decrypt's claim: for a
+// duration, or "while:<path>" as long as the file path exists (at most a
+// minute), so that the parent decides when the decrypt goes on.
 const claimPauseEnv = "KEYISSUERD_TEST_CLAIM_PAUSE"
 
 func TestMain(m *testing.M) { daemontest.Main(m, childOptions) }
@@ -47,7 +49,16 @@ func childOptions(path string, cfg config.Config) (daemon.Options, error) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	opts := daemon.Options{Log: log, LogLevel: level, ConfigPath: path, ReloadSignal: hup}
-	if p, err := time.ParseDuration(os.Getenv(claimPauseEnv)); err == nil {
+	if hold, ok := strings.CutPrefix(os.Getenv(claimPauseEnv), "while:"); ok {
+		opts.AfterClaim = func(id string) {
+			fmt.Printf("claimed %s\n", id)
+			for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+				if _, err := os.Stat(hold); err != nil {
+					return
+				}
+			}
+		}
+	} else if p, err := time.ParseDuration(os.Getenv(claimPauseEnv)); err == nil {
 		opts.AfterClaim = func(id string) {
 			fmt.Printf("claimed %s\n", id)
 			time.Sleep(p)

@@ -392,7 +392,13 @@ func waitMsg(t *testing.T, msgs <-chan string, want string) {
 func TestSIGTERMGracefulShutdown(t *testing.T) {
 	cfgPath, _ := setup(t, "session")
 	notifyPath, msgs := notifySocket(t)
-	c := start(t, cfgPath, claimPauseEnv+"=2s", "NOTIFY_SOCKET="+notifyPath)
+	// The decrypt in flight waits after its claim until the shutdown is
+	// under way: hold goes then.
+	hold := filepath.Join(t.TempDir(), "hold")
+	if err := os.WriteFile(hold, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := start(t, cfgPath, claimPauseEnv+"=while:"+hold, "NOTIFY_SOCKET="+notifyPath)
 	waitMsg(t, msgs, "READY=1")
 
 	inFlight := c.apply("")
@@ -417,6 +423,16 @@ func TestSIGTERMGracefulShutdown(t *testing.T) {
 		}
 		return err != nil
 	})
+	// The shutdown has begun and the decrypt is still held after its
+	// claim: it is in flight. Let it go on.
+	select {
+	case got := <-result:
+		t.Fatalf("the decrypt returned %q before the shutdown let it go: it was not in flight", got)
+	default:
+	}
+	if err := os.Remove(hold); err != nil {
+		t.Fatal(err)
+	}
 	if got := <-result; got != "in flight<nil>" {
 		t.Errorf("the request in flight got %q, want its password", got)
 	}

@@ -259,9 +259,7 @@ func TestApplyFlood(t *testing.T) {
 	})
 	apiURL := "http://" + d.APIAddr() + "/ams/api/v1/customer/applyPublicKey"
 	c := &child{t: t, api: apiURL, socket: cfg.Decrypt.Socket}
-	for d.Issuer().Stats().PoolReady < cfg.Pool.Size {
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitFor(t, "a full pool", func() bool { return d.Issuer().Stats().PoolReady >= cfg.Pool.Size })
 
 	// Watch the outstanding count through the flood.
 	stopWatch := make(chan struct{})
@@ -382,16 +380,13 @@ func TestBlocklistReload(t *testing.T) {
 	tmp := blocked + ".new"
 	os.WriteFile(tmp, []byte("# fraud, cleared\n"), 0o600)
 	os.Rename(tmp, blocked)
-	for {
+	waitFor(t, "the cleared blocklist to be reloaded", func() bool {
 		a := sdkApply(t, http.DefaultClient, c.api, body)
-		if a.Result.ResultCode == "SUCCESS" {
-			break
-		}
-		if a.Result.ResultCode != "USER_STATUS_ABNORMAL" {
+		if a.Result.ResultCode != "SUCCESS" && a.Result.ResultCode != "USER_STATUS_ABNORMAL" {
 			t.Fatalf("while the blocklist reloads: %+v", a.Result)
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return a.Result.ResultCode == "SUCCESS"
+	})
 	if !strings.Contains(c.stderr.String(), "blocklist reloaded") {
 		t.Error("no log line says the blocklist was reloaded")
 	}

@@ -84,10 +84,17 @@ func faultsFromEnv() (*faults, error) {
 }
 
 // note appends a line to the ledger in one write(2): O_APPEND keeps lines
-// whole, and the page cache keeps them when the process is killed.
+// whole, and the page cache keeps them when the process is killed. A
+// ledger that cannot be written ends the child at once, loudly: the
+// parent's checks trust it, and an unplanned death fails them.
 func (f *faults) note(format string, args ...any) {
-	if f.ledger != nil {
-		f.ledger.WriteString(fmt.Sprintf(format, args...) + "\n")
+	if f.ledger == nil {
+		return
+	}
+	line := fmt.Sprintf(format, args...) + "\n"
+	if n, err := f.ledger.WriteString(line); err != nil || n != len(line) {
+		fmt.Fprintf(os.Stderr, "LEDGER WRITE FAILED (%d of %d bytes): %v\n", n, len(line), err)
+		os.Exit(70)
 	}
 }
 

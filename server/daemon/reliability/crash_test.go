@@ -33,7 +33,12 @@ import (
 //     issued key still has both halves in the token.
 
 // crashPoints are where a planned kill lands, with the longest jitter
-// after reaching the point: the kill comes while the operation runs.
+// after reaching the point: the kill comes while the operation runs. The
+// aimed phase takes them in this order, each until it fires, with no
+// jitter: "claim" and "decrypt" kill after a claim, before the token
+// decrypts, so the next start's reconciliation commits "to-consumed" and
+// destroys the key's objects ("reconcile"); by "to-expired" keys abandoned
+// in earlier cycles are past their TTL.
 var crashPoints = []struct {
 	point  string
 	jitter time.Duration
@@ -43,15 +48,42 @@ var crashPoints = []struct {
 	{"create", 3 * time.Millisecond},          // inside the commit of a new record
 	{"to-consuming", 3 * time.Millisecond},    // inside the claim's commit
 	{"claim", 2 * time.Millisecond},           // between the claim and the token's decrypt
+	{"to-consumed", 3 * time.Millisecond},     // inside start-up reconciliation's or the reaper's commit
 	{"decrypt", 3 * time.Millisecond},         // inside the token's decrypt
+	{"reconcile", 2 * time.Millisecond},       // inside start-up reconciliation's destroy
 	{"decrypted", 0},                          // decrypted, not yet destroyed or answered
 	{"destroy", 3 * time.Millisecond},         // inside the destroy of the two halves
 	{"destroyed", 0},                          // destroyed, record not yet consumed
 	{"settle-consumed", 5 * time.Millisecond}, // around the final, queued commit
-	{"to-consumed", 3 * time.Millisecond},     // inside start-up reconciliation's or the reaper's commit
 	{"to-expired", 3 * time.Millisecond},      // inside the reaper's commit
-	{"reconcile", 2 * time.Millisecond},       // inside start-up reconciliation
 }
+
+// setup is, for a point that only the next start reaches, the aimed kill
+// that leaves it something to do: a claimed key whose record is consuming
+// and whose objects are whole. A miss of the point runs its setup again.
+var setup = map[string]string{
+	"to-consumed": "claim",
+	"reconcile":   "decrypt",
+}
+
+// The floors of a run of the crash harness: a run that issued fewer keys
+// than cycles/minIssuedDiv, or saw fewer successful decrypts than
+// cycles/minDecryptedDiv, did not exercise what it claims to, and fails.
+// The aimed phase's kills come at the first visit of their point and do
+// little else; a random cycle issues some 2 keys (the pool, refilled at the
+// token's pace) and decrypts 1 or 2 on 2 busy cores: a run of 30 cycles
+// issues some 50 keys and decrypts some 30.
+const (
+	minIssuedDiv    = 2
+	minDecryptedDiv = 4
+)
+
+// aimTries is how many cycles the aimed phase gives a point to fire, and
+// aimLimit how long each drives the daemon waiting for it.
+const (
+	aimTries = 3
+	aimLimit = 30 * time.Second
+)
 
 // crashKey is a key the harness holds, and what it knows of its fate.
 type crashKey struct {
@@ -79,17 +111,21 @@ type crashRun struct {
 	mustVanish map[string]bool // objects a kill left that the next start must destroy
 
 	// figures
-	kills                       map[string]int
+	plan                        string         // the crash point of the current cycle
+	kills                       map[string]int // planned kills that fired, by point; "random": the parent's
+	missed                      map[string]int // planned kills whose point did not come up
+	aimed                       map[string]int // cycles of the aimed phase, by point
 	applies, applyRefusals      int
 	decryptOK, decryptRefused   int
 	halfDestroyed, claimsCut    int
 	orphans, interruptedReplies int
 	expiredSeen, abandoned      int
 	unavailable                 int
+	doubles, leaked, lost       int // what the checks found: each also fails the test
 }
 
 func TestCrashCycles(t *testing.T) {
-	cycles := 20
+	cycles := 30 // 12 aimed, then random
 	if v := os.Getenv("SOAK_CYCLES"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 {
@@ -115,63 +151,108 @@ func TestCrashCycles(t *testing.T) {
 	r := &crashRun{
 		t: t, f: f, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), ttl: ttl,
 		keys: map[string]*crashKey{}, successes: map[string]int{}, mustVanish: map[string]bool{},
-		kills: map[string]int{},
+		kills: map[string]int{}, missed: map[string]int{}, aimed: map[string]int{},
 	}
 	start := time.Now()
-	for cycle := 1; cycle <= cycles; cycle++ {
-		r.cycle(cycle)
-		if t.Failed() {
-			t.Fatalf("cycle %d failed (CRASH_SEED=%d)", cycle, seed)
+	// The aimed phase: every point in turn, each until it fires (at most
+	// aimTries cycles); then random points until the run has its cycles.
+	var queue []string
+	for _, cp := range crashPoints[1:] {
+		queue = append(queue, cp.point)
+	}
+	cycle := 0
+	for ; cycle < cycles || len(queue) > 0; cycle++ {
+		if len(queue) > 0 {
+			point := queue[0]
+			r.aimed[point]++
+			switch fired := r.cycle(cycle+1, point, 0, true); {
+			case fired || r.aimed[point] == aimTries:
+				queue = queue[1:]
+			case setup[point] != "":
+				queue = append([]string{setup[point]}, queue...)
+			}
+		} else {
+			cp := crashPoints[r.rng.IntN(len(crashPoints))]
+			var jitter time.Duration
+			if cp.jitter > 0 {
+				jitter = time.Duration(r.rng.Int64N(int64(cp.jitter)))
+			}
+			r.cycle(cycle+1, cp.point, jitter, false)
 		}
-		if cycle%50 == 0 {
-			t.Logf("%d cycles in %s; kills by point %v", cycle, time.Since(start).Round(time.Second), r.kills)
+		if t.Failed() {
+			t.Fatalf("cycle %d failed, its crash point %s (CRASH_SEED=%d)", cycle+1, r.plan, seed)
+		}
+		if (cycle+1)%50 == 0 {
+			t.Logf("%d cycles in %s; kills by point %v", cycle+1, time.Since(start).Round(time.Second), r.kills)
 		}
 	}
 	r.finish()
 	if t.Failed() {
 		t.Fatalf("the last restart or the orderly stop failed (CRASH_SEED=%d)", seed)
 	}
-	t.Logf("crash harness: %d cycles in %s; kills by point %v; %d keys issued (%d left to expire), %d applies refused (pool empty); "+
+	// Every point fired, and the run did enough to mean something.
+	for _, cp := range crashPoints[1:] {
+		if r.kills[cp.point] == 0 {
+			t.Errorf("UNREACHED: the crash point %q never fired (aimed at it in %d cycles)", cp.point, r.aimed[cp.point])
+		}
+	}
+	if r.applies < cycle/minIssuedDiv {
+		t.Errorf("UNEXERCISED: %d keys issued in %d cycles; the floor is %d", r.applies, cycle, cycle/minIssuedDiv)
+	}
+	if r.decryptOK < cycle/minDecryptedDiv {
+		t.Errorf("UNEXERCISED: %d decrypts succeeded in %d cycles; the floor is %d", r.decryptOK, cycle, cycle/minDecryptedDiv)
+	}
+	t.Logf("crash harness: %d cycles in %s; kills by point %v; planned points not reached (the parent killed instead) %v; %d keys issued (%d left to expire), %d applies refused (pool empty); "+
 		"%d decrypts succeeded, %d refused; after kills: %d orphaned pool keys, %d claims cut short, "+
-		"%d half-destroyed pairs, %d answers lost; %d answered KEY_EXPIRED, %d HSM_UNAVAILABLE; 0 double decrypts, 0 leaked objects, 0 lost records",
-		cycles, time.Since(start).Round(time.Second), r.kills, r.applies, r.abandoned, r.applyRefusals,
-		r.decryptOK, r.decryptRefused, r.orphans, r.claimsCut, r.halfDestroyed, r.interruptedReplies, r.expiredSeen, r.unavailable)
+		"%d half-destroyed pairs, %d answers lost; %d answered KEY_EXPIRED, %d HSM_UNAVAILABLE; %d double decrypts, %d leaked objects, %d lost records (CRASH_SEED=%d)",
+		cycle, time.Since(start).Round(time.Second), r.kills, r.missed, r.applies, r.abandoned, r.applyRefusals,
+		r.decryptOK, r.decryptRefused, r.orphans, r.claimsCut, r.halfDestroyed, r.interruptedReplies, r.expiredSeen, r.unavailable,
+		r.doubles, r.leaked, r.lost, seed)
 }
 
-// cycle starts the daemon with a crash planned, drives it until it dies
-// (or kills it), and checks the promises.
-func (r *crashRun) cycle(n int) {
+// cycle starts the daemon with a crash planned at point (or none, for
+// "random"), drives it until it dies or the parent kills it, checks the
+// promises, and reports whether the planned kill fired. In the random
+// phase the parent kills after a random window, the plan come up or not;
+// an aimed cycle drives the daemon until its point fires, or fails the
+// point after aimLimit.
+func (r *crashRun) cycle(n int, point string, jitter time.Duration, aimed bool) (fired bool) {
 	t := r.t
-	cp := crashPoints[r.rng.IntN(len(crashPoints))]
-	plan := cp.point
+	r.plan = point
 	var env []string
-	if cp.point != "random" {
-		jitter := time.Duration(0)
-		if cp.jitter > 0 {
-			jitter = time.Duration(r.rng.Int64N(int64(cp.jitter)))
-		}
-		env = append(env, fmt.Sprintf("%s=%s:%d:%s", crashEnv, cp.point, 1+r.rng.IntN(2), jitter))
+	nth := 1
+	if !aimed {
+		nth += r.rng.IntN(2)
+	}
+	if point != "random" {
+		env = append(env, fmt.Sprintf("%s=%s:%d:%s", crashEnv, point, nth, jitter))
 	}
 	p, err := r.f.start(env...)
 	switch {
 	case errors.Is(err, errExited) && r.planned(p):
-		r.kills[plan]++ // killed as it started: reconciliation, the first generations
+		r.kills[point]++ // killed as it started: reconciliation, the first generations
 		r.afterKill(p)
-		return
+		return true
 	case err != nil:
 		t.Fatalf("cycle %d: %v\n%s", n, err, p.stderr.String())
 	}
 	r.checkVanished(n)
 	// A full pool, so that applies succeed: a pool does not survive a
-	// restart, and fills at the token's pace.
-	for deadline := time.Now().Add(hangLimit); p.alive() && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if h, _, err := p.health(); err == nil && h.PoolReady >= h.PoolSize {
-			break
-		}
+	// restart, and fills at the token's pace. A planned kill may come
+	// first.
+	waitFor(t, fmt.Sprintf("cycle %d: a full pool", n), func() bool {
+		h, _, err := p.health()
+		return !p.alive() || err == nil && h.PoolReady >= h.PoolSize
+	})
+	if p.alive() {
+		p.scrapeAdmin() // the secret scans see the metrics of a daemon about to be killed
 	}
 
-	// Drive the daemon for a while; the plan may kill it meanwhile.
+	// Drive the daemon; the plan may kill it meanwhile.
 	window := time.Duration(200+r.rng.IntN(600)) * time.Millisecond
+	if aimed {
+		window = aimLimit
+	}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for w := range 4 {
@@ -182,17 +263,27 @@ func (r *crashRun) cycle(n int) {
 	case <-p.exited:
 	case <-time.After(window):
 	}
-	if !p.alive() && r.planned(p) {
-		r.kills[plan]++
-	} else if !p.alive() {
+	switch {
+	case !p.alive() && r.planned(p):
+		r.kills[point]++
+		fired = true
+	case !p.alive():
 		t.Errorf("cycle %d: the daemon died unplanned: %v\n%s", n, p.err, p.stderr.String())
-	} else {
+	case point == "random":
+		r.kills["random"]++
+		fired = true
+	case aimed:
+		r.missed[point]++
+		t.Logf("cycle %d: the crash point %q did not fire within %s; killing", n, point, aimLimit)
+	default:
+		r.missed[point]++
 		r.kills["random"]++ // the plan did not come up: a kill at a random instant
 	}
 	p.kill()
 	close(stop)
 	wg.Wait()
 	r.afterKill(p)
+	return fired
 }
 
 // planned waits for the daemon's death and reports whether it announced
@@ -369,7 +460,9 @@ func (r *crashRun) judge(p *proc, k *crashKey, res decryptResult, err error, wro
 	defer r.mu.Unlock()
 	t := r.t
 	id := k.UniqueID
-	expired := time.Since(k.got) > r.ttl-time.Second
+	// The daemon set the key's expiry after the apply was sent: a key
+	// answered KEY_EXPIRED before asked+ttl was not expired.
+	expired := !time.Now().Before(k.asked.Add(r.ttl))
 	switch {
 	case err != nil:
 		// The answer was lost to the kill: the decrypt may or may not
@@ -383,6 +476,7 @@ func (r *crashRun) judge(p *proc, k *crashKey, res decryptResult, err error, wro
 	case res.status == http.StatusOK:
 		r.successes[id]++
 		if r.successes[id] > 1 {
+			r.doubles++
 			t.Errorf("DOUBLE DECRYPT: %s succeeded %d times", id, r.successes[id])
 		}
 		if wrong || res.password != k.password {
@@ -400,7 +494,7 @@ func (r *crashRun) judge(p *proc, k *crashKey, res decryptResult, err error, wro
 		r.decryptRefused++
 	case res.status == http.StatusGone && res.code == "KEY_EXPIRED":
 		if !expired {
-			t.Errorf("decrypt %s: KEY_EXPIRED %s after it was issued, ttl %s", id, time.Since(k.got), r.ttl)
+			t.Errorf("decrypt %s: KEY_EXPIRED %s after it was asked for, ttl %s", id, time.Since(k.asked), r.ttl)
 		}
 		k.done = true
 		r.expiredSeen++
@@ -443,6 +537,7 @@ func (r *crashRun) afterKill(p *proc) {
 		rec, ok := recs[id]
 		switch {
 		case !ok:
+			r.lost++
 			t.Errorf("LOST RECORD: %s was issued, and the store does not have it", id)
 			continue
 		case rec.Salt != k.Salt || rec.UniqueID != id:
@@ -454,10 +549,12 @@ func (r *crashRun) afterKill(p *proc) {
 				t.Errorf("DOUBLE DECRYPT RISK: %s decrypted, and its record is issued again", id)
 			}
 			if objs[id] != 2 {
+				r.lost++
 				t.Errorf("LOST KEY: %s is issued, and the token has %d of its 2 objects", id, objs[id])
 			}
 		case store.Consuming, store.Consumed, store.Expired:
 		case store.Lost:
+			r.lost++
 			t.Errorf("LOST KEY: %s is marked lost; in token storage no key is lost to a crash", id)
 		default:
 			t.Errorf("CORRUPT RECORD: %s in unknown state %q", id, rec.State)
@@ -485,12 +582,8 @@ func (r *crashRun) afterKill(p *proc) {
 			r.halfDestroyed++
 		}
 	}
-	attempts, oks := r.f.decryptLedger()
-	for id, n := range attempts {
-		if n > 1 || oks[id] > 1 {
-			t.Errorf("DOUBLE DECRYPT: %s reached the token's decrypt %d times (%d succeeded)", id, n, oks[id])
-		}
-	}
+	// The ledger, re-read after every kill, against what the clients saw.
+	r.doubles += r.f.checkLedger()
 }
 
 func (r *crashRun) known(id string, active []store.Record) bool {
@@ -510,6 +603,7 @@ func (r *crashRun) checkVanished(cycle int) {
 	defer r.mu.Unlock()
 	for id := range r.mustVanish {
 		if objs[id] > 0 {
+			r.leaked++
 			r.t.Errorf("LEAKED OBJECTS: cycle %d: %d objects of %s survived the restart", cycle, objs[id], id)
 		}
 	}
@@ -529,8 +623,17 @@ func (r *crashRun) finish() {
 		}
 		r.decryptRight(p, id)
 	}
-	time.Sleep(500 * time.Millisecond) // two reaper passes: what expired is destroyed
-	stopped := time.Now()
+	// What expired before cut is destroyed once a reaper pass has started
+	// after cut: two passes end after it, the second began after the first.
+	cut := time.Now()
+	var first time.Time
+	waitFor(t, "two reaper passes after the last decrypt", func() bool {
+		last := p.lastReap()
+		if first.IsZero() && last.After(cut) {
+			first = last
+		}
+		return !first.IsZero() && last.After(first)
+	})
 	p.stop()
 
 	r.mu.Lock()
@@ -545,8 +648,8 @@ func (r *crashRun) finish() {
 			if objs[rec.UniqueID] != 2 {
 				t.Errorf("LOST KEY: %s is issued and has %d objects", rec.UniqueID, objs[rec.UniqueID])
 			}
-			if rec.ExpiresAt.Before(stopped.Add(-time.Second)) {
-				t.Errorf("%s expired at %s and was not reaped before the stop at %s", rec.UniqueID, rec.ExpiresAt, stopped)
+			if rec.ExpiresAt.Before(cut) {
+				t.Errorf("%s expired at %s and was not reaped by the passes after %s", rec.UniqueID, rec.ExpiresAt, cut)
 			}
 		case store.Consuming:
 			t.Errorf("%s is still consuming after a restart and an orderly stop", rec.UniqueID)
@@ -560,11 +663,15 @@ func (r *crashRun) finish() {
 	}
 	sort.Strings(leaked)
 	if len(leaked) > 0 {
+		r.leaked += len(leaked)
 		t.Errorf("LEAKED OBJECTS after the orderly stop: %v", leaked)
 	}
 	for id, n := range r.successes {
 		if n > 1 {
+			r.doubles++
 			t.Errorf("DOUBLE DECRYPT: %s", id)
 		}
 	}
+	// The ledger again, after the last daemon's decrypts.
+	r.doubles += r.f.checkLedger()
 }

@@ -13,7 +13,7 @@
 //
 // Knobs, read from the environment by the tests:
 //
-//	SOAK_CYCLES=n  run the crash harness for n cycles instead of the CI's 20
-//	               (make soak)
+//	SOAK_CYCLES=n  run the crash harness for n cycles instead of the CI's 30
+//	               (make soak); the first aim at each crash point in turn
 //	CRASH_SEED=n   replay the crash harness's choices of a logged seed
 package reliability

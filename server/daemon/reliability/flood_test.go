@@ -193,7 +193,7 @@ func TestConcurrentDecryptsOneKey(t *testing.T) {
 		)
 		for range conns {
 			// Its own transport: its own connection, dialled before the gate.
-			c := &proc{sockClient: &http.Client{Timeout: hangLimit, Transport: &http.Transport{
+			c := &proc{f: f, sockClient: &http.Client{Timeout: hangLimit, Transport: &http.Transport{
 				DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 					var d net.Dialer
 					return d.DialContext(ctx, "unix", p.socket)
@@ -228,10 +228,16 @@ func TestConcurrentDecryptsOneKey(t *testing.T) {
 		}
 	}
 	p.stop()
-	attempts, oks := f.decryptLedger()
-	for id, n := range attempts {
-		if n != 1 || oks[id] != 1 {
-			t.Errorf("%s reached the token's decrypt %d times (%d succeeded), want once", id, n, oks[id])
+	// Each key reached the token's decrypt once, and succeeded there: the
+	// ledger has exactly the successes the clients saw.
+	f.checkLedger()
+	l := f.decryptLedger()
+	if len(l.attempts) != rounds || len(l.oks) != rounds {
+		t.Errorf("the ledger has decrypts of %d keys, %d successful; want %d of each", len(l.attempts), len(l.oks), rounds)
+	}
+	for id, n := range l.attempts {
+		if n != 1 || l.oks[id] != 1 {
+			t.Errorf("%s reached the token's decrypt %d times (%d succeeded), want once", id, n, l.oks[id])
 		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,8 +27,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/miekg/pkcs11"
+
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
+	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/issuer/store"
 	"github.com/keyissuer/keyissuer/server/admin"
 	"github.com/keyissuer/keyissuer/server/apisig"
@@ -73,10 +78,27 @@ type fixture struct {
 
 	clientKey *rsa.PrivateKey // signed fixtures: the client's key
 
+	storage  string                  // session or token
+	baseline []hsmtest.Object        // the token's objects before the fixture's daemons
+	foreign  map[hsmtest.Object]bool // objects reported as not the daemon's keys
+
 	mu      sync.Mutex
 	procs   []*proc
-	secrets []string // passwords the test sent; none may appear anywhere
+	secrets []string                 // passwords the test sent; none may appear anywhere
+	sealed  map[string]bool          // every plaintext sealed to a key: each password with its salt, in each layout
+	logs    []*daemontest.SyncBuffer // logs of in-process daemons, for the secret scans
+	// What the clients saw of decrypts, for the ledger's check: the
+	// successes, and the keys whose decrypt may have reached the token
+	// without a success seen (the answer was lost, or the daemon refused
+	// the plaintext after the token decrypted it: a wrong salt).
+	clientOK      map[string]int
+	tokenMay      map[string]bool
+	ledgerSummary string // what the last checkLedger found
 }
+
+// owners maps each password a fixture made to the fixture, so that seal
+// finds where to note the plaintexts it makes.
+var owners sync.Map // password -> *fixture
 
 func newFixture(t *testing.T, fc fixtureConfig) *fixture {
 	t.Helper()
@@ -88,14 +110,20 @@ func newFixture(t *testing.T, fc fixtureConfig) *fixture {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	f := &fixture{
-		t:       t,
-		soft:    soft,
-		dir:     dir,
-		cfgPath: filepath.Join(dir, "config.toml"),
-		prefix:  "rel-" + filepath.Base(dir) + ":",
-		dbPath:  filepath.Join(dir, "data", "keyissuer.db"),
-		audit:   filepath.Join(dir, "data", "audit.jsonl"),
-		ledger:  filepath.Join(dir, "ledger"),
+		t:        t,
+		soft:     soft,
+		storage:  fc.storage,
+		baseline: hsmtest.Objects(t, soft),
+		foreign:  map[hsmtest.Object]bool{},
+		clientOK: map[string]int{},
+		tokenMay: map[string]bool{},
+		sealed:   map[string]bool{},
+		dir:      dir,
+		cfgPath:  filepath.Join(dir, "config.toml"),
+		prefix:   "rel-" + filepath.Base(dir) + ":",
+		dbPath:   filepath.Join(dir, "data", "keyissuer.db"),
+		audit:    filepath.Join(dir, "data", "audit.jsonl"),
+		ledger:   filepath.Join(dir, "ledger"),
 	}
 	if err := os.WriteFile(filepath.Join(dir, "pin"), []byte(soft.PIN+"\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -150,6 +178,8 @@ format = "json"
 		t.Fatal(err)
 	}
 	t.Cleanup(f.clearToken) // runs last, once every daemon is dead
+	t.Cleanup(f.checkObjects)
+	t.Cleanup(f.checkLedgerAtEnd)
 	t.Cleanup(f.checkSecrets)
 	t.Cleanup(f.dumpOnFailure)
 	return f
@@ -210,13 +240,74 @@ func (f *fixture) password() string {
 	f.mu.Lock()
 	f.secrets = append(f.secrets, pw)
 	f.mu.Unlock()
+	owners.Store(pw, f)
 	return pw
 }
 
-// checkSecrets scans everything the fixture's daemons wrote: the PIN and
-// every password the test sent (also in base64, as the decrypt answer
-// carries it) must be in none of it. Salts are in the store by design;
-// a password next to its salt is caught by the password.
+// encodings are the forms a secret is searched in: as is, and as a log line
+// or a metric would carry bytes. The unpadded base64 forms are prefixes of
+// the padded ones.
+var encodings = []struct {
+	name string
+	enc  func([]byte) string
+}{
+	{"", func(b []byte) string { return string(b) }},
+	{" in base64", base64.RawStdEncoding.EncodeToString},
+	{" in base64url", base64.RawURLEncoding.EncodeToString},
+	{" in hex", hex.EncodeToString},
+	{" in HEX", func(b []byte) string { return strings.ToUpper(hex.EncodeToString(b)) }},
+}
+
+// secretsToScan are the PIN and every plaintext the test produced: each
+// password alone, and each password sealed to a key with that key's salt
+// in every layout, each in every encoding.
+func (f *fixture) secretsToScan() map[string]string {
+	plain := map[string][]byte{"the PIN": []byte(f.soft.PIN)}
+	for _, pw := range f.secrets {
+		plain["password "+pw] = []byte(pw)
+	}
+	for pt := range f.sealed {
+		plain[fmt.Sprintf("plaintext %q", pt)] = []byte(pt)
+	}
+	secrets := map[string]string{}
+	for name, pt := range plain {
+		for _, e := range encodings {
+			secrets[name+e.name] = e.enc(pt)
+		}
+	}
+	return secrets
+}
+
+// findSecrets returns the names of the secrets that occur in data, in one
+// pass over it: each secret is looked up by its first scanKey bytes.
+func findSecrets(data []byte, secrets map[string]string) []string {
+	const scanKey = 16
+	byPrefix := map[string][]string{}
+	for name, s := range secrets {
+		if len(s) < scanKey {
+			panic(fmt.Sprintf("secret %s shorter than %d bytes", name, scanKey))
+		}
+		byPrefix[s[:scanKey]] = append(byPrefix[s[:scanKey]], name)
+	}
+	var found []string
+	for i := 0; i+scanKey <= len(data); i++ {
+		names, ok := byPrefix[string(data[i:i+scanKey])]
+		if !ok {
+			continue
+		}
+		for _, name := range names {
+			if bytes.HasPrefix(data[i:], []byte(secrets[name])) && !slices.Contains(found, name) {
+				found = append(found, name)
+			}
+		}
+	}
+	return found
+}
+
+// checkSecrets scans everything the fixture's daemons wrote: logs (of
+// killed daemons too), what their admin listeners served (scraped before
+// every kill and stop), the audit trail, the store and the ledger. Salts
+// are in the store by design; no secret of secretsToScan may be anywhere.
 func (f *fixture) checkSecrets() {
 	t := f.t
 	f.mu.Lock()
@@ -232,34 +323,31 @@ func (f *fixture) checkSecrets() {
 			places = append(places, place{fmt.Sprintf("daemon %d's metrics and status", i+1), []byte(m)})
 		}
 	}
+	for i, l := range f.logs {
+		places = append(places, place{fmt.Sprintf("in-process daemon %d's log", i+1), []byte(l.String())})
+	}
 	for _, name := range []string{f.audit, f.dbPath, f.ledger} {
 		if b, err := os.ReadFile(name); err == nil {
 			places = append(places, place{filepath.Base(name), b})
 		}
 	}
-	secrets := map[string]string{"the PIN": f.soft.PIN}
-	for _, pw := range f.secrets {
-		secrets["password "+pw] = pw
-		secrets["password "+pw+" in base64"] = base64.StdEncoding.EncodeToString([]byte(pw))
-	}
+	secrets := f.secretsToScan()
+	found, size := 0, 0
 	for _, p := range places {
-		for name, s := range secrets {
-			if bytes.Contains(p.data, []byte(s)) {
-				t.Errorf("%s appears in %s", name, p.name)
-			}
+		size += len(p.data)
+		for _, name := range findSecrets(p.data, secrets) {
+			t.Errorf("SECRET LEAKED: %s appears in %s", name, p.name)
+			found++
 		}
 	}
-	t.Logf("secret scan: %d secrets in %d places (%d bytes), none found", len(secrets), len(places), func() (n int) {
-		for _, p := range places {
-			n += len(p.data)
-		}
-		return n
-	}())
+	t.Logf("secret scan: %d secrets (%d passwords, %d sealed plaintexts, the PIN; %d encodings each) in %d places (%d bytes): %d found",
+		len(secrets), len(f.secrets), len(f.sealed), len(encodings), len(places), size, found)
 }
 
 // proc is one run of the daemon.
 type proc struct {
 	t      testing.TB
+	f      *fixture // where decrypt notes what the clients saw; nil: nowhere
 	cmd    *exec.Cmd
 	stderr *daemontest.SyncBuffer
 	events chan string // the child's stdout: "crash <point>", "paused <point> <id>"
@@ -273,6 +361,8 @@ type proc struct {
 	apiClient, sockClient *http.Client
 	clientKey             *rsa.PrivateKey // sign applies as clientID, if set
 	crashed               atomic.Bool     // the child announced a planned crash
+	orderly               bool            // stopped by SIGTERM, and exited cleanly
+	scrapes               atomic.Int64    // pages scraped from the admin listener
 }
 
 // errExited: the daemon exited before it served.
@@ -284,7 +374,7 @@ var errExited = errors.New("the daemon exited before serving")
 func (f *fixture) start(env ...string) (*proc, error) {
 	t := f.t
 	t.Helper()
-	p := &proc{t: t, stderr: &daemontest.SyncBuffer{}, events: make(chan string, 64), exited: make(chan struct{}), clientKey: f.clientKey}
+	p := &proc{t: t, f: f, stderr: &daemontest.SyncBuffer{}, events: make(chan string, 64), exited: make(chan struct{}), clientKey: f.clientKey}
 	p.cmd = daemontest.Command(f.cfgPath, append(env, ledgerEnv+"="+f.ledger)...)
 	p.cmd.Stderr = p.stderr
 	// The daemon dies with the test binary, however that ends.
@@ -379,9 +469,11 @@ func (p *proc) dies() bool {
 	}
 }
 
-// kill sends SIGKILL and waits for the process to be gone.
+// kill scrapes the admin listener of a live daemon for the secret scans,
+// then sends SIGKILL and waits for the process to be gone.
 func (p *proc) kill() {
 	if p.alive() {
+		p.scrapeAdmin()
 		p.cmd.Process.Signal(syscall.SIGKILL)
 	}
 	<-p.exited
@@ -402,12 +494,14 @@ func (p *proc) stop() {
 		if p.err != nil {
 			p.t.Errorf("the daemon's exit after SIGTERM: %v\n%s", p.err, p.stderr.String())
 		}
+		p.orderly = p.err == nil
 	case <-time.After(hangLimit):
 		p.t.Fatalf("the daemon did not stop within %s of SIGTERM", hangLimit)
 	}
 }
 
 // scrapeAdmin keeps what the admin listener serves: metrics and status.
+// A daemon that dies meanwhile (a planned crash) is no error.
 func (p *proc) scrapeAdmin() {
 	if p.admin == "" {
 		return
@@ -416,15 +510,33 @@ func (p *proc) scrapeAdmin() {
 	for _, path := range []string{admin.MetricsPath, admin.StatusPath} {
 		resp, err := c.Get(p.admin + path)
 		if err != nil {
-			p.t.Errorf("scraping %s: %v", path, err)
-			continue
+			if !p.dies() {
+				p.t.Errorf("scraping %s: %v", path, err)
+			}
+			return
 		}
 		if resp.StatusCode != http.StatusOK {
 			p.t.Errorf("scraping %s: HTTP %d", path, resp.StatusCode)
 		}
 		io.Copy(&p.scrape, resp.Body)
 		resp.Body.Close()
+		p.scrapes.Add(1)
 	}
+}
+
+// lastReap is when the daemon's last reaper pass ended, as its admin
+// status says; zero before the first.
+func (p *proc) lastReap() time.Time {
+	resp, err := (&http.Client{Timeout: hangLimit}).Get(p.admin + admin.StatusPath)
+	if err != nil {
+		p.t.Fatalf("admin status: %v", err)
+	}
+	defer resp.Body.Close()
+	var st admin.Status
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		p.t.Fatalf("admin status: %v", err)
+	}
+	return st.Reaper.LastRun
 }
 
 // vmRSS is the daemon's resident memory in bytes, from /proc.
@@ -449,7 +561,7 @@ func (p *proc) vmRSS() (int64, error) {
 type keyInfo struct {
 	UniqueID, Salt, PublicKey string
 	pub                       *rsa.PublicKey
-	got                       time.Time // when the answer came
+	asked                     time.Time // when the apply was sent: the daemon issued it after
 }
 
 // applyResult is one applyPublicKey answer.
@@ -473,6 +585,7 @@ func (p *proc) applyBody(body string) (applyResult, error) {
 }
 
 func (p *proc) doApply(req *http.Request) (applyResult, error) {
+	asked := time.Now()
 	resp, err := p.apiClient.Do(req)
 	if err != nil {
 		return applyResult{}, err
@@ -500,7 +613,7 @@ func (p *proc) doApply(req *http.Request) (applyResult, error) {
 			return r, fmt.Errorf("publicKey does not parse: %w", err)
 		}
 		r.key.pub = pub.(*rsa.PublicKey)
-		r.key.got = time.Now()
+		r.key.asked = asked
 	}
 	return r, nil
 }
@@ -556,8 +669,32 @@ func (p *proc) decryptBody(body string) (decryptResult, error) {
 	return decryptResult{status: resp.StatusCode, code: out.Error.Code, password: string(pw)}, nil
 }
 
+// decrypt asks to decrypt ct with key id, and notes for the ledger's check
+// what the client saw.
 func (p *proc) decrypt(id string, ct []byte) (decryptResult, error) {
-	return p.decryptBody(fmt.Sprintf(`{"uniqueId":%q,"ciphertext":%q}`, id, base64.StdEncoding.EncodeToString(ct)))
+	res, err := p.decryptBody(fmt.Sprintf(`{"uniqueId":%q,"ciphertext":%q}`, id, base64.StdEncoding.EncodeToString(ct)))
+	if p.f != nil {
+		switch {
+		case err != nil:
+			p.f.mayHaveDecrypted(id) // the answer was lost
+		case res.status == http.StatusOK:
+			p.f.mu.Lock()
+			p.f.clientOK[id]++
+			p.f.mu.Unlock()
+		case res.code == "DECRYPT_FAILED":
+			p.f.mayHaveDecrypted(id) // the token may have decrypted a wrong salt
+		}
+	}
+	return res, err
+}
+
+// mayHaveDecrypted notes that the token may have decrypted with key id and
+// no client saw it succeed: its answer was lost, or the daemon refused the
+// plaintext the token gave it.
+func (f *fixture) mayHaveDecrypted(id string) {
+	f.mu.Lock()
+	f.tokenMay[id] = true
+	f.mu.Unlock()
 }
 
 // getJSON GETs path on the socket into v and returns the status.
@@ -596,9 +733,23 @@ func (p *proc) state(id string) (string, error) {
 	return rec.State, err
 }
 
-// seal encrypts password+salt to the key, as a merchant does.
+// seal encrypts password+salt to the key, as a merchant does, and notes
+// the plaintext, in every layout, for the secret scans of the fixture whose
+// password it is.
 func seal(t testing.TB, k keyInfo, password string) []byte {
 	t.Helper()
+	v, ok := owners.Load(password)
+	if !ok {
+		t.Fatalf("seal: %q is not a password of fixture.password: the secret scans would not know it", password)
+	}
+	f := v.(*fixture)
+	f.mu.Lock()
+	for _, l := range issuer.Layouts() {
+		if pt := l.Plaintext([]byte(password), k.Salt); !bytes.Equal(pt, []byte(password)) {
+			f.sealed[string(pt)] = true
+		}
+	}
+	f.mu.Unlock()
 	ct, err := hsm.Encrypt(k.pub, hsm.OAEPSHA256, []byte(password+k.Salt))
 	if err != nil {
 		t.Fatal(err)
@@ -606,10 +757,51 @@ func seal(t testing.TB, k keyInfo, password string) []byte {
 	return ct
 }
 
-// tokenObjects counts the objects under the fixture's prefix by key id,
-// through a Token of this process. Token objects only: run it when the
+// tokenObjects counts the daemon's key objects in the token by key id,
+// from every object the token holds (hsmtest.Objects: PKCS#11 directly, all
+// classes, any label, a session of this process), not through hsm.List,
+// which reconciliation itself uses. An object that appeared since the
+// fixture was made and is not a key object labelled prefix+id (CKA_LABEL
+// and CKA_ID) fails the test as a leak. Token objects only: run it when the
 // daemon is dead, or accept that a running one's pool is there too.
 func (f *fixture) tokenObjects() map[string]int {
+	f.t.Helper()
+	f.mu.Lock()
+	live := slices.ContainsFunc(f.procs, (*proc).alive)
+	f.mu.Unlock()
+	ids := map[string]int{}
+	for _, o := range hsmtest.Added(f.baseline, hsmtest.Objects(f.t, f.soft)) {
+		id, ok := f.keyID(o)
+		if !ok && live && o.Label == "" && o.ID == "" {
+			// A live daemon's key being made: SoftHSM writes its
+			// attributes after creating it. Judged once it is dead.
+			continue
+		}
+		if !ok {
+			f.mu.Lock()
+			fresh := !f.foreign[o]
+			f.foreign[o] = true
+			f.mu.Unlock()
+			if fresh {
+				hint := ""
+				if o.Label == "" && o.ID == "" {
+					// SoftHSM writes a new object's attributes after
+					// creating it: a kill in between leaves this, and
+					// reconciliation, which goes by label, cannot see it.
+					hint = "; no label nor id: half of a C_GenerateKeyPair cut short by a kill?"
+				}
+				f.t.Errorf("LEAKED OBJECT: the token holds a %s, which is no key object of the daemon's (label prefix %q)%s", o, f.prefix, hint)
+			}
+			continue
+		}
+		ids[id]++
+	}
+	return ids
+}
+
+// listKeys lists the objects under the fixture's prefix through hsm.List,
+// from a Token of this process: for the regression tests of List itself.
+func (f *fixture) listKeys() []hsm.Object {
 	f.t.Helper()
 	tok, err := hsm.Open(context.Background(), hsm.Config{
 		Module: f.soft.Module, TokenLabel: f.soft.Label, PIN: f.soft.PIN,
@@ -623,11 +815,77 @@ func (f *fixture) tokenObjects() map[string]int {
 	if err != nil {
 		f.t.Fatalf("listing the token's objects: %v", err)
 	}
-	ids := map[string]int{}
-	for _, o := range objs {
-		ids[o.ID]++
+	return objs
+}
+
+// keyID returns the key id of a key object the daemon made, labelled
+// prefix+id in both CKA_LABEL and CKA_ID.
+func (f *fixture) keyID(o hsmtest.Object) (string, bool) {
+	id, ok := strings.CutPrefix(o.Label, f.prefix)
+	if !ok || o.ID != o.Label || id == "" ||
+		o.Class != pkcs11.CKO_PRIVATE_KEY && o.Class != pkcs11.CKO_PUBLIC_KEY {
+		return "", false
 	}
-	return ids
+	return id, true
+}
+
+// checkObjects runs once every daemon of the fixture is dead: whatever
+// appeared in the token since the fixture was made must be the daemon's
+// key objects (tokenObjects), and after an orderly stop exactly a private
+// and a public key for each issued record, nothing else. A daemon killed
+// last may leave its pool behind: the next start destroys it (the crash
+// harness checks that), and clearToken does here.
+func (f *fixture) checkObjects() {
+	t := f.t
+	f.mu.Lock()
+	orderly := len(f.procs) == 0 || f.procs[len(f.procs)-1].orderly
+	f.mu.Unlock()
+	objs := hsmtest.Added(f.baseline, hsmtest.Objects(t, f.soft))
+	byID := f.tokenObjects()
+	if !orderly {
+		t.Logf("token check: %d objects added, the daemon's keys of %d ids, %d other objects (the last daemon was killed: its pool may remain)",
+			len(objs), len(byID), len(f.foreign))
+		return
+	}
+	// Session objects die with their daemon: in session storage no key
+	// object of the daemon may remain.
+	issued := map[string]bool{}
+	if _, err := os.Stat(f.dbPath); err == nil && f.storage == "token" {
+		_, active := f.records(nil)
+		for _, r := range active {
+			if r.State == store.Issued {
+				issued[r.UniqueID] = true
+			}
+		}
+	}
+	pairs := map[string][2]int{}
+	for _, o := range objs {
+		if id, ok := f.keyID(o); ok {
+			n := pairs[id]
+			if o.Class == pkcs11.CKO_PRIVATE_KEY {
+				n[0]++
+			} else {
+				n[1]++
+			}
+			pairs[id] = n
+		}
+	}
+	leaked := 0
+	for id, n := range pairs {
+		if !issued[id] || n != [2]int{1, 1} {
+			t.Errorf("LEAKED OBJECTS after the orderly stop: key %s has %d private and %d public objects in the token; its record is issued: %v",
+				id, n[0], n[1], issued[id])
+			leaked++
+		}
+	}
+	for id := range issued {
+		if _, ok := pairs[id]; !ok {
+			t.Errorf("LOST KEY: %s is issued, and the token has none of its objects", id)
+		}
+	}
+	leaked += len(f.foreign) // reported by tokenObjects
+	t.Logf("token check: %d objects before, %d added, %d issued keys in %s storage: %d leaked",
+		len(f.baseline), len(objs), len(issued), f.storage, leaked)
 }
 
 // records opens the store, as the next start would (so it must open after
@@ -659,31 +917,111 @@ func (f *fixture) records(ids []string) (got map[string]store.Record, active []s
 	return got, active
 }
 
-// decryptLedger reads the child's ledger: for each key, the decrypts that
+// ledger is what the child's ledger says of each key: the decrypts that
 // reached the token and did not come back unavailable (those gave the key
-// back untouched), and those that succeeded.
-func (f *fixture) decryptLedger() (attempts, oks map[string]int) {
+// back untouched), those that succeeded there, and those a kill cut short.
+type ledger struct {
+	attempts, oks, cut map[string]int
+	lines              int
+}
+
+// decryptLedger reads the child's ledger. It must exist: every child of a
+// fixture opens it at start-up, and fails to start if it cannot.
+func (f *fixture) decryptLedger() ledger {
 	f.t.Helper()
-	attempts, oks = map[string]int{}, map[string]int{}
+	l := ledger{attempts: map[string]int{}, oks: map[string]int{}, cut: map[string]int{}}
 	b, err := os.ReadFile(f.ledger)
-	if errors.Is(err, os.ErrNotExist) {
-		return attempts, oks
-	}
 	if err != nil {
-		f.t.Fatal(err)
+		f.t.Fatalf("the decrypt ledger: %v (every child writes it)", err)
 	}
+	open := map[string]int{}
 	for _, line := range strings.Split(string(b), "\n") {
+		if line == "" {
+			continue
+		}
+		l.lines++
 		fields := strings.Fields(line)
 		switch {
 		case len(fields) == 2 && fields[0] == "begin":
-			attempts[fields[1]]++
-		case len(fields) == 3 && fields[0] == "end" && fields[2] == "unavailable":
-			attempts[fields[1]]--
-		case len(fields) == 3 && fields[0] == "end" && fields[2] == "ok":
-			oks[fields[1]]++
+			l.attempts[fields[1]]++
+			open[fields[1]]++
+		case len(fields) == 3 && fields[0] == "end":
+			open[fields[1]]--
+			switch fields[2] {
+			case "unavailable":
+				l.attempts[fields[1]]--
+			case "ok":
+				l.oks[fields[1]]++
+			}
+		default:
+			f.t.Errorf("the decrypt ledger: malformed line %q", line)
 		}
 	}
-	return attempts, oks
+	for id, n := range open {
+		if n > 0 {
+			l.cut[id] = n
+		}
+	}
+	return l
+}
+
+// checkLedger holds the ledger to what the clients saw: no key reached the
+// token's decrypt twice; every success a client saw is a success in the
+// ledger; and every success in the ledger is one a client saw, or one
+// whose answer may not have come (mayHaveDecrypted). So a ledger that was
+// not written fails as surely as a double decrypt. Call it while no
+// daemon runs. It returns how many keys decrypted twice.
+func (f *fixture) checkLedger() (doubles int) {
+	t := f.t
+	t.Helper()
+	l := f.decryptLedger()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	seen := 0
+	for id, n := range f.clientOK {
+		seen += n
+		if l.oks[id] != n {
+			t.Errorf("LEDGER: clients saw %d successful decrypts of %s, the ledger has %d", n, id, l.oks[id])
+		}
+	}
+	ok, unseen := 0, 0
+	for id, n := range l.oks {
+		ok += n
+		if f.clientOK[id] == 0 {
+			unseen++
+			if !f.tokenMay[id] {
+				t.Errorf("LEDGER: the token decrypted with %s, and no client saw it or lost its answer", id)
+			}
+		}
+	}
+	reached := 0
+	for id, n := range l.attempts {
+		reached += n
+		if n > 1 || l.oks[id] > 1 {
+			doubles++
+			t.Errorf("DOUBLE DECRYPT: %s reached the token's decrypt %d times (%d succeeded)", id, n, l.oks[id])
+		}
+	}
+	for id := range l.cut {
+		if !f.tokenMay[id] {
+			t.Errorf("LEDGER: a decrypt with %s was cut short, and no client lost its answer", id)
+		}
+	}
+	f.ledgerSummary = fmt.Sprintf("ledger: %d lines; %d keys reached the token's decrypt, %d decrypted there, %d cut short; clients saw %d successes; %d decrypted without a success seen (answer lost, or the salt refused)",
+		l.lines, reached, ok, len(l.cut), seen, unseen)
+	return doubles
+}
+
+// checkLedgerAtEnd checks the ledger once every child of the fixture is
+// dead. In-process daemons keep none.
+func (f *fixture) checkLedgerAtEnd() {
+	f.mu.Lock()
+	children := len(f.procs)
+	f.mu.Unlock()
+	if children > 0 {
+		f.checkLedger()
+		f.t.Log(f.ledgerSummary)
+	}
 }
 
 // waitFor polls cond until it holds or hangLimit passes.

@@ -8,11 +8,13 @@ import (
 	"crypto/rsa"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math/big"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -285,7 +287,7 @@ func TestHostileInput(t *testing.T) {
 	f := newFixture(t, fixtureConfig{
 		storage: "token", poolSize: 4, generators: 1,
 		ttl: "2m", reap: "1s", applyWait: "30s",
-		api:    `read_timeout = "1s"` + "\n" + `write_timeout = "2s"`,
+		api:    fmt.Sprintf("read_timeout = %q\nwrite_timeout = \"2s\"", apiReadTimeout),
 		extra:  "[limits]\nrate = 100000.0\nburst = 100000\n",
 		signed: true,
 	})
@@ -375,6 +377,11 @@ func TestHostileInput(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
+				if tc.consumes {
+					// Refused after its claim: the token may have
+					// decrypted a plaintext the daemon then refused.
+					f.mayHaveDecrypted(k.UniqueID)
+				}
 				resp, err := p.sockClient.Do(req)
 				if err != nil {
 					t.Fatal(err)
@@ -452,6 +459,19 @@ func rawApply(t *testing.T, p *proc, req *http.Request) (status int, code, rstat
 	return resp.StatusCode, "", "", raw
 }
 
+// The timeouts that close a slow client's connection: the public API's
+// api.read_timeout as TestHostileInput configures it, and the decrypt
+// socket's fixed ReadHeaderTimeout (server/daemon/daemon.go). A slow
+// client must see its connection answered or closed by the daemon within
+// them plus closeMargin, a bound on scheduling on a busy machine; its own
+// deadline, the one that ends a hang, is that sum, so a daemon that
+// leaves it hanging fails the case.
+const (
+	apiReadTimeout      = time.Second
+	socketHeaderTimeout = 5 * time.Second
+	closeMargin         = 10 * time.Second
+)
+
 // slowClients attacks both listeners with slow and malformed connections,
 // and returns how many inputs it tried. Each must be answered with a
 // client error or closed by the daemon's timeouts, never left hanging,
@@ -469,20 +489,21 @@ func slowClients(t *testing.T, p *proc) int {
 		drip   string        // then sent a byte at a time...
 		every  time.Duration // ...this often
 		status []int         // acceptable answers; a dripping client may also be hung up on
+		limit  time.Duration // the daemon's timeout that applies
 	}{
-		{"api: garbage request line", dialAPI, "HELLO\r\n\r\n", "", 0, []int{400}},
-		{"api: NUL in a header", dialAPI, applyHead + "X-Bad: a\x00b\r\nContent-Length: 2\r\n\r\n{}", "", 0, []int{400}},
-		{"api: two Content-Lengths", dialAPI, applyHead + "Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", "", 0, []int{400}},
-		{"api: negative Content-Length", dialAPI, applyHead + "Content-Length: -1\r\n\r\n", "", 0, []int{400}},
-		{"api: bad chunk size", dialAPI, applyHead + "Transfer-Encoding: chunked\r\n\r\nzz\r\n", "", 0, []int{200, 400}},
-		{"api: request line of 1 MiB", dialAPI, "GET /" + strings.Repeat("a", 1<<20) + " HTTP/1.1\r\nHost: x\r\n\r\n", "", 0, []int{414, 431, 400}},
-		{"api: slow headers (slowloris)", dialAPI, "POST " + publicapi.ApplyPath + " HTTP/1.1\r\n", "Host: x\r\nX-A: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\r\n", 100 * time.Millisecond, []int{400, 408}},
-		{"api: slow body", dialAPI, applyHead + "Content-Length: 40\r\n\r\n", `{"customerId":"2188000000000001"}      `, 150 * time.Millisecond, []int{200, 408}},
-		{"api: body shorter than its Content-Length", dialAPI, applyHead + "Content-Length: 100\r\n\r\n{}", "", 0, []int{200, 408}},
-		{"socket: garbage request line", dialSock, "HELLO\r\n\r\n", "", 0, []int{400}},
-		{"socket: two Content-Lengths", dialSock, decryptHead + "Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", "", 0, []int{400}},
-		{"socket: bad chunk size", dialSock, decryptHead + "Transfer-Encoding: chunked\r\n\r\nzz\r\n", "", 0, []int{400}},
-		{"socket: slow headers (slowloris)", dialSock, "POST /v1/decrypt HTTP/1.1\r\n", "Host: x\r\nX-A: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\r\n", 100 * time.Millisecond, []int{400, 408}},
+		{"api: garbage request line", dialAPI, "HELLO\r\n\r\n", "", 0, []int{400}, apiReadTimeout},
+		{"api: NUL in a header", dialAPI, applyHead + "X-Bad: a\x00b\r\nContent-Length: 2\r\n\r\n{}", "", 0, []int{400}, apiReadTimeout},
+		{"api: two Content-Lengths", dialAPI, applyHead + "Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", "", 0, []int{400}, apiReadTimeout},
+		{"api: negative Content-Length", dialAPI, applyHead + "Content-Length: -1\r\n\r\n", "", 0, []int{400}, apiReadTimeout},
+		{"api: bad chunk size", dialAPI, applyHead + "Transfer-Encoding: chunked\r\n\r\nzz\r\n", "", 0, []int{200, 400}, apiReadTimeout},
+		{"api: request line of 1 MiB", dialAPI, "GET /" + strings.Repeat("a", 1<<20) + " HTTP/1.1\r\nHost: x\r\n\r\n", "", 0, []int{414, 431, 400}, apiReadTimeout},
+		{"api: slow headers (slowloris)", dialAPI, "POST " + publicapi.ApplyPath + " HTTP/1.1\r\n", "Host: x\r\nX-A: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\r\n", 100 * time.Millisecond, []int{400, 408}, apiReadTimeout},
+		{"api: slow body", dialAPI, applyHead + "Content-Length: 40\r\n\r\n", `{"customerId":"2188000000000001"}      `, 150 * time.Millisecond, []int{200, 408}, apiReadTimeout},
+		{"api: body shorter than its Content-Length", dialAPI, applyHead + "Content-Length: 100\r\n\r\n{}", "", 0, []int{200, 408}, apiReadTimeout},
+		{"socket: garbage request line", dialSock, "HELLO\r\n\r\n", "", 0, []int{400}, socketHeaderTimeout},
+		{"socket: two Content-Lengths", dialSock, decryptHead + "Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", "", 0, []int{400}, socketHeaderTimeout},
+		{"socket: bad chunk size", dialSock, decryptHead + "Transfer-Encoding: chunked\r\n\r\nzz\r\n", "", 0, []int{400}, socketHeaderTimeout},
+		{"socket: slow headers (slowloris)", dialSock, "POST /v1/decrypt HTTP/1.1\r\n", "Host: x\r\nX-A: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\r\n", 100 * time.Millisecond, []int{400, 408}, socketHeaderTimeout},
 	}
 	var wg sync.WaitGroup
 	for _, tc := range cases {
@@ -493,8 +514,9 @@ func slowClients(t *testing.T, p *proc) int {
 				return
 			}
 			defer c.Close()
-			c.SetDeadline(time.Now().Add(hangLimit))
 			start := time.Now()
+			bound := tc.limit + closeMargin
+			c.SetDeadline(start.Add(bound))
 			if _, err := io.WriteString(c, tc.send); err != nil {
 				t.Errorf("%s: %v", tc.name, err)
 				return
@@ -511,6 +533,9 @@ func slowClients(t *testing.T, p *proc) int {
 			}()
 			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
 			switch {
+			case errors.Is(err, os.ErrDeadlineExceeded):
+				t.Errorf("%s: HUNG: neither answered nor closed by the daemon within %s (its timeout %s + %s)",
+					tc.name, bound, tc.limit, closeMargin)
 			case err != nil && tc.drip != "":
 				// Closed by the daemon's timeouts, as it should.
 			case err != nil:

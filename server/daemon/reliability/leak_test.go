@@ -12,6 +12,7 @@ import (
 
 	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/daemon"
+	"github.com/keyissuer/keyissuer/server/daemon/internal/daemontest"
 	"github.com/keyissuer/keyissuer/server/publicapi"
 )
 
@@ -34,7 +35,14 @@ func TestShutdownLeaksNoGoroutine(t *testing.T) {
 			before := goleak.IgnoreCurrent()
 
 			ctx, cancel := context.WithCancel(context.Background())
-			d, err := daemon.New(ctx, cfg, daemon.Options{Log: slog.New(slog.DiscardHandler)})
+			// Its log, at debug level, goes to the secret scans.
+			logs := &daemontest.SyncBuffer{}
+			f.mu.Lock()
+			f.logs = append(f.logs, logs)
+			f.mu.Unlock()
+			d, err := daemon.New(ctx, cfg, daemon.Options{
+				Log: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+			})
 			if err != nil {
 				cancel()
 				t.Fatal(err)

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -47,12 +48,7 @@ func TestTokenOutage(t *testing.T) {
 				}
 			}
 			p.stop()
-			attempts, oks := f.decryptLedger()
-			for id, n := range attempts {
-				if n > 1 || oks[id] > 1 {
-					t.Errorf("DOUBLE DECRYPT: %s reached the token's decrypt %d times (%d succeeded)", id, n, oks[id])
-				}
-			}
+			f.checkLedger()
 			if storage == "token" {
 				if objs := f.tokenObjects(); len(objs) != 0 {
 					t.Errorf("LEAKED OBJECTS after the orderly stop: %v", objs)
@@ -134,7 +130,8 @@ func outage(t *testing.T, f *fixture, p *proc, storage string, n int) {
 		return err == nil && st == http.StatusServiceUnavailable
 	})
 
-	// While the token is away.
+	// While the token is away: requests, and failed attempts to recover.
+	stillDown := strings.Count(p.stderr.String(), `"msg":"token still down"`)
 	for range 3 {
 		r, err := p.apply("")
 		if err != nil || r.status != http.StatusOK || r.code != "UNKNOWN_EXCEPTION" || r.resultStatus != "U" {
@@ -155,7 +152,17 @@ func outage(t *testing.T, f *fixture, p *proc, storage string, n int) {
 				t.Errorf("outage %d: decrypt of the key whose destroy failed: %+v, %v; want 410 KEY_CONSUMED", n, res, err)
 			}
 		}
-		time.Sleep(200 * time.Millisecond) // several recovery attempts fail
+		// Another recovery attempt fails (the daemon logs each at debug
+		// level) before the next round.
+		waitFor(t, "another failed recovery attempt", func() bool {
+			p.apply("") // a call to the token: an attempt once the backoff has passed
+			n := strings.Count(p.stderr.String(), `"msg":"token still down"`)
+			if n > stillDown {
+				stillDown = n
+				return true
+			}
+			return false
+		})
 	}
 	h, _, err := p.health()
 	if err != nil || h.TokenReady || (storage == "token" && h.PendingDestroys < 1) {
@@ -249,12 +256,12 @@ func TestAnotherProcessOnTheTokenIsNoOutage(t *testing.T) {
 		h, _, err := p.health()
 		return err == nil && h.PoolReady == h.PoolSize
 	})
-	lists := 0
-	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); lists++ {
-		f.tokenObjects() // C_Initialize, C_Login, C_FindObjects, C_Finalize
-		if lists%10 == 0 {
+	const lists = 40
+	for i := range lists {
+		f.listKeys() // C_Initialize, C_Login, C_FindObjects, C_Finalize
+		if i%10 == 9 {
 			if h, st, err := p.health(); err != nil || st != http.StatusOK {
-				t.Fatalf("after %d logins by another process: health %d %+v %v", lists, st, h, err)
+				t.Fatalf("after %d logins by another process: health %d %+v %v", i+1, st, h, err)
 			}
 		}
 	}
@@ -288,7 +295,7 @@ func TestListWhileAnotherProcessMakesKeys(t *testing.T) {
 	stop := make(chan struct{})
 	var (
 		wg   sync.WaitGroup
-		used int
+		used atomic.Int64
 	)
 	wg.Go(func() {
 		for {
@@ -302,15 +309,21 @@ func TestListWhileAnotherProcessMakesKeys(t *testing.T) {
 				continue // the pool is refilling, or the daemon met a false outage
 			}
 			p.decrypt(r.key.UniqueID, seal(t, r.key, f.password()))
-			used++
+			used.Add(1)
 		}
 	})
+	// List until the daemon has made, used and destroyed keys meanwhile:
+	// the scenario, not a time, ends the loop.
+	const minLists, minKeys = 20, 4
 	lists := 0
-	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); lists++ {
-		f.tokenObjects() // fails the test on a List error
+	for deadline := time.Now().Add(hangLimit); lists < minLists || used.Load() < minKeys; lists++ {
+		if time.Now().After(deadline) {
+			t.Fatalf("in %s, %d lists while the daemon made and used %d keys; want %d and %d", hangLimit, lists, used.Load(), minLists, minKeys)
+		}
+		f.listKeys() // fails the test on a List error
 	}
 	close(stop)
 	wg.Wait()
 	p.kill()
-	t.Logf("%d lists while %d keys were made, used and destroyed", lists, used)
+	t.Logf("%d lists while %d keys were made, used and destroyed", lists, used.Load())
 }

@@ -1,0 +1,200 @@
+package hsmtest
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Object is one object of a token, as a session of the test's own sees it.
+type Object struct {
+	Class uint   // CKA_CLASS: pkcs11.CKO_PRIVATE_KEY, CKO_PUBLIC_KEY, CKO_DATA...
+	Label string // CKA_LABEL
+	ID    string // CKA_ID, as bytes; "" if the class has none
+}
+
+// String names the object for a test's failure message.
+func (o Object) String() string {
+	return fmt.Sprintf("%s label %q id %q", className(o.Class), o.Label, o.ID)
+}
+
+func className(c uint) string {
+	switch c {
+	case pkcs11.CKO_DATA:
+		return "data object"
+	case pkcs11.CKO_CERTIFICATE:
+		return "certificate"
+	case pkcs11.CKO_PUBLIC_KEY:
+		return "public key"
+	case pkcs11.CKO_PRIVATE_KEY:
+		return "private key"
+	case pkcs11.CKO_SECRET_KEY:
+		return "secret key"
+	}
+	return fmt.Sprintf("object of class %#x", c)
+}
+
+// Objects lists every object of tok that a logged-in session sees: all
+// classes, any label. It goes to the token through PKCS#11 directly, with a
+// handle and a session of its own, not through package hsm, so that a test
+// counts what is really in the token independently of the code under test
+// (hsm.List sees only key objects under a label prefix). It sees the token
+// objects and this process's session objects; other processes' session
+// objects are invisible to it, as PKCS#11 says.
+//
+// It initialises the module if nobody in the process has and finalises it
+// again; while an hsm.Token of this process has it initialised, it leaves
+// it so. Do not call it while another goroutine opens the module.
+func Objects(t testing.TB, tok Token) []Object {
+	t.Helper()
+	objs, err := objects(tok)
+	if err != nil {
+		t.Fatalf("hsmtest: counting the objects of token %q: %v", tok.Label, err)
+	}
+	return objs
+}
+
+func objects(tok Token) ([]Object, error) {
+	p := pkcs11.New(tok.Module)
+	if p == nil {
+		return nil, fmt.Errorf("failed to load PKCS#11 module %s", tok.Module)
+	}
+	defer p.Destroy()
+	err := p.Initialize()
+	if err == nil {
+		defer p.Finalize()
+	} else if !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
+		return nil, fmt.Errorf("C_Initialize: %w", err)
+	}
+	slots, err := p.GetSlotList(true)
+	if err != nil {
+		return nil, fmt.Errorf("C_GetSlotList: %w", err)
+	}
+	slot, found := uint(0), false
+	for _, s := range slots {
+		if ti, err := p.GetTokenInfo(s); err == nil && strings.TrimSpace(ti.Label) == tok.Label {
+			slot, found = s, true
+			break
+		}
+	}
+	if !found {
+		return nil, fmt.Errorf("no token labelled %q", tok.Label)
+	}
+	s, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+	if err != nil {
+		return nil, fmt.Errorf("C_OpenSession: %w", err)
+	}
+	defer p.CloseSession(s)
+	// Login state is per application: an hsm.Token of this process may
+	// have logged in already.
+	if err := p.Login(s, pkcs11.CKU_USER, tok.PIN); err != nil &&
+		!errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
+		return nil, fmt.Errorf("C_Login: %w", err)
+	}
+	if err := p.FindObjectsInit(s, nil); err != nil {
+		return nil, fmt.Errorf("C_FindObjectsInit: %w", err)
+	}
+	var hs []pkcs11.ObjectHandle
+	for {
+		batch, _, err := p.FindObjects(s, 100)
+		if err != nil {
+			p.FindObjectsFinal(s)
+			return nil, fmt.Errorf("C_FindObjects: %w", err)
+		}
+		if len(batch) == 0 {
+			break
+		}
+		hs = append(hs, batch...)
+	}
+	if err := p.FindObjectsFinal(s); err != nil {
+		return nil, fmt.Errorf("C_FindObjectsFinal: %w", err)
+	}
+	var objs []Object
+	for _, h := range hs {
+		o, ok, err := readObject(p, s, h)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			objs = append(objs, o)
+		}
+	}
+	return objs, nil
+}
+
+// readObject reads an object's class, label and id. An object destroyed
+// since the search is skipped. SoftHSM reads an attribute in two calls, its
+// length and then its value; an object another process writes meanwhile
+// can grow in between (CKR_BUFFER_TOO_SMALL): the read is tried again.
+func readObject(p *pkcs11.Ctx, s pkcs11.SessionHandle, h pkcs11.ObjectHandle) (Object, bool, error) {
+	var o Object
+	class, err := p.GetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil)})
+	if errors.Is(err, pkcs11.Error(pkcs11.CKR_OBJECT_HANDLE_INVALID)) {
+		return o, false, nil
+	}
+	if err != nil {
+		return o, false, fmt.Errorf("reading CKA_CLASS: %w", err)
+	}
+	o.Class = attrUint(class[0].Value)
+	for _, a := range []struct {
+		typ uint
+		to  *string
+	}{{pkcs11.CKA_LABEL, &o.Label}, {pkcs11.CKA_ID, &o.ID}} {
+		var attrs []*pkcs11.Attribute
+		for try := range 5 {
+			if try > 0 {
+				time.Sleep(10 * time.Millisecond)
+			}
+			attrs, err = p.GetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(a.typ, nil)})
+			if !errors.Is(err, pkcs11.Error(pkcs11.CKR_BUFFER_TOO_SMALL)) {
+				break
+			}
+		}
+		switch {
+		case errors.Is(err, pkcs11.Error(pkcs11.CKR_OBJECT_HANDLE_INVALID)):
+			return o, false, nil
+		case errors.Is(err, pkcs11.Error(pkcs11.CKR_ATTRIBUTE_TYPE_INVALID)):
+			// The class has no such attribute (CKA_ID of a data object).
+		case err != nil:
+			return o, false, fmt.Errorf("reading attribute %#x of a %s: %w", a.typ, className(o.Class), err)
+		default:
+			*a.to = string(attrs[0].Value)
+		}
+	}
+	return o, true, nil
+}
+
+// attrUint decodes a CK_ULONG attribute in the host's byte order.
+func attrUint(b []byte) uint {
+	var v uint
+	for i := len(b) - 1; i >= 0; i-- {
+		v = v<<8 | uint(b[i])
+	}
+	return v
+}
+
+// Added returns the objects of after that are not in before, counting
+// equal objects (same class, label and id) as a multiset.
+func Added(before, after []Object) []Object {
+	left := map[Object]int{}
+	for _, o := range before {
+		left[o]++
+	}
+	var added []Object
+	for _, o := range after {
+		if left[o] > 0 {
+			left[o]--
+			continue
+		}
+		added = append(added, o)
+	}
+	slices.SortFunc(added, func(a, b Object) int {
+		return strings.Compare(a.String(), b.String())
+	})
+	return added
+}
