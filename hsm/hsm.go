@@ -72,6 +72,16 @@ type Config struct {
 	// on with the error it returns. A test makes a call fail after the
 	// token did its work, which a wrapper around the Token cannot.
 	AfterCall func(op Op, keyID string, err error) error
+
+	// SweepHalfMade states that the token (the partition) is keyissuer's
+	// alone, so that key objects a crash left half-made, which carry no
+	// label and no id, may be destroyed: see [Token.SweepHalfMade]. Off,
+	// they are only counted and logged.
+	SweepHalfMade bool
+	// HalfMadeGrace is how long an object must stay half-made before it
+	// is destroyed: longer than any other process on the token may take
+	// to make one (default a minute).
+	HalfMadeGrace time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -92,6 +102,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.OnLost == nil {
 		c.OnLost = func([]string) {}
+	}
+	if c.HalfMadeGrace == 0 {
+		c.HalfMadeGrace = time.Minute
 	}
 }
 
@@ -162,6 +175,8 @@ type Token struct {
 	// orphans are ids under which a failed generation may have left
 	// objects that could not be destroyed at once; Check destroys them.
 	orphans map[string]struct{} // guarded by mu
+
+	half halfMade // half-made objects and this process's generations (halfmade.go)
 }
 
 // session is one PKCS#11 session. At most one goroutine uses it at a time.
@@ -571,6 +586,9 @@ func (t *Token) Check(ctx context.Context) error {
 		}
 	}
 	if err := t.sweepOrphans(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	if err := t.sweepHalfMadeDue(ctx); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)

@@ -135,7 +135,9 @@ func (t *Token) generate(ctx context.Context, id string) (k *Key, made bool, err
 	err = t.do(ctx, func(s *session) error {
 		s.commit()
 		made = true
+		end := t.half.beginGeneration() // its objects are half-made a while
 		pub, priv, err := t.mod.ctx.GenerateKeyPair(s.h, mech, pubTmpl, privTmpl)
+		end()
 		if err = t.after(OpGenerateKeyPair, id, err); err != nil {
 			return err
 		}

@@ -287,11 +287,62 @@ func (is *Issuer) Reconcile(ctx context.Context) error {
 		}
 		is.emit(ctx, Event{Kind: EventDestroyed, UniqueID: id, Reason: ReasonReconciled})
 	}
+	var halfMade hsm.HalfMadeSweep
+	if is.cfg.Storage == hsm.StorageToken {
+		halfMade = is.reconcileHalfMade(ctx)
+	}
 	is.log.Info("reconciled token and records", "storage", is.cfg.Storage,
-		"adopted", adopted, "lost", lost, "consumed", consumed, "objects_destroyed", destroyed)
+		"adopted", adopted, "lost", lost, "consumed", consumed, "objects_destroyed", destroyed,
+		"half_made_destroyed", halfMade.Destroyed, "half_made_left", halfMade.Waiting)
 	is.emit(ctx, Event{Kind: EventReconciled, Reconciled: ReconcileCounts{
 		Adopted: adopted, Lost: lost, Consumed: consumed, Destroyed: destroyed}})
 	return nil
+}
+
+// halfMadeSweeper is the part of [*hsm.Token] that finds the key objects a
+// crash left half-made in token storage (no label, no id, no key: beyond
+// reconciliation by label) and, on a token dedicated to keyissuer, destroys
+// them: [hsm.Token.SweepHalfMade]. Reconcile uses it when the Token has it
+// (test doubles need not); [hsm.Token.Check] goes on with it afterwards.
+type halfMadeSweeper interface {
+	SweepHalfMade(ctx context.Context) (hsm.HalfMadeSweep, error)
+}
+
+var _ halfMadeSweeper = (*hsm.Token)(nil)
+
+// reconcileHalfMadeWait is the longest start-up waits for half-made objects
+// to be seen long enough to go; with a longer grace, the token's periodic
+// checks destroy them later.
+const reconcileHalfMadeWait = 10 * time.Second
+
+// reconcileHalfMade looks for half-made key objects, and looks again once
+// the first ones may go if that is soon, so that a lone daemon whose grace
+// is short starts with none. A failure is logged, not fatal: the token's
+// checks look again.
+func (is *Issuer) reconcileHalfMade(ctx context.Context) hsm.HalfMadeSweep {
+	sw, ok := is.cfg.Token.(halfMadeSweeper)
+	if !ok {
+		return hsm.HalfMadeSweep{}
+	}
+	var total hsm.HalfMadeSweep
+	for look := 0; look < 3; look++ {
+		res, err := sw.SweepHalfMade(ctx)
+		if err != nil {
+			is.log.Warn("failed to clear half-made key objects at start-up; the token's checks will try again", "err", err)
+		}
+		total.Found = max(total.Found, res.Found)
+		total.Destroyed += res.Destroyed
+		total.Waiting, total.NextDue = res.Waiting, res.NextDue
+		if err != nil || res.Waiting == 0 || res.NextDue == 0 || res.NextDue > reconcileHalfMadeWait {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return total
+		case <-time.After(res.NextDue):
+		}
+	}
+	return total
 }
 
 // Run fills the pool and runs the reaper until ctx is done. Call Reconcile
