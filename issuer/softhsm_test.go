@@ -34,6 +34,8 @@ type env struct {
 	tok *hsm.Token
 	st  *store.Bolt
 	is  *issuer.Issuer
+
+	tokenConfig func(*hsm.Config) // if set, changes the Token's config at open
 }
 
 func newEnv(t testing.TB, storage hsm.Storage) *env {
@@ -57,7 +59,7 @@ func (e *env) open() {
 	softTok := hsmtest.Shared(t)
 	var err error
 	var is atomic.Pointer[issuer.Issuer]
-	e.tok, err = hsm.Open(context.Background(), hsm.Config{
+	cfg := hsm.Config{
 		Module:      softTok.Module,
 		TokenLabel:  softTok.Label,
 		PIN:         softTok.PIN,
@@ -70,7 +72,11 @@ func (e *env) open() {
 				i.KeysLost(ids)
 			}
 		},
-	})
+	}
+	if e.tokenConfig != nil {
+		e.tokenConfig(&cfg)
+	}
+	e.tok, err = hsm.Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatalf("hsm.Open: %v", err)
 	}
