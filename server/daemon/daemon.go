@@ -125,6 +125,9 @@ func (d *Daemon) open(ctx context.Context) error {
 		KeyBits:     cfg.Keys.Bits,
 		Sessions:    cfg.Token.Sessions,
 		Paddings:    cfg.Paddings(),
+		// Key objects a crash left half-made: see OPERATIONS.md.
+		SweepHalfMade: cfg.Token.Dedicated,
+		HalfMadeGrace: cfg.Token.HalfMadeGrace,
 		OnLost: func(ids []string) {
 			if i := is.Load(); i != nil {
 				i.KeysLost(ids)
