@@ -10,6 +10,13 @@
 // with the session that created it, so the Token reports the keys a dead
 // session took with it through [Config.OnLost].
 //
+// A crash inside C_GenerateKeyPair can leave, on a token that makes objects
+// in steps (SoftHSM's file store), a token object with no label, no id and
+// no key, which no label search finds. [Token.SweepHalfMade] finds those
+// and, only on a token stated to be keyissuer's alone
+// ([Config.SweepHalfMade]), destroys them once they cannot be anyone's
+// object in the making: halfmade.go argues why that is safe.
+//
 // github.com/miekg/pkcs11 is used directly rather than crypto11: crypto11's
 // session pool keeps handing out dead sessions after a token fault, it
 // cannot keep a session open for the lifetime of the session objects made in
