@@ -312,19 +312,5 @@ func ulong(b []byte) uint {
 // destroyHalfMade destroys one half-made object; gone already is fine,
 // from a healthy token.
 func (t *Token) destroyHalfMade(ctx context.Context, o pkcs11.ObjectHandle) error {
-	var invalid bool
-	err := t.do(ctx, func(s *session) error {
-		err := t.after(OpDestroyObject, "", t.mod.ctx.DestroyObject(s.h, o))
-		if invalid = isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID); invalid {
-			return nil
-		}
-		return err
-	})
-	if err == nil && invalid {
-		err = t.confirmGone()
-	}
-	if err != nil {
-		return fmt.Errorf("failed to destroy a half-made key object: %w", err)
-	}
-	return nil
+	return t.DestroyObject(ctx, Object{ID: "without a label (half-made)", handle: o})
 }
