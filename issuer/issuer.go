@@ -52,6 +52,11 @@ type Token interface {
 	List(ctx context.Context) ([]hsm.Object, error)
 	DestroyObject(ctx context.Context, o hsm.Object) error
 	Adopt(ctx context.Context, objs []hsm.Object) (*hsm.Key, error)
+	// SweepHalfMade looks for key objects a crash left half-made (no
+	// label, no id, no key: beyond List) and, on a token dedicated to
+	// keyissuer, destroys them: see [hsm.Token.SweepHalfMade].
+	// Reconciliation calls it; Check goes on with it afterwards.
+	SweepHalfMade(ctx context.Context) (hsm.HalfMadeSweep, error)
 	// Check finds dead sessions; Ready says whether the token is up.
 	Check(ctx context.Context) error
 	Ready() bool
@@ -299,17 +304,6 @@ func (is *Issuer) Reconcile(ctx context.Context) error {
 	return nil
 }
 
-// halfMadeSweeper is the part of [*hsm.Token] that finds the key objects a
-// crash left half-made in token storage (no label, no id, no key: beyond
-// reconciliation by label) and, on a token dedicated to keyissuer, destroys
-// them: [hsm.Token.SweepHalfMade]. Reconcile uses it when the Token has it
-// (test doubles need not); [hsm.Token.Check] goes on with it afterwards.
-type halfMadeSweeper interface {
-	SweepHalfMade(ctx context.Context) (hsm.HalfMadeSweep, error)
-}
-
-var _ halfMadeSweeper = (*hsm.Token)(nil)
-
 // reconcileHalfMadeWait is the longest start-up waits for half-made objects
 // to be seen long enough to go; with a longer grace, the token's periodic
 // checks destroy them later.
@@ -320,13 +314,9 @@ const reconcileHalfMadeWait = 10 * time.Second
 // is short starts with none. A failure is logged, not fatal: the token's
 // checks look again.
 func (is *Issuer) reconcileHalfMade(ctx context.Context) hsm.HalfMadeSweep {
-	sw, ok := is.cfg.Token.(halfMadeSweeper)
-	if !ok {
-		return hsm.HalfMadeSweep{}
-	}
 	var total hsm.HalfMadeSweep
 	for look := 0; look < 3; look++ {
-		res, err := sw.SweepHalfMade(ctx)
+		res, err := is.cfg.Token.SweepHalfMade(ctx)
 		if err != nil {
 			is.log.Warn("failed to clear half-made key objects at start-up; the token's checks will try again", "err", err)
 		}

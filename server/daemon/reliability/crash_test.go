@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer/store"
 )
 
@@ -24,9 +25,10 @@ import (
 //  1. no key decrypts twice: neither in the answers the clients got, nor in
 //     the ledger of decrypts that reached the token, kept across all runs;
 //  2. no object leaks: whatever the kill left in the token (the pool's keys,
-//     a claimed key's objects, half a destroyed pair) is gone once the next
-//     daemon has started, and after the last, orderly stop the token holds
-//     exactly the keys of issued records;
+//     a claimed key's objects, half a destroyed pair, an object SoftHSM was
+//     still making) is gone once the next daemon has started, and after
+//     the last, orderly stop the token holds exactly the keys of issued
+//     records;
 //  3. no record is lost or corrupted: the store opens after every kill,
 //     every uniqueId a client was given is there in a valid state with its
 //     salt, a key whose decrypt succeeded is never issued again, and an
@@ -110,6 +112,7 @@ type crashRun struct {
 	successes  map[string]int
 	mustVanish map[string]bool // objects a kill left that the next start must destroy
 	halfMade   int             // objects a kill left half-made (no label nor id): the same
+	seeded     bool            // the first kill's half-made objects were made sure of
 
 	// figures
 	plan                        string         // the crash point of the current cycle
@@ -201,6 +204,9 @@ func TestCrashCycles(t *testing.T) {
 	}
 	if r.applies < cycle/minIssuedDiv {
 		t.Errorf("UNEXERCISED: %d keys issued in %d cycles; the floor is %d", r.applies, cycle, cycle/minIssuedDiv)
+	}
+	if r.halfMadeSeen < 3 {
+		t.Errorf("UNEXERCISED: kills left %d half-made objects; the first alone is made to leave 3", r.halfMadeSeen)
 	}
 	if r.decryptOK < cycle/minDecryptedDiv {
 		t.Errorf("UNEXERCISED: %d decrypts succeeded in %d cycles; the floor is %d", r.decryptOK, cycle, cycle/minDecryptedDiv)
@@ -533,6 +539,15 @@ func (r *crashRun) afterKill(p *proc) {
 
 	ids := slices.Collect(maps.Keys(r.keys))
 	recs, active := r.f.records(ids) // the store opens after the kill
+	if !r.seeded {
+		// A kill lands inside SoftHSM's writes of a new object only now
+		// and then: the first kill of every run leaves one object of each
+		// half-made shape for certain, exactly as such a kill would.
+		for _, shape := range []hsmtest.HalfMade{hsmtest.HalfMadeClassless, hsmtest.HalfMadePublic, hsmtest.HalfMadePrivate} {
+			hsmtest.LeaveHalfMade(t, r.f.soft, shape)
+		}
+		r.seeded = true
+	}
 	objs := r.f.tokenObjects()
 	r.halfMade = r.f.halfMadeLeft
 	r.halfMadeSeen += r.halfMade
