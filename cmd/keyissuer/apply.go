@@ -91,7 +91,13 @@ func applyCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	unsignedRefusal := false
 	switch {
+	case verifier != nil && resp.Header.Get(apisig.HeaderSignature) == "":
+		// keyissuer signs only the answers to requests that authenticated
+		// (as the wallet SDKs, which check a signature only when there is
+		// one): an unsigned answer is believed only as a refusal.
+		unsignedRefusal = true
 	case verifier != nil:
 		// Checked before anything of the answer is believed.
 		if err := apisig.VerifyResponse(resp.Header, u.EscapedPath(), raw, verifier); err != nil {
@@ -110,7 +116,14 @@ func applyCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return fmt.Errorf("apply: unexpected answer (HTTP %d): %w", resp.StatusCode, err)
 	}
 	if out.Result.ResultStatus != "S" {
-		return fmt.Errorf("apply: %s/%s: %s", out.Result.ResultCode, out.Result.ResultStatus, out.Result.ResultMessage)
+		unsigned := ""
+		if unsignedRefusal {
+			unsigned = " (unsigned: the request did not authenticate)"
+		}
+		return fmt.Errorf("apply: %s/%s: %s%s", out.Result.ResultCode, out.Result.ResultStatus, out.Result.ResultMessage, unsigned)
+	}
+	if unsignedRefusal {
+		return fmt.Errorf("apply: the answer says %s but is not signed: not believed", out.Result.ResultCode)
 	}
 	return printJSON(stdout, out.PublicKeyInfo)
 }

@@ -40,6 +40,7 @@ const (
 	KeyLost            = "key.lost"             // UniqueID: the token lost it
 	Reconciled         = "store.reconciled"     // Counts
 	RequestRefused     = "request.refused"      // API, Code, Remote or PeerUID/PID
+	RefusalSummary     = "request.refusals"     // Counts by reason over Detail's interval; Offenders
 	ConfigReloaded     = "config.reloaded"      // Detail: what changed
 	ConfigReloadFailed = "config.reload_failed" // Detail: why; the old config stays
 	TokenDown          = "token.down"           // Detail: the fault
@@ -48,20 +49,30 @@ const (
 
 // Event is one security event. Set Type and the fields that apply.
 type Event struct {
-	Type       string         `json:"event"`
-	UniqueID   string         `json:"unique_id,omitempty"`
-	CustomerID string         `json:"customer_id,omitempty"`
-	ClientID   string         `json:"client_id,omitempty"`
-	API        string         `json:"api,omitempty"`    // apply, decrypt, ...
-	Remote     string         `json:"remote,omitempty"` // TCP peer of the public API
-	Peer       *Peer          `json:"peer,omitempty"`   // Unix-socket peer, when known
-	Outcome    string         `json:"outcome,omitempty"`
-	Code       string         `json:"code,omitempty"` // wire result code of a refusal
-	Reason     string         `json:"reason,omitempty"`
-	Token      string         `json:"token,omitempty"`
-	Count      *int           `json:"count,omitempty"`
-	Counts     map[string]int `json:"counts,omitempty"`
-	Detail     string         `json:"detail,omitempty"` // never a secret
+	Type       string `json:"event"`
+	UniqueID   string `json:"unique_id,omitempty"`
+	CustomerID string `json:"customer_id,omitempty"`
+	ClientID   string `json:"client_id,omitempty"` // a client that proved who it is
+	// ClientIDUnverified is a Client-Id the request claimed, unproven.
+	ClientIDUnverified string         `json:"client_id_unverified,omitempty"`
+	API                string         `json:"api,omitempty"`    // apply, decrypt, ...
+	Remote             string         `json:"remote,omitempty"` // TCP peer of the public API
+	Peer               *Peer          `json:"peer,omitempty"`   // Unix-socket peer, when known
+	Outcome            string         `json:"outcome,omitempty"`
+	Code               string         `json:"code,omitempty"` // wire result code of a refusal
+	Reason             string         `json:"reason,omitempty"`
+	Token              string         `json:"token,omitempty"`
+	Count              *int           `json:"count,omitempty"`
+	Counts             map[string]int `json:"counts,omitempty"`
+	Detail             string         `json:"detail,omitempty"` // never a secret
+	Offenders          []Offender     `json:"offenders,omitempty"`
+}
+
+// Offender is a source of refused requests in a [RefusalSummary].
+type Offender struct {
+	Remote             string `json:"remote"` // the address, without the port
+	ClientIDUnverified string `json:"client_id_unverified,omitempty"`
+	Count              int    `json:"count"`
 }
 
 // Peer is the process at the other end of the decrypt socket.

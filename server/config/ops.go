@@ -31,6 +31,11 @@ type Audit struct {
 	Fsync string `toml:"fsync"`
 	// FsyncInterval is the period of fsync = "interval" (default 1s).
 	FsyncInterval time.Duration `toml:"fsync_interval"`
+	// SummaryInterval is how often refused applyPublicKey requests are
+	// summarised in one audit line and one log line, counts by reason
+	// (default 1m; at least 1s). Refusals of verified clients by the
+	// blocklist or a quota get a line each, as they happen.
+	SummaryInterval time.Duration `toml:"summary_interval"`
 }
 
 func (c *Config) setOpsDefaults() {
@@ -45,6 +50,9 @@ func (c *Config) setOpsDefaults() {
 	}
 	if c.Audit.FsyncInterval == 0 {
 		c.Audit.FsyncInterval = time.Second
+	}
+	if c.Audit.SummaryInterval == 0 {
+		c.Audit.SummaryInterval = time.Minute
 	}
 }
 
@@ -73,6 +81,9 @@ func (c *Config) validateOps() error {
 	}
 	if c.Audit.FsyncInterval < 10*time.Millisecond {
 		return bad("audit.fsync_interval", "%s is below the minimum 10ms", c.Audit.FsyncInterval)
+	}
+	if c.Audit.SummaryInterval < time.Second {
+		return bad("audit.summary_interval", "%s is below the minimum 1s", c.Audit.SummaryInterval)
 	}
 	return nil
 }

@@ -24,6 +24,7 @@ type access struct {
 	signer    *hsm.Signer     // nil: answers unsigned
 	blocklist *blocklist.List // nil: none
 	clients   []publicapi.Client
+	gate      *publicapi.Gate // the limits before authentication; kept across reloads
 }
 
 // openAccess finds the response-signing key, loads the blocklist and parses
@@ -40,6 +41,7 @@ func (d *Daemon) openAccess(ctx context.Context) error {
 			return fmt.Errorf("api.signing_key_label: %w", err)
 		}
 		d.access.signer = s
+		d.ops.metrics.Signatures(s.Signs)
 		der, _ := x509.MarshalPKIXPublicKey(s.Public())
 		sum := sha256.Sum256(der)
 		d.log.Info("response-signing key", "label", label, "key_version", cfg.SigningKeyVersion,
@@ -60,6 +62,12 @@ func (d *Daemon) openAccess(ctx context.Context) error {
 		return err
 	}
 	d.access.clients = clients
+	l := d.cfg.Limits
+	d.access.gate = publicapi.NewGate(publicapi.GateConfig{
+		AddressRate: rate.Limit(l.AddressRate), AddressBurst: l.AddressBurst,
+		UnverifiedRate: rate.Limit(l.UnverifiedRate), UnverifiedBurst: l.UnverifiedBurst,
+		Addresses: l.Addresses,
+	})
 	if cfg.AllowUnsigned {
 		d.log.Warn("api.allow_unsigned is true: applyPublicKey accepts requests without a signature, " +
 			"so anyone who reaches api.listen can take keys; for local development only")
@@ -114,6 +122,8 @@ func (d *Daemon) publicHandler() http.Handler {
 		Rate:             rate.Limit(l.Rate),
 		Burst:            l.Burst,
 		Limits:           issuer.Limits{Total: l.MaxOutstanding, Customer: l.MaxOutstandingPerCustomer},
+		Gate:             d.access.gate,
+		OnRefused:        d.onRefused,
 	})
 }
 

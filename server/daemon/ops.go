@@ -40,7 +40,8 @@ type ops struct {
 	lastReap atomic.Int64 // Unix nanoseconds of the last reaper pass
 	drained  atomic.Int64 // pooled keys destroyed at shutdown
 
-	public swapHandler // applyPublicKey, rebuilt by a reload of the access rules
+	public   swapHandler // applyPublicKey, rebuilt by a reload of the access rules
+	refusals *refusals   // applyPublicKey's refusals since the last summary (refusals.go)
 
 	mu        sync.Mutex // guards the reload state below and d.cfg's reloadable parts
 	reloadAt  time.Time
@@ -51,7 +52,7 @@ type ops struct {
 // openOps binds the admin listener and opens the audit trail. Call it after
 // the other listeners are bound and before the token is opened.
 func (d *Daemon) openOps() error {
-	o := &ops{started: time.Now(), version: buildVersion()}
+	o := &ops{started: time.Now(), version: buildVersion(), refusals: newRefusals()}
 	d.ops = o
 	var err error
 	if o.adminLn, err = net.Listen("tcp", d.cfg.Admin.Listen); err != nil {
@@ -301,6 +302,18 @@ func (d *Daemon) runOps(ctx context.Context) {
 		}
 	})
 	wg.Go(func() { d.warmUp(ctx) })
+	wg.Go(func() {
+		tick := time.NewTicker(d.cfg.Audit.SummaryInterval)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				d.summariseRefusals()
+			}
+		}
+	})
 	notify("READY=1")
 	<-ctx.Done()
 	notify("STOPPING=1")
@@ -346,6 +359,7 @@ func (d *Daemon) closeOps() {
 		d.ops.adminLn.Close()
 	}
 	if d.ops.audit != nil {
+		d.summariseRefusals()
 		if d.issuer != nil {
 			n := int(d.ops.drained.Load())
 			d.record(audit.Event{Type: audit.DaemonStopped, Count: &n, Detail: "pooled keys destroyed: count"})

@@ -193,8 +193,8 @@ func TestSignedApply(t *testing.T) {
 	if refused.Result.ResultCode != "INVALID_CLIENT" || refused.Result.ResultStatus != "F" || refused.PublicKeyInfo != nil {
 		t.Errorf("unsigned apply: %+v, want INVALID_CLIENT/F", refused.Result)
 	}
-	if resp.Header.Get("Signature") == "" {
-		t.Error("the refusal is not signed")
+	if resp.Header.Get("Signature") != "" {
+		t.Error("the refusal of a request that did not authenticate is signed")
 	}
 	ct := encryptFor(t, *a.PublicKeyInfo, "correct horse")
 	if status, code, pw, err := c.decrypt(a.PublicKeyInfo.UniqueID, ct); err != nil || status != 200 || pw != "correct horse" {
