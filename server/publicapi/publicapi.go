@@ -94,6 +94,10 @@ const (
 	CodeMethod             = "METHOD_NOT_SUPPORTED"
 	CodeMediaType          = "MEDIA_TYPE_NOT_ACCEPTABLE"
 	CodeInvalidAPI         = "INVALID_API"
+	// CodeRepeatRequest answers a signed request whose signature was
+	// accepted before, within the clock-skew window: a replay, or a
+	// retry that was not signed afresh.
+	CodeRepeatRequest = "REPEAT_REQUEST"
 
 	maxCustomerIDLength = 32
 )
@@ -147,6 +151,11 @@ type Config struct {
 	// OnRefused, if set, is told of every refused request, synchronously:
 	// for metrics and the audit trail.
 	OnRefused func(r *http.Request, f Refusal)
+	// Replay remembers the signatures of accepted requests for the
+	// clock-skew window, so that each is accepted once; nil: no replay
+	// check. Share one across the handlers of reloads (and, in a cluster,
+	// across the instances).
+	Replay ReplayGuard
 
 	Now func() time.Time // the clock (time.Now)
 }
@@ -159,9 +168,9 @@ type Refusal struct {
 	// who sent the request only when Verified.
 	ClientID string
 	// Verified says the request's signature verified (or, with
-	// AllowUnsigned, that it was let in without one) and it was not a
-	// replay: it passed authentication. Answers to verified requests are
-	// signed; the others are not.
+	// AllowUnsigned, that it was let in without one), it passed the rate
+	// limits and it was not a replay: it comes from the client. Answers to
+	// verified requests are signed; the others are not.
 	Verified bool
 }
 
@@ -177,6 +186,8 @@ const (
 	ReasonInvalidClient    = "invalid_client"
 	ReasonInvalidSignature = "invalid_signature"
 	ReasonRateLimit        = "rate_limit" // the client's or the global bucket
+	ReasonReplay           = "replay"     // a signature accepted before
+	ReasonReplayCheck      = "replay_check_failed"
 	ReasonParam            = "param"      // a bad body field
 	ReasonBlocklist        = "blocklist"
 	ReasonQuota            = "quota" // an outstanding-key cap
@@ -184,7 +195,7 @@ const (
 
 // Reasons lists every Reason constant, for metrics.
 var Reasons = []string{ReasonGateAddress, ReasonGateUnverified, ReasonInvalidAPI, ReasonMethod, ReasonMediaType,
-	ReasonMalformed, ReasonInvalidClient, ReasonInvalidSignature, ReasonRateLimit, ReasonParam,
+	ReasonMalformed, ReasonInvalidClient, ReasonInvalidSignature, ReasonRateLimit, ReasonReplay, ReasonReplayCheck, ReasonParam,
 	ReasonBlocklist, ReasonQuota}
 
 // Handler serves /ams/api/.
@@ -251,10 +262,11 @@ func fail(code, status, reason, msg string) *outcome {
 
 // state is what ServeHTTP learns of a request on the way.
 type state struct {
-	// verified: the request passed authentication, so its answer is
-	// signed. Nothing is signed for a caller who did not prove who it is:
-	// a token signature costs a session of the token, which a flood of
-	// junk must not be able to spend.
+	// verified: the request passed authentication, the rate limits and
+	// the replay check, so its answer is signed. Nothing is signed for a
+	// caller who did not prove who it is: a token signature costs a
+	// session of the token, which a flood of junk (or of replays) must not
+	// be able to spend.
 	verified bool
 }
 
@@ -327,17 +339,36 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, st *state) (Resp
 		}
 		return Response{}, fail(CodeParamIllegal, "F", ReasonMalformed, "the body could not be read")
 	}
-	cl, signed, o := h.authenticate(r, body)
+	a, o := h.authenticate(r, body)
 	if o != nil {
 		return Response{}, o
 	}
-	st.verified = true
-	if signed && h.cfg.Gate != nil {
-		h.cfg.Gate.Verified(r.RemoteAddr)
-	}
-	if !h.allow(cl) {
+	cl := a.client
+	undo, ok := h.allow(cl)
+	if !ok {
 		return Response{}, &outcome{http: http.StatusOK, code: CodeTrafficLimit, status: "U", reason: ReasonRateLimit,
 			msg: "too many requests; retry later", logMsg: "rate limit", logLevel: slog.LevelDebug}
+	}
+	// Recorded only past the rate limits, so that no more signatures are
+	// remembered than the limits let through; a replay gives its tokens
+	// back, so that replaying a client's request does not use up its rate.
+	if a.signed && h.cfg.Replay != nil {
+		first, err := h.cfg.Replay.FirstUse(r.Context(), replayDigest(cl.ID, a.sig), a.time.Add(h.cfg.ClockSkew))
+		if err != nil {
+			undo()
+			h.log.Error("the replay check failed", "err", err)
+			return Response{}, fail(CodeUnknown, "U", ReasonReplayCheck, "the request could not be checked; retry shortly")
+		}
+		if !first {
+			undo()
+			return Response{}, &outcome{http: http.StatusOK, code: CodeRepeatRequest, status: "F", reason: ReasonReplay,
+				msg: "this signed request was accepted before; sign every request afresh, with a new Request-Time",
+				logMsg: "replayed signature", logLevel: slog.LevelDebug}
+		}
+	}
+	st.verified = true
+	if a.signed && h.cfg.Gate != nil {
+		h.cfg.Gate.Verified(r.RemoteAddr)
 	}
 	req, err := parseApply(body)
 	if err != nil {
@@ -367,10 +398,18 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, st *state) (Resp
 	}, nil
 }
 
+// auth is who authenticate found.
+type auth struct {
+	client *client // nil: anonymous (AllowUnsigned)
+	signed bool    // the signature below verified
+	sig    []byte
+	time   time.Time // the Request-Time
+}
+
 // authenticate finds the caller: a registered, enabled client whose
 // signature verifies (signed); or, with AllowUnsigned and no Signature
 // header, the client its Client-Id names, or nobody (nil) without one.
-func (h *Handler) authenticate(r *http.Request, body []byte) (cl *client, signed bool, o *outcome) {
+func (h *Handler) authenticate(r *http.Request, body []byte) (auth, *outcome) {
 	// The caller gets the reason; the log only at debug level, so that a
 	// flood of bad requests cannot flood it.
 	invalidClient := func(msg string) *outcome {
@@ -382,36 +421,36 @@ func (h *Handler) authenticate(r *http.Request, body []byte) (cl *client, signed
 	ids := r.Header.Values(apisig.HeaderClientID)
 	sigs := r.Header.Values(apisig.HeaderSignature)
 	if len(sigs) == 0 && h.cfg.AllowUnsigned && len(ids) == 0 {
-		return nil, false, nil
+		return auth{}, nil
 	}
 
 	switch len(ids) {
 	case 0:
-		return nil, false, invalidClient("the Client-Id header is missing")
+		return auth{}, invalidClient("the Client-Id header is missing")
 	case 1:
 	default:
-		return nil, false, invalidClient("more than one Client-Id header")
+		return auth{}, invalidClient("more than one Client-Id header")
 	}
 	id, err := apisig.ParseClientID(ids[0])
 	if err != nil {
-		return nil, false, invalidClient(err.Error())
+		return auth{}, invalidClient(err.Error())
 	}
-	cl = h.clients[id]
+	cl := h.clients[id]
 	switch {
 	case cl == nil:
-		return nil, false, invalidClient("unknown Client-Id")
+		return auth{}, invalidClient("unknown Client-Id")
 	case cl.Disabled:
-		return nil, false, invalidClient("the client is disabled")
+		return auth{}, invalidClient("the client is disabled")
 	case len(sigs) == 0 && h.cfg.AllowUnsigned:
-		return cl, false, nil
+		return auth{client: cl}, nil
 	case len(sigs) == 0:
-		return nil, false, invalidSig("the Signature header is missing")
+		return auth{}, invalidSig("the Signature header is missing")
 	case len(sigs) > 1:
-		return nil, false, invalidSig("more than one Signature header")
+		return auth{}, invalidSig("more than one Signature header")
 	}
 	sig, err := apisig.ParseSignature(sigs[0])
 	if err != nil {
-		return nil, false, invalidSig(err.Error())
+		return auth{}, invalidSig(err.Error())
 	}
 	version := sig.KeyVersion
 	if version == 0 {
@@ -419,55 +458,62 @@ func (h *Handler) authenticate(r *http.Request, body []byte) (cl *client, signed
 	}
 	pub := cl.Keys[version]
 	if pub == nil {
-		return nil, false, invalidSig(fmt.Sprintf("no key of keyVersion %d is registered for the client", version))
+		return auth{}, invalidSig(fmt.Sprintf("no key of keyVersion %d is registered for the client", version))
 	}
 
 	times := r.Header.Values(apisig.HeaderRequestTime)
 	switch len(times) {
 	case 0:
-		return nil, false, fail(CodeParamIllegal, "F", ReasonMalformed, "the Request-Time header is missing")
+		return auth{}, fail(CodeParamIllegal, "F", ReasonMalformed, "the Request-Time header is missing")
 	case 1:
 	default:
-		return nil, false, fail(CodeParamIllegal, "F", ReasonMalformed, "more than one Request-Time header")
+		return auth{}, fail(CodeParamIllegal, "F", ReasonMalformed, "more than one Request-Time header")
 	}
 	t, err := apisig.ParseRequestTime(times[0])
 	if err != nil {
-		return nil, false, fail(CodeParamIllegal, "F", ReasonMalformed, err.Error())
+		return auth{}, fail(CodeParamIllegal, "F", ReasonMalformed, err.Error())
 	}
 	if skew := h.cfg.Now().Sub(t).Abs(); skew > h.cfg.ClockSkew {
-		return nil, false, invalidSig(fmt.Sprintf("the Request-Time is %s away from the server's clock, more than the %s allowed; check the clock",
+		return auth{}, invalidSig(fmt.Sprintf("the Request-Time is %s away from the server's clock, more than the %s allowed; check the clock",
 			skew.Round(time.Second), h.cfg.ClockSkew))
 	}
 	content := apisig.Content(http.MethodPost, r.URL.EscapedPath(), ids[0], times[0], body)
 	if err := apisig.Verify(pub, content, sig.Value); err != nil {
-		return nil, false, invalidSig(fmt.Sprintf("the signature does not verify with the client's key of keyVersion %d", version))
+		return auth{}, invalidSig(fmt.Sprintf("the signature does not verify with the client's key of keyVersion %d", version))
 	}
-	return cl, true, nil
+	return auth{client: cl, signed: true, sig: sig.Value, time: t}, nil
 }
 
 // allow takes a token from the client's bucket and the global one, or from
-// neither.
-func (h *Handler) allow(cl *client) bool {
+// neither; undo gives them back.
+func (h *Handler) allow(cl *client) (undo func(), ok bool) {
 	now := h.cfg.Now()
-	var rc *rate.Reservation
-	if cl != nil && cl.limiter != nil {
-		rc = cl.limiter.ReserveN(now, 1)
-		if !rc.OK() || rc.DelayFrom(now) > 0 {
-			rc.CancelAt(now)
-			return false
+	var rs []*rate.Reservation
+	undo = func() {
+		for _, r := range rs {
+			r.CancelAt(now)
 		}
 	}
-	if h.global != nil {
-		rg := h.global.ReserveN(now, 1)
-		if !rg.OK() || rg.DelayFrom(now) > 0 {
-			rg.CancelAt(now)
-			if rc != nil {
-				rc.CancelAt(now)
-			}
-			return false
+	for _, l := range []*rate.Limiter{cl.limiterOrNil(), h.global} {
+		if l == nil {
+			continue
 		}
+		r := l.ReserveN(now, 1)
+		if !r.OK() || r.DelayFrom(now) > 0 {
+			r.CancelAt(now)
+			undo()
+			return nil, false
+		}
+		rs = append(rs, r)
 	}
-	return true
+	return undo, true
+}
+
+func (c *client) limiterOrNil() *rate.Limiter {
+	if c == nil {
+		return nil
+	}
+	return c.limiter
 }
 
 // mapError is the one place issuer errors become result codes. The cause

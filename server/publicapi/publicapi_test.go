@@ -299,13 +299,17 @@ func sdkVerify(pub *rsa.PublicKey, method, path string, h http.Header, body []by
 	return rsa.VerifyPKCS1v15(pub, crypto.SHA256, d[:], sig)
 }
 
-// passedAuth says whether an answer's request got through authentication:
-// answers to the others are not signed.
+// passedAuth says whether an answer's request got through authentication,
+// the rate limits and the replay check: answers to the others are not
+// signed.
 func passedAuth(res publicapi.Result) bool {
 	switch res.ResultCode {
 	case publicapi.CodeInvalidClient, publicapi.CodeInvalidSignature, publicapi.CodeMethod,
 		publicapi.CodeMediaType, publicapi.CodeInvalidAPI:
 		return false
+	case publicapi.CodeTrafficLimit:
+		// A rate limit comes before the replay check; a quota after.
+		return strings.Contains(res.ResultMessage, "outstanding")
 	case publicapi.CodeParamIllegal:
 		// The body's size and the Request-Time are checked first.
 		return !strings.Contains(res.ResultMessage, "Request-Time") && !strings.Contains(res.ResultMessage, "limit") &&
