@@ -188,7 +188,7 @@ const (
 	ReasonRateLimit        = "rate_limit" // the client's or the global bucket
 	ReasonReplay           = "replay"     // a signature accepted before
 	ReasonReplayCheck      = "replay_check_failed"
-	ReasonParam            = "param"      // a bad body field
+	ReasonParam            = "param" // a bad body field
 	ReasonBlocklist        = "blocklist"
 	ReasonQuota            = "quota" // an outstanding-key cap
 )
@@ -362,7 +362,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, st *state) (Resp
 		if !first {
 			undo()
 			return Response{}, &outcome{http: http.StatusOK, code: CodeRepeatRequest, status: "F", reason: ReasonReplay,
-				msg: "this signed request was accepted before; sign every request afresh, with a new Request-Time",
+				msg:    "this signed request was accepted before; sign every request afresh, with a new Request-Time",
 				logMsg: "replayed signature", logLevel: slog.LevelDebug}
 		}
 	}
