@@ -44,8 +44,8 @@ func TestSignedApplyReplay(t *testing.T) {
 	issued := d.Issuer().Stats().Issued
 	replay := func(when string) {
 		a, err := trySDKApplyAt(http.DefaultClient, apiURL, `{}`, at, false)
-		if err != nil || a.Result.ResultCode != "REPEAT_REQUEST" || a.Result.ResultStatus != "F" || a.PublicKeyInfo != nil {
-			t.Errorf("replay %s: %+v %v, want REPEAT_REQUEST/F", when, a.Result, err)
+		if err != nil || a.Result.ResultCode != "REPEAT_REQUEST" || a.Result.ResultStatus != "U" || a.PublicKeyInfo != nil {
+			t.Errorf("replay %s: %+v %v, want REPEAT_REQUEST/U", when, a.Result, err)
 		}
 	}
 	replay("at once")

@@ -361,8 +361,11 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, st *state) (Resp
 		}
 		if !first {
 			undo()
-			return Response{}, &outcome{http: http.StatusOK, code: CodeRepeatRequest, status: "F", reason: ReasonReplay,
-				msg:    "this signed request was accepted before; sign every request afresh, with a new Request-Time",
+			// U, not F: two requests with the same body signed in the
+			// same millisecond have the same signature, and the second
+			// must be free to retry, signed afresh.
+			return Response{}, &outcome{http: http.StatusOK, code: CodeRepeatRequest, status: "U", reason: ReasonReplay,
+				msg:    "this signed request was accepted before; retry signed afresh, with a new Request-Time",
 				logMsg: "replayed signature", logLevel: slog.LevelDebug}
 		}
 	}

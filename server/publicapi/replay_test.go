@@ -44,8 +44,8 @@ func TestReplay(t *testing.T) {
 	}
 	for range 3 {
 		again := send(t, srv.Client(), request{body: defaultBody, requestTime: at}.build(t, srv.URL))
-		if r := again.resp.Result; r.ResultCode != publicapi.CodeRepeatRequest || r.ResultStatus != "F" {
-			t.Errorf("replay: %+v, want REPEAT_REQUEST/F", r)
+		if r := again.resp.Result; r.ResultCode != publicapi.CodeRepeatRequest || r.ResultStatus != "U" {
+			t.Errorf("replay: %+v, want REPEAT_REQUEST/U", r)
 		}
 		if again.header.Get("Signature") != "" {
 			t.Error("the answer to a replay is signed")
