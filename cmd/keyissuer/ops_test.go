@@ -3,7 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -88,5 +95,62 @@ func TestStatus(t *testing.T) {
 	out.Reset()
 	if err := run(context.Background(), "status", []string{"-admin", srv.URL, "-json"}, nil, &out); err != nil || !strings.Contains(out.String(), `"version": "v9"`) {
 		t.Errorf("status -json: %v\n%s", err, out.String())
+	}
+}
+
+func TestAuditVerifyCheckpoints(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "audit.jsonl")
+	var keys [2]*rsa.PrivateKey
+	var pems [2]string
+	for i := range keys {
+		k, err := rsa.GenerateKey(rand.Reader, 2048)
+		if err != nil {
+			t.Fatal(err)
+		}
+		der, _ := x509.MarshalPKIXPublicKey(&k.PublicKey)
+		keys[i], pems[i] = k, filepath.Join(dir, fmt.Sprintf("pub%d.pem", i))
+		os.WriteFile(pems[i], pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o600)
+	}
+	sign := func(msg []byte) ([]byte, error) {
+		d := sha256.Sum256(msg)
+		return rsa.SignPKCS1v15(nil, keys[0], crypto.SHA256, d[:])
+	}
+	l, err := audit.Open(path, audit.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Record(audit.Event{Type: audit.KeyIssued, UniqueID: "A"})
+	if _, ok, err := l.Checkpoint(sign, audit.KeyID(&keys[0].PublicKey)); !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	l.Record(audit.Event{Type: audit.KeyDestroyed, UniqueID: "A", Reason: "consumed"})
+	l.Close()
+
+	ctx := context.Background()
+	for _, tt := range []struct {
+		name    string
+		args    []string
+		want    string
+		wantErr string
+	}{
+		{name: "with the key", args: []string{"verify", "-key", pems[0], path},
+			want: "covered through seq 1 by 1 signed checkpoints; NOT COVERED: the 2 lines after it (seq 2-3"},
+		{name: "without a key", args: []string{"verify", path}, want: "1 checkpoints, signatures NOT checked"},
+		{name: "another key", args: []string{"verify", "-key", pems[1], path}, wantErr: "BROKEN: line 2: checkpoint signed by key"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var out bytes.Buffer
+			err := run(ctx, "audit", tt.args, nil, &out)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || !strings.Contains(out.String(), tt.want) {
+				t.Errorf("output %q, %v; want %q", out.String(), err, tt.want)
+			}
+		})
 	}
 }

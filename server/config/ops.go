@@ -36,6 +36,11 @@ type Audit struct {
 	// (default 1m; at least 1s). Refusals of verified clients by the
 	// blocklist or a quota get a line each, as they happen.
 	SummaryInterval time.Duration `toml:"summary_interval"`
+	// CheckpointInterval is how often the head of the trail is signed with
+	// the response-signing key (api.signing_key_label) into an
+	// audit.checkpoint line, copied to the log; also at start-up and at
+	// shutdown (default 5m; 1s to 24h). Without a signing key, none.
+	CheckpointInterval time.Duration `toml:"checkpoint_interval"`
 }
 
 func (c *Config) setOpsDefaults() {
@@ -53,6 +58,9 @@ func (c *Config) setOpsDefaults() {
 	}
 	if c.Audit.SummaryInterval == 0 {
 		c.Audit.SummaryInterval = time.Minute
+	}
+	if c.Audit.CheckpointInterval == 0 {
+		c.Audit.CheckpointInterval = 5 * time.Minute
 	}
 }
 
@@ -84,6 +92,9 @@ func (c *Config) validateOps() error {
 	}
 	if c.Audit.SummaryInterval < time.Second {
 		return bad("audit.summary_interval", "%s is below the minimum 1s", c.Audit.SummaryInterval)
+	}
+	if ci := c.Audit.CheckpointInterval; ci < time.Second || ci > 24*time.Hour {
+		return bad("audit.checkpoint_interval", "%s is not between 1s and 24h", ci)
 	}
 	return nil
 }

@@ -314,6 +314,19 @@ func (d *Daemon) runOps(ctx context.Context) {
 			}
 		}
 	})
+	d.checkpoint("start")
+	wg.Go(func() {
+		tick := time.NewTicker(d.cfg.Audit.CheckpointInterval)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				d.checkpoint("periodic")
+			}
+		}
+	})
 	notify("READY=1")
 	<-ctx.Done()
 	notify("STOPPING=1")
@@ -349,8 +362,22 @@ func (d *Daemon) watchToken(ctx context.Context) {
 	}
 }
 
-// closeOps writes the last audit line and closes the trail; after the
+// sealAudit writes the last audit lines and signs the head: before the
 // token is closed.
+func (d *Daemon) sealAudit() {
+	if d.ops == nil || d.ops.audit == nil {
+		return
+	}
+	d.summariseRefusals()
+	if d.issuer != nil {
+		n := int(d.ops.drained.Load())
+		d.record(audit.Event{Type: audit.DaemonStopped, Count: &n, Detail: "pooled keys destroyed: count"})
+	}
+	d.checkpoint("shutdown")
+}
+
+// closeOps closes the admin listener and the audit trail; after the token
+// is closed.
 func (d *Daemon) closeOps() {
 	if d.ops == nil {
 		return
@@ -359,12 +386,32 @@ func (d *Daemon) closeOps() {
 		d.ops.adminLn.Close()
 	}
 	if d.ops.audit != nil {
-		d.summariseRefusals()
-		if d.issuer != nil {
-			n := int(d.ops.drained.Load())
-			d.record(audit.Event{Type: audit.DaemonStopped, Count: &n, Detail: "pooled keys destroyed: count"})
-		}
 		d.ops.audit.Close()
+	}
+}
+
+// checkpointTimeout bounds the token's signature of a checkpoint.
+const checkpointTimeout = 10 * time.Second
+
+// checkpoint signs the audit trail's head with the response-signing key
+// into an audit.checkpoint line, and logs a copy: the copy outside the file
+// is what shows a cut of the file's tail. Nothing without a signing key, or
+// when the last line is a checkpoint already.
+func (d *Daemon) checkpoint(why string) {
+	s := d.access.signer
+	if s == nil || d.ops == nil || d.ops.audit == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), checkpointTimeout)
+	defer cancel()
+	e, ok, err := d.ops.audit.Checkpoint(func(msg []byte) ([]byte, error) { return s.Sign(ctx, msg) }, audit.KeyID(s.Public()))
+	d.ops.metrics.AuditWrite(err)
+	switch {
+	case err != nil:
+		d.log.Error("failed to write an audit checkpoint", "why", why, "err", err)
+	case ok:
+		d.log.Info("audit checkpoint", "why", why, "path", d.ops.audit.Path(), "seq", e.CheckpointSeq,
+			"head", e.CheckpointHead, "signature", e.Signature, "key_id", e.KeyID)
 	}
 }
 

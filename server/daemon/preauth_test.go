@@ -235,6 +235,14 @@ summary_interval = "1h"
 	if int64(total) != sent.Load() {
 		t.Errorf("the summary counts %d refusals %v, want %d", total, summaries[0].Counts, sent.Load())
 	}
+	// The Client-Ids the flood claimed are named as unverified, never as
+	// a client.
+	raw := mustRead(t, cfg.Audit.Path)
+	i := strings.Index(raw, `"event":"`+audit.RefusalSummary+`"`)
+	line := raw[i : i+strings.IndexByte(raw[i:], '\n')]
+	if !strings.Contains(line, `"client_id_unverified":"`) || strings.Contains(line, `"client_id":`) {
+		t.Errorf("summary line %s: want the claimed Client-Ids as client_id_unverified only", line)
+	}
 }
 
 func decodeJSON(resp *http.Response, v any) {
