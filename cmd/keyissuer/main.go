@@ -12,7 +12,7 @@
 //	keyissuer key     [-socket PATH] -unique-id ID
 //	keyissuer health  [-socket PATH]
 //	keyissuer status  [-admin URL] [-json]
-//	keyissuer audit verify [-key FILE] FILE...
+//	keyissuer audit verify [-key FILE] [-log FILE] FILE...
 //	keyissuer version
 package main
 
@@ -53,7 +53,7 @@ const usage = `keyissuer: the keyissuerd client
   keyissuer key     [-socket PATH] -unique-id ID        a key's state
   keyissuer health  [-socket PATH]                      the daemon's health
   keyissuer status  [-admin URL] [-json]                the daemon's status (admin listener)
-  keyissuer audit verify [-key FILE] FILE...            check the audit trail's chain and signed checkpoints (oldest file first)
+  keyissuer audit verify [-key F] [-log F] FILE...      check the audit trail's chain and signed checkpoints (oldest file first)
   keyissuer version
 `
 

@@ -4,6 +4,7 @@ package main
 // verify.
 
 import (
+	"bytes"
 	"context"
 	"crypto/rsa"
 	"encoding/json"
@@ -110,12 +111,13 @@ func printStatus(w io.Writer, s admin.Status, now time.Time) {
 
 // auditCmd runs `keyissuer audit verify [-key FILE] FILE...`.
 func auditCmd(args []string, stdout io.Writer) error {
-	const usage = "usage: keyissuer audit verify [-key FILE] FILE... (oldest first, after rotation)"
+	const usage = "usage: keyissuer audit verify [-key FILE] [-log FILE] FILE... (oldest first, after rotation)"
 	if len(args) == 0 || args[0] != "verify" {
 		return errors.New(usage)
 	}
 	fs := flag.NewFlagSet("keyissuer audit verify", flag.ContinueOnError)
 	keyFile := fs.String("key", "", "the response-signing public key (PEM or base64 `file`, from `keyissuer signing-key`): check the signed checkpoints")
+	logFile := fs.String("log", "", "keyissuerd's JSON log (`file`, e.g. journalctl -o cat): check the trail against the checkpoints copied there")
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
 	}
@@ -157,6 +159,50 @@ func auditCmd(args []string, stdout io.Writer) error {
 			return err
 		}
 		prev = &c
+	}
+	if *logFile != "" {
+		return compareLog(stdout, *logFile, files, pub)
+	}
+	return nil
+}
+
+// compareLog checks the trail's files against the checkpoints in the
+// daemon's log: what the file alone cannot show, a cut before its last
+// checkpoint.
+func compareLog(w io.Writer, logFile string, files []string, pub *rsa.PublicKey) error {
+	b, err := os.ReadFile(logFile)
+	if err != nil {
+		return fmt.Errorf("audit verify: -log: %w", err)
+	}
+	var logged []audit.Logged
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		var m struct {
+			Msg       string `json:"msg"`
+			Seq       uint64 `json:"seq"`
+			Head      string `json:"head"`
+			Signature string `json:"signature"`
+			KeyID     string `json:"key_id"`
+		}
+		if json.Unmarshal(line, &m) == nil && m.Msg == "audit checkpoint" {
+			logged = append(logged, audit.Logged{Seq: m.Seq, Head: m.Head, Signature: m.Signature, KeyID: m.KeyID})
+		}
+	}
+	var rs []io.Reader
+	for _, name := range files {
+		f, err := os.Open(name)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		rs = append(rs, f)
+	}
+	checked, skipped, err := audit.CompareLogged(io.MultiReader(rs...), logged, pub)
+	if err != nil {
+		return fmt.Errorf("BROKEN against %s: %w", logFile, err)
+	}
+	fmt.Fprintf(w, "%s: %d logged checkpoints match the trail (%d of older files skipped)\n", logFile, checked, skipped)
+	if len(logged) == 0 {
+		fmt.Fprintf(w, "%s: WARNING: no \"audit checkpoint\" line in it\n", logFile)
 	}
 	return nil
 }

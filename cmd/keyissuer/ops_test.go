@@ -126,6 +126,27 @@ func TestAuditVerifyCheckpoints(t *testing.T) {
 	}
 	l.Record(audit.Event{Type: audit.KeyDestroyed, UniqueID: "A", Reason: "consumed"})
 	l.Close()
+	// A second trail whose checkpoint is in the log, then cut before it.
+	cutPath := filepath.Join(dir, "cut.jsonl")
+	lc, err := audit.Open(cutPath, audit.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc.Record(audit.Event{Type: audit.KeyIssued, UniqueID: "A"})
+	lc.Record(audit.Event{Type: audit.KeyIssued, UniqueID: "B"})
+	e, _, err := lc.Checkpoint(sign, audit.KeyID(&keys[0].PublicKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc.Close()
+	logPath := filepath.Join(dir, "keyissuerd.log")
+	logLine, _ := json.Marshal(map[string]any{"msg": "audit checkpoint", "seq": e.CheckpointSeq, "head": e.CheckpointHead,
+		"signature": e.Signature, "key_id": e.KeyID})
+	os.WriteFile(logPath, append([]byte(`{"msg":"serving"}`+"\n"), append(logLine, '\n')...), 0o600)
+	full, _ := os.ReadFile(cutPath)
+	intact := filepath.Join(dir, "intact.jsonl")
+	os.WriteFile(intact, full, 0o600)
+	os.WriteFile(cutPath, full[:bytes.IndexByte(full, '\n')+1], 0o600)
 
 	ctx := context.Background()
 	for _, tt := range []struct {
@@ -138,6 +159,9 @@ func TestAuditVerifyCheckpoints(t *testing.T) {
 			want: "covered through seq 1 by 1 signed checkpoints; NOT COVERED: the 2 lines after it (seq 2-3"},
 		{name: "without a key", args: []string{"verify", path}, want: "1 checkpoints, signatures NOT checked"},
 		{name: "another key", args: []string{"verify", "-key", pems[1], path}, wantErr: "BROKEN: line 2: checkpoint signed by key"},
+		{name: "against the log", args: []string{"verify", "-key", pems[0], "-log", logPath, intact}, want: "1 logged checkpoints match the trail"},
+		{name: "cut, against the log", args: []string{"verify", "-key", pems[0], "-log", logPath, cutPath}, wantErr: "lines were cut off the end"},
+		{name: "cut, without the log", args: []string{"verify", "-key", pems[0], cutPath}, want: "NOT COVERED: no signed checkpoint"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			var out bytes.Buffer

@@ -111,6 +111,30 @@ func TestCheckpointsCoverTheTail(t *testing.T) {
 	if logged.CheckpointSeq != 7 || c.LastSeq >= logged.CheckpointSeq {
 		t.Fatalf("the logged checkpoint covers seq %d, the file ends at %d", logged.CheckpointSeq, c.LastSeq)
 	}
+	copies := []Logged{
+		{Seq: first.CheckpointSeq, Head: first.CheckpointHead, Signature: first.Signature, KeyID: first.KeyID},
+		{Seq: logged.CheckpointSeq, Head: logged.CheckpointHead, Signature: logged.Signature, KeyID: logged.KeyID},
+	}
+	if _, _, err := CompareLogged(strings.NewReader(mustRead(t, path)), copies, &key.PublicKey); err == nil || !strings.Contains(err.Error(), "past the trail's end") {
+		t.Errorf("against the logged copies: %v, want the cut found", err)
+	}
+	// Continued past the cut, the trail has a line 7 again, not the one
+	// the log names.
+	l = openLog(t, path, SyncAlways)
+	record(t, l, sample[0])
+	l.Close()
+	if _, _, err := CompareLogged(strings.NewReader(mustRead(t, path)), copies, &key.PublicKey); err == nil || !strings.Contains(err.Error(), "does not have the hash") {
+		t.Errorf("against the logged copies after a restart: %v, want the cut found", err)
+	}
+	// The first checkpoint alone matches; a forged copy is refused.
+	if n, _, err := CompareLogged(strings.NewReader(mustRead(t, path)), copies[:1], &key.PublicKey); err != nil || n != 1 {
+		t.Errorf("the first checkpoint's copy: %d, %v", n, err)
+	}
+	forged := copies[0]
+	forged.Head = strings.Repeat("1", 64)
+	if _, _, err := CompareLogged(strings.NewReader(mustRead(t, path)), []Logged{forged}, &key.PublicKey); err == nil || !strings.Contains(err.Error(), "does not verify") {
+		t.Errorf("a forged log copy: %v", err)
+	}
 }
 
 func TestCheckpointsRefuseForgery(t *testing.T) {

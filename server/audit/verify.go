@@ -196,3 +196,74 @@ func VerifyCheckpoints(c Chain, pub *rsa.PublicKey) (Coverage, error) {
 	}
 	return cov, nil
 }
+
+// Logged is a copy of a checkpoint kept outside the trail: the daemon's
+// "audit checkpoint" log lines.
+type Logged struct {
+	Seq       uint64
+	Head      string
+	Signature string // standard base64
+	KeyID     string
+}
+
+// CompareLogged reads a trail (its files oldest first, as one stream) and
+// checks it against checkpoints logged elsewhere: the line each names must
+// be in the trail with the hash it names. A logged checkpoint past the
+// trail's end means lines were cut off the end; one whose line has another
+// hash, that the trail was cut and continued, or rewritten. Checkpoints of
+// lines before the trail's first (older files, not given) are skipped and
+// counted. With pub, each logged checkpoint's signature must verify.
+func CompareLogged(r io.Reader, logged []Logged, pub *rsa.PublicKey) (checked, skipped int, err error) {
+	want := map[uint64][]Logged{}
+	for _, l := range logged {
+		if pub != nil {
+			sig, _ := base64.StdEncoding.DecodeString(l.Signature)
+			d := sha256.Sum256(CheckpointMessage(l.Seq, l.Head))
+			if rsa.VerifyPKCS1v15(pub, crypto.SHA256, d[:], sig) != nil {
+				return 0, 0, fmt.Errorf("the logged checkpoint of seq %d does not verify with the key given", l.Seq)
+			}
+		}
+		want[l.Seq] = append(want[l.Seq], l)
+	}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 4096), maxLine)
+	var first, last uint64
+	for sc.Scan() {
+		var ln struct {
+			Seq uint64 `json:"seq"`
+		}
+		if json.Unmarshal(sc.Bytes(), &ln) != nil {
+			continue // Verify reports it
+		}
+		if first == 0 {
+			first = ln.Seq
+		}
+		last = ln.Seq
+		ls, ok := want[ln.Seq]
+		if !ok {
+			continue
+		}
+		h := hashLine(sc.Bytes())
+		for _, l := range ls {
+			if l.Head != h {
+				return checked, skipped, fmt.Errorf("line seq %d does not have the hash of the logged checkpoint (%s): the trail was cut and continued, or rewritten", l.Seq, l.Head)
+			}
+			checked++
+		}
+		delete(want, ln.Seq)
+	}
+	if err := sc.Err(); err != nil {
+		return checked, skipped, err
+	}
+	for seq := range want {
+		switch {
+		case seq > last:
+			return checked, skipped, fmt.Errorf("the log has a checkpoint of seq %d, past the trail's end at seq %d: lines were cut off the end", seq, last)
+		case seq < first:
+			skipped += len(want[seq])
+		default:
+			return checked, skipped, fmt.Errorf("the log has a checkpoint of seq %d, which the trail lacks", seq)
+		}
+	}
+	return checked, skipped, nil
+}
