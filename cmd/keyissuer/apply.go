@@ -52,12 +52,9 @@ func applyCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	var verifier *rsa.PublicKey
 	if *serverKey != "" {
-		b, err := os.ReadFile(*serverKey)
-		if err != nil {
-			return fmt.Errorf("apply: -server-key: %w", err)
-		}
-		if verifier, err = apisig.ParsePublicKey(string(b)); err != nil {
-			return fmt.Errorf("apply: -server-key %s: %w", *serverKey, err)
+		var err error
+		if verifier, err = readPublicKey("apply: -server-key", *serverKey); err != nil {
+			return err
 		}
 	}
 	u, err := url.Parse(*endpoint)
@@ -126,6 +123,20 @@ func applyCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return fmt.Errorf("apply: the answer says %s but is not signed: not believed", out.Result.ResultCode)
 	}
 	return printJSON(stdout, out.PublicKeyInfo)
+}
+
+// readPublicKey reads an RSA public key file, PEM or base64 DER, as
+// `keyissuer signing-key` prints it; what names the flag in errors.
+func readPublicKey(what, path string) (*rsa.PublicKey, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	pub, err := apisig.ParsePublicKey(string(b))
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", what, path, err)
+	}
+	return pub, nil
 }
 
 // readPrivateKey reads an RSA private key, PEM: PKCS #8 ("PRIVATE KEY", as

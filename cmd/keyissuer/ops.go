@@ -20,7 +20,6 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/server/admin"
-	"github.com/keyissuer/keyissuer/server/apisig"
 	"github.com/keyissuer/keyissuer/server/audit"
 )
 
@@ -127,12 +126,9 @@ func auditCmd(args []string, stdout io.Writer) error {
 	}
 	var pub *rsa.PublicKey
 	if *keyFile != "" {
-		b, err := os.ReadFile(*keyFile)
-		if err != nil {
-			return fmt.Errorf("audit verify: -key: %w", err)
-		}
-		if pub, err = apisig.ParsePublicKey(string(b)); err != nil {
-			return fmt.Errorf("audit verify: -key %s: %w", *keyFile, err)
+		var err error
+		if pub, err = readPublicKey("audit verify: -key", *keyFile); err != nil {
+			return err
 		}
 	}
 	var prev *audit.Chain

@@ -1,7 +1,6 @@
 package daemon_test
 
 import (
-	"context"
 	"encoding/json"
 	"log/slog"
 	"net/http"
@@ -40,21 +39,14 @@ func TestAuditCheckpoints(t *testing.T) {
 		t.Fatal(err)
 	}
 	logs := &daemontest.SyncBuffer{}
-	ctx, cancel := context.WithCancel(context.Background())
-	d, err := daemon.New(ctx, cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(logs, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
+	d, stop := runDaemon(t, cfg, daemon.Options{Log: slog.New(slog.NewJSONHandler(logs, nil))})
 	waitFor(t, "the start-up checkpoint", func() bool { return len(loggedCheckpoints(t, logs.String())) == 1 })
 	apiURL := "http://" + d.APIAddr() + "/ams/api/v1/customer/applyPublicKey"
 	if a := sdkApply(t, http.DefaultClient, apiURL, `{}`); a.Result.ResultCode != "SUCCESS" {
 		t.Fatalf("apply: %+v", a.Result)
 	}
 	waitFor(t, "a periodic checkpoint after the apply", func() bool { return len(loggedCheckpoints(t, logs.String())) >= 2 })
-	cancel()
-	if err := <-done; err != nil {
+	if err := stop(); err != nil {
 		t.Fatalf("Run: %v", err)
 	}
 

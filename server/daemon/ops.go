@@ -302,31 +302,9 @@ func (d *Daemon) runOps(ctx context.Context) {
 		}
 	})
 	wg.Go(func() { d.warmUp(ctx) })
-	wg.Go(func() {
-		tick := time.NewTicker(d.cfg.Audit.SummaryInterval)
-		defer tick.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-				d.summariseRefusals()
-			}
-		}
-	})
+	wg.Go(func() { every(ctx, d.cfg.Audit.SummaryInterval, d.summariseRefusals) })
 	d.checkpoint("start")
-	wg.Go(func() {
-		tick := time.NewTicker(d.cfg.Audit.CheckpointInterval)
-		defer tick.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-				d.checkpoint("periodic")
-			}
-		}
-	})
+	wg.Go(func() { every(ctx, d.cfg.Audit.CheckpointInterval, func() { d.checkpoint("periodic") }) })
 	notify("READY=1")
 	<-ctx.Done()
 	notify("STOPPING=1")
@@ -335,6 +313,20 @@ func (d *Daemon) runOps(ctx context.Context) {
 	srv.Shutdown(sctx)
 	wg.Wait()
 	d.ops.adminLn = nil
+}
+
+// every calls fn every interval until ctx is done.
+func every(ctx context.Context, interval time.Duration, fn func()) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			fn()
+		}
+	}
 }
 
 // watchToken writes token.down and token.up audit lines from the token's

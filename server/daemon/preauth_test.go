@@ -1,7 +1,6 @@
 package daemon_test
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -71,24 +70,7 @@ summary_interval = "1h"
 		t.Fatal(err)
 	}
 	cfg.Pool.Size, cfg.Pool.Generators = applies+2, 2
-	ctx, cancel := context.WithCancel(context.Background())
-	d, err := daemon.New(ctx, cfg, daemon.Options{Log: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	stopped := false
-	stop := func() {
-		if !stopped {
-			stopped = true
-			cancel()
-			if err := <-done; err != nil {
-				t.Errorf("Run: %v", err)
-			}
-		}
-	}
-	t.Cleanup(stop)
+	d, stop := runDaemon(t, cfg, daemon.Options{Log: slog.New(slog.DiscardHandler)})
 	apiURL := "http://" + d.APIAddr() + "/ams/api/v1/customer/applyPublicKey"
 	adminURL := "http://" + d.AdminAddr()
 	c := &child{t: t, api: apiURL, socket: cfg.Decrypt.Socket}
@@ -215,7 +197,9 @@ summary_interval = "1h"
 	}
 
 	// At shutdown, one summary of the refusals.
-	stop()
+	if err := stop(); err != nil {
+		t.Errorf("Run: %v", err)
+	}
 	var summaries []auditLine
 	for _, l := range readAudit(t, cfg.Audit.Path) {
 		if l.Event == audit.RefusalSummary {

@@ -1,7 +1,6 @@
 package daemon_test
 
 import (
-	"context"
 	"log/slog"
 	"net/http"
 	"strconv"
@@ -22,19 +21,7 @@ func TestSignedApplyReplay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	d, err := daemon.New(ctx, cfg, daemon.Options{Log: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
+	d, _ := runDaemon(t, cfg, daemon.Options{Log: slog.New(slog.DiscardHandler)})
 	apiURL := "http://" + d.APIAddr() + "/ams/api/v1/customer/applyPublicKey"
 	at := strconv.FormatInt(time.Now().UnixMilli(), 10)
 	a, err := trySDKApplyAt(http.DefaultClient, apiURL, `{}`, at, true)
