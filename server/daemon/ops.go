@@ -303,8 +303,10 @@ func (d *Daemon) runOps(ctx context.Context) {
 	})
 	wg.Go(func() { d.warmUp(ctx) })
 	wg.Go(func() { every(ctx, d.cfg.Audit.SummaryInterval, d.summariseRefusals) })
-	d.checkpoint("start")
-	wg.Go(func() { every(ctx, d.cfg.Audit.CheckpointInterval, func() { d.checkpoint("periodic") }) })
+	wg.Go(func() {
+		d.checkpoint("start")
+		every(ctx, d.cfg.Audit.CheckpointInterval, func() { d.checkpoint("periodic") })
+	})
 	notify("READY=1")
 	<-ctx.Done()
 	notify("STOPPING=1")

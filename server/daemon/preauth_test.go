@@ -75,6 +75,8 @@ summary_interval = "1h"
 	adminURL := "http://" + d.AdminAddr()
 	c := &child{t: t, api: apiURL, socket: cfg.Decrypt.Socket}
 	waitFor(t, "the pool to fill", func() bool { return d.Issuer().Stats().PoolReady >= cfg.Pool.Size })
+	// The start-up checkpoint is the token's to sign too: counted before.
+	waitFor(t, "the start-up checkpoint", func() bool { return len(find(readAudit(t, cfg.Audit.Path), audit.AuditCheckpoint, "")) > 0 })
 
 	// The merchant's first apply, before the flood, vouches for its
 	// address.
