@@ -27,6 +27,7 @@ import (
 	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/metrics"
 	"github.com/keyissuer/keyissuer/server/peercred"
+	"github.com/keyissuer/keyissuer/server/publicapi"
 )
 
 // ops is the daemon's operational state.
@@ -66,6 +67,7 @@ func (d *Daemon) openOps() error {
 		return fmt.Errorf("audit.path: %w", err)
 	}
 	o.metrics = metrics.New(issuerStats{d}, tokenState{d}, o.version)
+	o.metrics.RefusalReasons(publicapi.Reasons)
 	return nil
 }
 

@@ -216,6 +216,14 @@ func (m *Metrics) Request(api, code string, d time.Duration) {
 // fixed set.
 func (m *Metrics) Refused(reason string) { m.refusals.WithLabelValues(reason).Inc() }
 
+// RefusalReasons makes the refusal counter of each reason exist at zero, so
+// that a rate over it has a series from the start.
+func (m *Metrics) RefusalReasons(reasons []string) {
+	for _, r := range reasons {
+		m.refusals.WithLabelValues(r)
+	}
+}
+
 // Signatures registers keyissuer_token_signatures_total, read from fn at
 // each scrape: the signatures the token was asked for.
 func (m *Metrics) Signatures(fn func() uint64) {

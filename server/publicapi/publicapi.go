@@ -6,9 +6,12 @@
 //
 // Requests are signed by registered clients and answers are signed by
 // keyissuer, in the family's message header (package [apisig]). A request
-// goes through, in order: path, method and media type; the body's size;
-// the client and its signature; the rate limits; the body's fields; the
-// blocklist; the outstanding-key quotas; and only then the issuer.
+// goes through, in order: the [Gate] (limits before authentication); path,
+// method and media type; the body's size; the client and its signature;
+// the rate limits; the [ReplayGuard]; the body's fields; the blocklist;
+// the outstanding-key quotas; and only then the issuer. Only the answers
+// to requests that got past the replay check are signed: nobody can make
+// the token sign without a fresh request signed by a client.
 package publicapi
 
 import (
@@ -270,8 +273,8 @@ type state struct {
 	verified bool
 }
 
-// ServeHTTP answers one request; signed when the request passed
-// authentication.
+// ServeHTTP answers one request; signed when the request was verified
+// (see state).
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The answer names the caller's Client-Id when it is well formed: the
 	// wallet SDKs check the response signature with their own.
