@@ -58,23 +58,21 @@ const (
 
 // Event is one security event. Set Type and the fields that apply.
 type Event struct {
-	Type       string `json:"event"`
-	UniqueID   string `json:"unique_id,omitempty"`
-	CustomerID string `json:"customer_id,omitempty"`
-	ClientID   string `json:"client_id,omitempty"` // a client that proved who it is
-	// ClientIDUnverified is a Client-Id the request claimed, unproven.
-	ClientIDUnverified string         `json:"client_id_unverified,omitempty"`
-	API                string         `json:"api,omitempty"`    // apply, decrypt, ...
-	Remote             string         `json:"remote,omitempty"` // TCP peer of the public API
-	Peer               *Peer          `json:"peer,omitempty"`   // Unix-socket peer, when known
-	Outcome            string         `json:"outcome,omitempty"`
-	Code               string         `json:"code,omitempty"` // wire result code of a refusal
-	Reason             string         `json:"reason,omitempty"`
-	Token              string         `json:"token,omitempty"`
-	Count              *int           `json:"count,omitempty"`
-	Counts             map[string]int `json:"counts,omitempty"`
-	Detail             string         `json:"detail,omitempty"` // never a secret
-	Offenders          []Offender     `json:"offenders,omitempty"`
+	Type       string         `json:"event"`
+	UniqueID   string         `json:"unique_id,omitempty"`
+	CustomerID string         `json:"customer_id,omitempty"`
+	ClientID   string         `json:"client_id,omitempty"` // a client that proved who it is
+	API        string         `json:"api,omitempty"`       // apply, decrypt, ...
+	Remote     string         `json:"remote,omitempty"`    // TCP peer of the public API
+	Peer       *Peer          `json:"peer,omitempty"`      // Unix-socket peer, when known
+	Outcome    string         `json:"outcome,omitempty"`
+	Code       string         `json:"code,omitempty"` // wire result code of a refusal
+	Reason     string         `json:"reason,omitempty"`
+	Token      string         `json:"token,omitempty"`
+	Count      *int           `json:"count,omitempty"`
+	Counts     map[string]int `json:"counts,omitempty"`
+	Detail     string         `json:"detail,omitempty"` // never a secret
+	Offenders  []Offender     `json:"offenders,omitempty"`
 
 	// A checkpoint: the line of sequence CheckpointSeq has the hash
 	// CheckpointHead, signed (standard base64 of RSASSA-PKCS1-v1_5 SHA-256
