@@ -10,6 +10,7 @@ import (
 	"math/big"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/miekg/pkcs11"
 )
@@ -38,7 +39,14 @@ type Signer struct {
 
 	mu   sync.Mutex
 	priv pkcs11.ObjectHandle
+
+	signs atomic.Uint64 // C_SignInit/C_Sign pairs issued
 }
+
+// Signs is how many signatures the token was asked for (each C_Sign, the
+// start-up check and retries included): what a caller could make the
+// token spend.
+func (s *Signer) Signs() uint64 { return s.signs.Load() }
 
 // Public is the signing key's public half.
 func (s *Signer) Public() *rsa.PublicKey { return s.pub }
@@ -199,6 +207,7 @@ func (s *Signer) Sign(ctx context.Context, msg []byte) ([]byte, error) {
 			if h, err = s.handle(ss, attempt > 0); err != nil {
 				return err
 			}
+			s.signs.Add(1)
 			sig, err = s.t.sign(ss, h, msg)
 			if err == nil {
 				if rsa.VerifyPKCS1v15(s.pub, crypto.SHA256, digest[:], sig) == nil {

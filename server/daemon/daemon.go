@@ -291,6 +291,7 @@ func (d *Daemon) close() {
 			ln.Close()
 		}
 	}
+	d.sealAudit() // signed while the token is open
 	if d.token != nil {
 		d.token.Close()
 	}
