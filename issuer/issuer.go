@@ -320,7 +320,7 @@ type Issued struct {
 }
 
 const (
-	uniqueIDLen = 32
+	uniqueIDLen = hsm.KeyIDLen // the token lists only well-formed ids
 	saltLen     = 12
 )
 
