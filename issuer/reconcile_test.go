@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/hsm"
+	"github.com/keyissuer/keyissuer/issuer/store"
 )
 
 // newEnvPrefix is newEnv with a label prefix of the caller's choosing.
@@ -71,5 +72,38 @@ func TestReconcileSparesNestedPrefix(t *testing.T) {
 	// a adopted its own key and still decrypts with it.
 	if pw, err := a.is.Decrypt(ctx, issA.UniqueID, encrypt(t, issA, "own")); err != nil || string(pw) != "own" {
 		t.Errorf("a's own key after its restart: %q, %v", pw, err)
+	}
+}
+
+// Regression (issue 14, item 5): a daemon switched from token to session
+// storage never searched the token, so the private keys of its token
+// storage runs stayed there for ever. The restart in session storage marks
+// their records and destroys them, and an object without a record too.
+func TestReconcileSessionStorageDestroysTokenLeftovers(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, hsm.StorageToken)
+	stop := fillPool(t, e)
+	issued := apply(t, e)
+	stop() // the pool is drained; the issued key stays in the token
+	// A key a crash left without a record, as if it was in the pool.
+	orphanID := "Orphan0000000000000000000000000X"
+	if _, err := e.tok.Generate(ctx, orphanID); err != nil {
+		t.Fatal(err)
+	}
+	if n := e.objects(issued.UniqueID); n != 2 {
+		t.Fatalf("issued key has %d objects before the switch, want 2", n)
+	}
+	if n := e.objects(""); n != 4 {
+		t.Fatalf("%d objects before the switch, want 4", n)
+	}
+
+	e.close()
+	e.storage = hsm.StorageSession
+	e.open()
+	if n := e.objects(""); n != 0 {
+		t.Errorf("after the restart in session storage %d objects are left in the token, want 0", n)
+	}
+	if s := e.state(issued.UniqueID); s != store.Lost {
+		t.Errorf("the leftover key's record is %s, want lost", s)
 	}
 }
