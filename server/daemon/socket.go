@@ -19,9 +19,9 @@ import (
 //
 // Nobody but root and the daemon's user may be able to swap what the path
 // leads to: every directory on the way must be owned by one of them and not
-// writable by others (a sticky directory such as /tmp may be, if the next
-// step is owned by root or the daemon's user), and the socket's own
-// directory must not be writable by group or others at all. Symbolic links
+// writable by others, that is by anyone or by a group other than root's
+// and the daemon's (a sticky directory such as /tmp may be, if the next
+// step is owned by root or the daemon's user, but not the socket's own). Symbolic links
 // in the configured path are resolved once, then the path is walked without
 // following any. Missing directories are created with mode 0750 and the
 // socket's group, whatever the umask, so that the group can reach the
@@ -127,8 +127,13 @@ func openSocketDir(dir string, gid int) (int, string, error) {
 		existing, rest = filepath.Dir(existing), filepath.Join(filepath.Base(existing), rest)
 	}
 
-	euid := uint32(os.Geteuid())
+	euid, egid := uint32(os.Geteuid()), uint32(os.Getegid())
 	trusted := func(st *unix.Stat_t) bool { return st.Uid == 0 || st.Uid == euid }
+	// Others: anyone, or a group other than root's and the daemon's own
+	// (a user private group, as with umask 002, is no stranger).
+	openToOthers := func(st *unix.Stat_t) bool {
+		return st.Mode&0o002 != 0 || st.Mode&0o020 != 0 && st.Gid != 0 && st.Gid != egid
+	}
 	fd, err := unix.Open("/", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return -1, "", err
@@ -160,7 +165,7 @@ func openSocketDir(dir string, gid int) (int, string, error) {
 		}
 		// The parent decides who can swap this entry: nobody else may
 		// write it, unless it is sticky and this entry is trusted.
-		if parent.Mode&0o022 != 0 && (parent.Mode&unix.S_ISVTX == 0 || !trusted(&st)) {
+		if openToOthers(&parent) && (parent.Mode&unix.S_ISVTX == 0 || !trusted(&st)) {
 			unix.Close(fd)
 			return -1, "", fmt.Errorf("directory %s is writable by others, who could swap %s: refusing it", filepath.Dir(at), at)
 		}
@@ -169,9 +174,9 @@ func openSocketDir(dir string, gid int) (int, string, error) {
 			return -1, "", fmt.Errorf("directory %s is owned by uid %d, neither root nor keyissuerd's user: refusing it", at, st.Uid)
 		}
 	}
-	if st.Mode&0o022 != 0 {
+	if openToOthers(&st) {
 		unix.Close(fd)
-		return -1, "", fmt.Errorf("socket directory %s is writable by group or others (mode %#o): refusing it", at, st.Mode&0o7777)
+		return -1, "", fmt.Errorf("socket directory %s is writable by others (mode %#o, group %d): refusing it", at, st.Mode&0o7777, st.Gid)
 	}
 	return fd, at, nil
 }

@@ -83,13 +83,20 @@ func TestListenUnixRefusesUnsafeDirectories(t *testing.T) {
 	}{
 		{"writable by others", false, func(t *testing.T, base string) string {
 			return filepath.Join(mkdir(t, base, "d", 0o777), "s")
-		}, "writable by group or others"},
-		{"writable by the group", false, func(t *testing.T, base string) string {
-			return filepath.Join(mkdir(t, base, "d", 0o770), "s")
-		}, "writable by group or others"},
+		}, "writable by others"},
+		{"writable by another group", true, func(t *testing.T, base string) string {
+			d := mkdir(t, base, "d", 0o770)
+			noErr(t, os.Lchown(d, -1, 64100))
+			return filepath.Join(d, "s")
+		}, "writable by others"},
 		{"sticky and writable by others", false, func(t *testing.T, base string) string {
 			return filepath.Join(mkdir(t, base, "d", 0o1777), "s")
-		}, "writable by group or others"},
+		}, "writable by others"},
+		{"below a directory another group can write", true, func(t *testing.T, base string) string {
+			open := mkdir(t, base, "open", 0o770)
+			noErr(t, os.Lchown(open, -1, 64100))
+			return filepath.Join(mkdir(t, open, "d", 0o700), "s")
+		}, "writable by others"},
 		{"below a directory others can write", false, func(t *testing.T, base string) string {
 			return filepath.Join(mkdir(t, mkdir(t, base, "open", 0o777), "d", 0o700), "s")
 		}, "writable by others"},
@@ -134,9 +141,10 @@ func TestListenUnixRefusesUnsafeDirectories(t *testing.T) {
 	}
 
 	// What is fine: a private directory below a sticky one such as /tmp
-	// (t.TempDir), reached through a link of the daemon's own.
+	// (t.TempDir) and one writable by the daemon's own group (umask 002),
+	// reached through a link of the daemon's own.
 	base := t.TempDir()
-	d := mkdir(t, base, "d", 0o750)
+	d := mkdir(t, mkdir(t, base, "own-group", 0o770), "d", 0o750)
 	if err := os.Symlink(d, filepath.Join(base, "link")); err != nil {
 		t.Fatal(err)
 	}
@@ -160,6 +168,13 @@ func mkdir(t testing.TB, parent, name string, mode os.FileMode) string {
 		t.Fatal(err)
 	}
 	return d
+}
+
+func noErr(t testing.TB, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 func chown(t testing.TB, path string, uid int) {
