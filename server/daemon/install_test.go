@@ -1,26 +1,23 @@
-package main
+package daemon_test
 
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/keyissuer/keyissuer/server/daemon/internal/daemontest"
 )
 
 // The documented deployment, end to end (issue 14, item 9): `make install`
@@ -32,13 +29,7 @@ import (
 // socket, and a third user cannot connect. Names are mapped to throwaway
 // users and groups, removed at the end. Needs root.
 func TestInstalledSocketGroupDeployment(t *testing.T) {
-	if os.Geteuid() != 0 {
-		msg := "making users and switching to them needs root"
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg + ", and CI runs as root")
-		}
-		t.Skip(msg)
-	}
+	requireRoot(t, "making users and switching to them needs root")
 	for _, tool := range []string{"make", "setpriv", "useradd", "groupadd", "usermod", "userdel", "groupdel", "softhsm2-util"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("%s: %v (.ci/run installs it)", tool, err)
@@ -132,7 +123,7 @@ func TestInstalledSocketGroupDeployment(t *testing.T) {
 	must(t, os.WriteFile(pinFile, []byte(pin+"\n"), 0o600))
 	must(t, os.Chown(pinFile, daemonUser, -1))
 	cfgPath := filepath.Join(etc, "config.toml")
-	cfgText := string(mustRead(t, cfgPath))
+	cfgText := mustRead(t, cfgPath)
 	for _, r := range []struct{ old, new string }{
 		{`# group = "keyissuer-decrypt"`, `group = "` + names.m[socketGroupName] + `"`},
 		{`# allowed_gids = [GID]`, fmt.Sprintf(`allowed_gids = [%d]`, socketGID)},
@@ -170,7 +161,7 @@ func TestInstalledSocketGroupDeployment(t *testing.T) {
 		groups...), "--no-new-privs", "--",
 		"/bin/sh", "-c", `umask "$0" && exec "$@"`, unit.one("UMask"), mapped(exe[0]), "-config", mapped(exe[2]))...)
 	cmd.Env = []string{"PATH=/usr/bin:/bin", "SOFTHSM2_CONF=" + mapped(conf)}
-	logs := &syncBuffer{}
+	logs := &daemontest.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
 	must(t, cmd.Start())
 	done := make(chan error, 1)
@@ -198,7 +189,8 @@ func TestInstalledSocketGroupDeployment(t *testing.T) {
 
 	// The clients: this test binary, run as each user.
 	client := filepath.Join(scratch, "client")
-	must(t, copyExecutable(os.Args[0], client))
+	must(t, copyFile(os.Args[0], client))
+	must(t, os.Chmod(client, 0o755))
 	for _, tt := range []struct {
 		name string
 		user *user.User
@@ -209,7 +201,7 @@ func TestInstalledSocketGroupDeployment(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c := exec.Command("setpriv", "--reuid", tt.user.Uid, "--regid", tt.user.Gid, "--init-groups", "--", client)
-			c.Env = []string{socketClientEnv + "=" + socket, "GORACE=atexit_sleep_ms=0"}
+			c.Env = []string{peerClientEnv + "=" + socket, "GORACE=atexit_sleep_ms=0"}
 			out, err := c.CombinedOutput()
 			if err != nil {
 				t.Fatalf("client: %v\n%s", err, out)
@@ -224,13 +216,25 @@ func TestInstalledSocketGroupDeployment(t *testing.T) {
 	}
 }
 
+// requireRoot skips a test that needs root, for why, on a developer's
+// machine, and fails it under CI, which runs as root.
+func requireRoot(t *testing.T, why string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal(why + ", and CI runs as root")
+		}
+		t.Skip(why)
+	}
+}
+
 // operatorSteps returns the commands of OPERATIONS.md's Install section that
 // set owners and groups (chgrp, chown, chmod, usermod), which the test runs
 // on the scratch root with its throwaway names. It requires at least the
 // usermod that puts the service's user in the socket's group.
 func operatorSteps(t *testing.T, repo string) [][]string {
 	t.Helper()
-	doc := string(mustRead(t, filepath.Join(repo, "OPERATIONS.md")))
+	doc := mustRead(t, filepath.Join(repo, "OPERATIONS.md"))
 	_, section, ok := strings.Cut(doc, "\n## Install\n")
 	if !ok {
 		t.Fatal("OPERATIONS.md has no Install section")
@@ -260,29 +264,6 @@ func operatorSteps(t *testing.T, repo string) [][]string {
 		t.Error("OPERATIONS.md's Install section does not put the password-decrypt service's user in the socket's group")
 	}
 	return steps
-}
-
-// socketClientEnv makes the test binary a client of the decrypt socket at
-// its value: it prints "status N BODY" or "error ERR".
-const socketClientEnv = "KEYISSUERD_TEST_SOCKET_CLIENT"
-
-func init() {
-	if sock := os.Getenv(socketClientEnv); sock != "" {
-		c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				var d net.Dialer
-				return d.DialContext(ctx, "unix", sock)
-			},
-		}}
-		resp, err := c.Get("http://keyissuer/v1/health")
-		if err != nil {
-			fmt.Printf("error %v\n", err)
-			os.Exit(0)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		fmt.Printf("status %d %s\n", resp.StatusCode, b)
-		os.Exit(0)
-	}
 }
 
 // nameMap maps the names of the sysusers file to throwaway users and groups.
@@ -413,7 +394,7 @@ func (u *unitFile) env(name string) string {
 }
 
 // waitServing waits for keyissuerd's "serving" line and returns the socket.
-func waitServing(t *testing.T, logs *syncBuffer, done chan error) string {
+func waitServing(t *testing.T, logs *daemontest.SyncBuffer, done chan error) string {
 	t.Helper()
 	deadline := time.Now().Add(90 * time.Second)
 	for time.Now().Before(deadline) {
@@ -436,31 +417,6 @@ func waitServing(t *testing.T, logs *syncBuffer, done chan error) string {
 	return ""
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func copyExecutable(from, to string) error {
-	b, err := os.ReadFile(from)
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(to, b, 0o755)
-}
-
 func randomHex(t *testing.T) string {
 	b := make([]byte, 3)
 	_, err := rand.Read(b)
@@ -471,19 +427,12 @@ func randomHex(t *testing.T) string {
 func readLines(t *testing.T, path string) []string {
 	t.Helper()
 	var out []string
-	for _, l := range strings.Split(string(mustRead(t, path)), "\n") {
+	for _, l := range strings.Split(mustRead(t, path), "\n") {
 		if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "#") {
 			out = append(out, l)
 		}
 	}
 	return out
-}
-
-func mustRead(t *testing.T, path string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	must(t, err)
-	return b
 }
 
 func must(t testing.TB, err error) {
