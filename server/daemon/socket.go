@@ -149,6 +149,12 @@ func openSocketDir(dir string, gid int) (int, string, error) {
 			continue
 		}
 		parent := st
+		// The parent decides who can swap this entry: nobody else may
+		// write it, unless it is sticky and the entry is trusted.
+		if openToOthers(&parent) && parent.Mode&unix.S_ISVTX == 0 {
+			unix.Close(fd)
+			return -1, "", fmt.Errorf("directory %s is writable by others, who could swap %s: refusing it", at, filepath.Join(at, c))
+		}
 		next, err := unix.Openat(fd, c, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 		if errors.Is(err, unix.ENOENT) {
 			next, err = makeSocketDir(fd, c, gid)
@@ -163,11 +169,9 @@ func openSocketDir(dir string, gid int) (int, string, error) {
 			unix.Close(fd)
 			return -1, "", err
 		}
-		// The parent decides who can swap this entry: nobody else may
-		// write it, unless it is sticky and this entry is trusted.
-		if openToOthers(&parent) && (parent.Mode&unix.S_ISVTX == 0 || !trusted(&st)) {
+		if openToOthers(&parent) && !trusted(&st) {
 			unix.Close(fd)
-			return -1, "", fmt.Errorf("directory %s is writable by others, who could swap %s: refusing it", filepath.Dir(at), at)
+			return -1, "", fmt.Errorf("sticky directory %s is writable by others and %s is not keyissuerd's: refusing it", filepath.Dir(at), at)
 		}
 		if !trusted(&st) {
 			unix.Close(fd)

@@ -117,7 +117,7 @@ func TestListenUnixRefusesUnsafeDirectories(t *testing.T) {
 			d := mkdir(t, mkdir(t, base, "tmp", 0o1777), "d", 0o755)
 			chown(t, d, 65534)
 			return filepath.Join(d, "s")
-		}, "writable by others"},
+		}, "sticky directory"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -158,15 +158,13 @@ func TestListenUnixRefusesUnsafeDirectories(t *testing.T) {
 	}
 }
 
-func mkdir(t testing.TB, parent, name string, mode os.FileMode) string {
+// mkdir makes parent/name with mode, in the kernel's bits (0o1000 is
+// sticky).
+func mkdir(t testing.TB, parent, name string, mode uint32) string {
 	t.Helper()
 	d := filepath.Join(parent, name)
-	if err := os.Mkdir(d, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(d, mode); err != nil {
-		t.Fatal(err)
-	}
+	noErr(t, os.Mkdir(d, 0o700))
+	noErr(t, unix.Chmod(d, mode))
 	return d
 }
 
