@@ -53,7 +53,7 @@ type Config struct {
 	TokenSerial string  // ...or by serial number (exactly one of the two)
 	PIN         string  // the user PIN; never logged
 	Storage     Storage // session (default) or token
-	LabelPrefix string  // CKA_LABEL and CKA_ID prefix of keyissuer's objects
+	LabelPrefix string  // CKA_LABEL and CKA_ID prefix of keyissuer's objects ([CheckLabelPrefix])
 	KeyBits     int     // RSA modulus size: 2048 (default), 3072 or 4096
 	Sessions    int     // sessions kept open (default 8)
 	// Paddings the daemon will decrypt with; each is probed at Open to
@@ -105,6 +105,9 @@ func (c *Config) validate() error {
 		return fmt.Errorf("unknown storage %q (want session or token)", c.Storage)
 	case c.Sessions < 2:
 		return fmt.Errorf("sessions = %d, want at least 2", c.Sessions)
+	}
+	if err := CheckLabelPrefix(c.LabelPrefix); err != nil {
+		return err
 	}
 	if !validKeyBits(c.KeyBits) {
 		return fmt.Errorf("key size %d bits not allowed (want 2048, 3072 or 4096)", c.KeyBits)

@@ -66,7 +66,7 @@ func TestGeneratedKeyAttributes(t *testing.T) {
 	for _, storage := range storages {
 		t.Run(string(storage), func(t *testing.T) {
 			tok := openToken(t, storage)
-			k, err := tok.Generate(ctx, "attrs")
+			k, err := tok.Generate(ctx, testID("attrs"))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -78,7 +78,7 @@ func TestGeneratedKeyAttributes(t *testing.T) {
 				t.Errorf("PublicDER does not parse to Public: %v", err)
 			}
 			wantToken := storage == StorageToken
-			label := []byte(tok.cfg.LabelPrefix + "attrs")
+			label := []byte(tok.cfg.LabelPrefix + testID("attrs"))
 			privWant := map[uint]any{
 				pkcs11.CKA_TOKEN: wantToken, pkcs11.CKA_PRIVATE: true,
 				pkcs11.CKA_SENSITIVE: true, pkcs11.CKA_ALWAYS_SENSITIVE: true,
@@ -144,7 +144,7 @@ func TestDecryptEachPaddingOnceThenDestroy(t *testing.T) {
 			t.Logf("methods: %v", tok.Info().Methods)
 			for _, p := range Paddings() {
 				t.Run(string(p), func(t *testing.T) {
-					id := "dec-" + string(p)
+					id := testID("dec-" + string(p))
 					k, err := tok.Generate(ctx, id)
 					if err != nil {
 						t.Fatal(err)
@@ -183,7 +183,7 @@ func TestDecryptRejectsBadCiphertexts(t *testing.T) {
 	ctx := context.Background()
 	tok := openToken(t, StorageSession)
 	for _, p := range Paddings() {
-		other, err := tok.Generate(ctx, "other-"+string(p))
+		other, err := tok.Generate(ctx, testID("other-"+string(p)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -206,7 +206,7 @@ func TestDecryptRejectsBadCiphertexts(t *testing.T) {
 		}
 		for _, tt := range tests {
 			t.Run(string(p)+"/"+tt.name, func(t *testing.T) {
-				k, err := tok.Generate(ctx, "bad")
+				k, err := tok.Generate(ctx, testID("bad"))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -231,7 +231,7 @@ func TestDeadSessionReportsItsKeysLost(t *testing.T) {
 	tok := openToken(t, StorageSession, func(c *Config) {
 		c.OnLost = func(ids []string) { mu.Lock(); lost = append(lost, ids...); mu.Unlock() }
 	})
-	k, err := tok.Generate(ctx, "doomed")
+	k, err := tok.Generate(ctx, testID("doomed"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -241,7 +241,7 @@ func TestDeadSessionReportsItsKeysLost(t *testing.T) {
 		t.Errorf("Check did not recover the session: %v", err)
 	}
 	mu.Lock()
-	if len(lost) != 1 || lost[0] != "doomed" {
+	if len(lost) != 1 || lost[0] != testID("doomed") {
 		t.Errorf("lost = %v, want [doomed]", lost)
 	}
 	mu.Unlock()
@@ -256,7 +256,7 @@ func TestDeadSessionReportsItsKeysLost(t *testing.T) {
 		t.Errorf("Destroy of a lost key: %v", err)
 	}
 	// The Token replaced the session and works.
-	k2, err := tok.Generate(ctx, "after")
+	k2, err := tok.Generate(ctx, testID("after"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,7 +272,7 @@ func TestDeadSessionReportsItsKeysLost(t *testing.T) {
 func TestDeadSessionsAreReplaced(t *testing.T) {
 	ctx := context.Background()
 	tok := openToken(t, StorageToken)
-	k, err := tok.Generate(ctx, "retry")
+	k, err := tok.Generate(ctx, testID("retry"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +314,7 @@ func TestDownTokenFailsFast(t *testing.T) {
 	tok.down, tok.retryAt = true, time.Now().Add(time.Hour)
 	tok.mu.Unlock()
 	start := time.Now()
-	_, err := tok.Generate(ctx, "x")
+	_, err := tok.Generate(ctx, testID("x"))
 	if !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("Generate while down: %v, want ErrUnavailable", err)
 	}
@@ -327,7 +327,7 @@ func TestDownTokenFailsFast(t *testing.T) {
 	tok.mu.Lock()
 	tok.retryAt = time.Now()
 	tok.mu.Unlock()
-	k, err := tok.Generate(ctx, "x")
+	k, err := tok.Generate(ctx, testID("x"))
 	if err != nil {
 		t.Fatalf("Generate after the backoff: %v", err)
 	}
@@ -337,7 +337,7 @@ func TestDownTokenFailsFast(t *testing.T) {
 func TestListAdoptTokenObjects(t *testing.T) {
 	ctx := context.Background()
 	tok := openToken(t, StorageToken)
-	k, err := tok.Generate(ctx, "kept")
+	k, err := tok.Generate(ctx, testID("kept"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -351,7 +351,7 @@ func TestListAdoptTokenObjects(t *testing.T) {
 	}
 	var mine []Object
 	for _, o := range objs {
-		if o.ID == "kept" {
+		if o.ID == testID("kept") {
 			mine = append(mine, o)
 			if !o.Token {
 				t.Error("object is not a token object")
@@ -383,7 +383,7 @@ func TestListAdoptTokenObjects(t *testing.T) {
 func TestListIgnoresOtherPrefixes(t *testing.T) {
 	ctx := context.Background()
 	a := openToken(t, StorageToken, func(c *Config) { c.LabelPrefix = "list-a:" })
-	ka, err := a.Generate(ctx, "x")
+	ka, err := a.Generate(ctx, testID("x"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -439,7 +439,7 @@ func TestConcurrentGenerateDecryptDestroy(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			k, err := tok.Generate(ctx, "c"+string(rune('a'+i)))
+			k, err := tok.Generate(ctx, testID("c"+string(rune('a'+i))))
 			if err != nil {
 				errs <- err
 				return
@@ -485,7 +485,7 @@ func TestTokenOutageAndRecovery(t *testing.T) {
 		t.Run(string(storage), func(t *testing.T) {
 			ctx := context.Background()
 			tok := openToken(t, storage)
-			k, err := tok.Generate(ctx, "outage")
+			k, err := tok.Generate(ctx, testID("outage"))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -501,7 +501,7 @@ func TestTokenOutageAndRecovery(t *testing.T) {
 			if _, err := tok.Decrypt(ctx, k, OAEPSHA256, ct); !errors.Is(err, ErrUnavailable) {
 				t.Errorf("Decrypt during the outage: %v, want ErrUnavailable", err)
 			}
-			if _, err := tok.Generate(ctx, "during"); !errors.Is(err, ErrUnavailable) {
+			if _, err := tok.Generate(ctx, testID("during")); !errors.Is(err, ErrUnavailable) {
 				t.Errorf("Generate during the outage: %v, want ErrUnavailable", err)
 			}
 
@@ -525,7 +525,7 @@ func TestTokenOutageAndRecovery(t *testing.T) {
 			if err := tok.Destroy(ctx, k); err != nil {
 				t.Fatal(err)
 			}
-			k2, err := tok.Generate(ctx, "after")
+			k2, err := tok.Generate(ctx, testID("after"))
 			if err != nil {
 				t.Fatalf("Generate after recovery: %v", err)
 			}
@@ -543,7 +543,7 @@ func TestTokenOutageAndRecovery(t *testing.T) {
 func TestOutageFoundByACall(t *testing.T) {
 	ctx := context.Background()
 	tok := openToken(t, StorageToken)
-	k, err := tok.Generate(ctx, "call")
+	k, err := tok.Generate(ctx, testID("call"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -146,7 +146,7 @@ func TestSigningKeyLabels(t *testing.T) {
 	}
 
 	// A one-time decrypt key cannot be used: its private half may not sign.
-	k, err := tok.Generate(ctx, "not-a-signer")
+	k, err := tok.Generate(ctx, testID("not-a-signer"))
 	if err != nil {
 		t.Fatal(err)
 	}
