@@ -242,7 +242,7 @@ func TestFaultAfterGenerateLeavesNoObject(t *testing.T) {
 		plan func(in *injector)
 	}{
 		{"after C_GenerateKeyPair", func(in *injector) { in.failNext(OpGenerateKeyPair, deviceError) }},
-		{"after reading the public key, destroys failing", func(in *injector) {
+		{"after reading the public key with destroys failing", func(in *injector) {
 			in.failNext(OpGetAttributeValue, deviceError)
 			in.failNext(OpDestroyObject, deviceError, deviceError)
 		}},
