@@ -124,6 +124,7 @@ type Info struct {
 	Storage                            Storage
 	KeyBits                            int
 	Methods                            map[Padding]Method // how each padding is done
+	Signing                            SignMethod         // how responses are signed; "" if the token cannot
 }
 
 // Token is an open, logged-in PKCS#11 token. It is safe for concurrent use.
@@ -213,6 +214,9 @@ func (t *Token) init(ctx context.Context) error {
 			return err
 		}
 		t.idle <- s
+	}
+	if err := t.probeMechanisms(); err != nil {
+		return err
 	}
 	return t.probe(ctx)
 }

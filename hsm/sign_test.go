@@ -8,6 +8,8 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 
@@ -37,9 +39,24 @@ func destroyLabelled(t testing.TB, tok *Token, label string) {
 	})
 }
 
+// TestSigningKey runs with the method the token chose and with the
+// DigestInfo fallback forced, so that the fallback (chosen where
+// CKM_SHA256_RSA_PKCS is missing, as on openCryptoki's soft token) is
+// tested on SoftHSM too.
 func TestSigningKey(t *testing.T) {
+	chosen := openToken(t, StorageSession).Info().Signing
+	if chosen == "" {
+		t.Fatal("the token chose no signing method")
+	}
+	for _, m := range slices.Compact([]SignMethod{chosen, SignDigestInfo}) {
+		t.Run(string(m), func(t *testing.T) { testSigningKey(t, m) })
+	}
+}
+
+func testSigningKey(t *testing.T, method SignMethod) {
 	ctx := context.Background()
 	tok := openToken(t, StorageSession)
+	tok.info.Signing = method
 	label := "sign-" + tok.cfg.LabelPrefix[:len(tok.cfg.LabelPrefix)-1]
 	destroyLabelled(t, tok, label)
 
@@ -49,6 +66,9 @@ func TestSigningKey(t *testing.T) {
 	s, created, err := tok.CreateSigningKey(ctx, label, 2048)
 	if err != nil || !created {
 		t.Fatalf("CreateSigningKey() = %v, created %v", err, created)
+	}
+	if s.Method() != method {
+		t.Errorf("Method() = %s, want %s", s.Method(), method)
 	}
 	again, created, err := tok.CreateSigningKey(ctx, label, 2048)
 	if err != nil || created || !again.Public().Equal(s.Public()) {
@@ -155,4 +175,60 @@ func TestSigningKeyLabels(t *testing.T) {
 	if _, err := ts.Sign(ctx, []byte("msg")); err == nil {
 		t.Error("Sign() with a decrypt-only key succeeded")
 	}
+}
+
+func TestChooseSignMethod(t *testing.T) {
+	sign := mechInfo{min: 512, max: 4096, flags: pkcs11.CKF_SIGN | pkcs11.CKF_VERIFY}
+	verifyOnly := mechInfo{min: 512, max: 4096, flags: pkcs11.CKF_VERIFY}
+	tests := []struct {
+		name  string
+		infos map[uint]mechInfo
+		want  SignMethod
+	}{
+		{"both", map[uint]mechInfo{pkcs11.CKM_SHA256_RSA_PKCS: sign, pkcs11.CKM_RSA_PKCS: sign}, SignSHA256RSA},
+		// openCryptoki 3.8's soft token.
+		{"no CKM_SHA256_RSA_PKCS", map[uint]mechInfo{pkcs11.CKM_RSA_PKCS: sign, pkcs11.CKM_SHA256_RSA_PKCS_PSS: sign}, SignDigestInfo},
+		{"CKM_SHA256_RSA_PKCS verifies only", map[uint]mechInfo{pkcs11.CKM_SHA256_RSA_PKCS: verifyOnly, pkcs11.CKM_RSA_PKCS: sign}, SignDigestInfo},
+		{"neither signs", map[uint]mechInfo{pkcs11.CKM_SHA256_RSA_PKCS: verifyOnly, pkcs11.CKM_RSA_PKCS: verifyOnly}, ""},
+		{"none", map[uint]mechInfo{}, ""},
+	}
+	for _, tc := range tests {
+		if got := chooseSignMethod(tc.infos); got != tc.want {
+			t.Errorf("%s: chooseSignMethod() = %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}
+
+// TestSigningUnsupported: a token that cannot sign opens (it can still
+// issue and decrypt), but makes no signing key it could not use.
+func TestSigningUnsupported(t *testing.T) {
+	ctx := context.Background()
+	tok := openToken(t, StorageSession)
+	tok.info.Signing = ""
+	label := "sign-" + tok.cfg.LabelPrefix[:len(tok.cfg.LabelPrefix)-1]
+	destroyLabelled(t, tok, label)
+	if _, _, err := tok.CreateSigningKey(ctx, label, 2048); err == nil || !strings.Contains(err.Error(), "CKM_RSA_PKCS") {
+		t.Errorf("CreateSigningKey() = %v, want an error naming the mechanisms", err)
+	}
+	if _, err := tok.Signer(ctx, label); err == nil || errors.Is(err, ErrNoSigningKey) {
+		t.Errorf("Signer() = %v, want an error naming the mechanisms", err)
+	}
+	if n := len(listLabelled(t, tok, label)); n != 0 {
+		t.Errorf("%d objects under %q, want none", n, label)
+	}
+}
+
+// listLabelled returns the handles of the objects under label.
+func listLabelled(t testing.TB, tok *Token, label string) []pkcs11.ObjectHandle {
+	t.Helper()
+	var hs []pkcs11.ObjectHandle
+	err := tok.do(context.Background(), func(s *session) error {
+		var err error
+		hs, err = tok.findAll(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, label)})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return hs
 }
