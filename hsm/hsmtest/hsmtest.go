@@ -98,7 +98,22 @@ func run(m *testing.M) int {
 	mu.Lock()
 	confPath = conf
 	mu.Unlock()
-	return m.Run()
+	code := m.Run()
+	mu.Lock()
+	used := ockUsed
+	mu.Unlock()
+	if used {
+		// Token objects on openCryptoki outlive the binary: none may be
+		// left behind.
+		n, err := sweepOpenCryptoki()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "hsmtest: failed to clean openCryptoki's soft token: %v\n", err)
+		}
+		if n > 0 {
+			fmt.Fprintf(os.Stderr, "hsmtest: tests left %d objects under %q on openCryptoki's soft token (destroyed now)\n", n, ockPrefix)
+		}
+	}
+	return code
 }
 
 // writeConfig writes a SoftHSM2 configuration keeping its tokens in
@@ -119,12 +134,18 @@ func writeConfig(dir string) (string, error) {
 	return conf, nil
 }
 
-// Token describes an initialised SoftHSM test token.
+// Token describes an initialised test token.
 type Token struct {
-	Module string // path of libsofthsm2.so
+	Kind   Kind   // which implementation
+	Module string // path of the PKCS#11 module
 	Label  string
-	PIN    string // user PIN: a test fixture, random per token
+	PIN    string // user PIN: a test fixture
 	SOPIN  string
+	// Prefix must start the label of every object a test makes on the
+	// token: "" on SoftHSM, whose tokens are the binary's own; unique to
+	// the binary on openCryptoki, whose one soft token every test binary
+	// of the machine shares.
+	Prefix string
 }
 
 // NewToken initialises a fresh token with a unique label ("test-" and 16
@@ -158,7 +179,7 @@ func NewToken(t testing.TB) Token {
 	if err != nil {
 		t.Fatal("hsmtest: softhsm2-util not found: " + installHint)
 	}
-	tok := Token{Module: mod, Label: "test-" + randomHex(8), PIN: rand.Text(), SOPIN: rand.Text()}
+	tok := Token{Kind: SoftHSM, Module: mod, Label: "test-" + randomHex(8), PIN: rand.Text(), SOPIN: rand.Text()}
 	cmd := exec.Command(util, "--init-token", "--free", "--label", tok.Label,
 		"--so-pin", tok.SOPIN, "--pin", tok.PIN)
 	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+confPath)
