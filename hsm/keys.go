@@ -153,6 +153,9 @@ func (t *Token) Decrypt(ctx context.Context, k *Key, p Padding, ciphertext []byt
 	if len(ciphertext) != k.Size() {
 		return nil, ErrDecrypt
 	}
+	if err := t.fits(p, method, k.Public.N.BitLen()); err != nil {
+		return nil, err
+	}
 	if !k.Alive() {
 		return nil, ErrKeyLost
 	}
@@ -506,23 +509,30 @@ func (t *Token) probe(ctx context.Context) error {
 	defer t.Destroy(context.WithoutCancel(ctx), k)
 
 	for _, p := range t.cfg.Paddings {
-		msg := []byte("keyissuer probe")
-		ct, err := encrypt(k.Public, p, msg)
-		if err != nil {
-			return err
+		cts := make([][]byte, len(probeMessages))
+		for i, msg := range probeMessages {
+			if cts[i], err = encrypt(k.Public, p, msg); err != nil {
+				return err
+			}
 		}
 		var tried []string
 		for _, m := range []Method{Native, Raw} {
-			if !mechs[p.mechanism(m)[0].Mechanism] {
+			if !mechs[p.mechanism(m)[0].Mechanism] || t.fits(p, m, t.cfg.KeyBits) != nil {
 				continue
 			}
-			var got []byte
 			err := t.do(ctx, func(s *session) error {
-				var err error
-				got, err = t.decrypt(s, k.priv, p, m, k.Size(), ct)
-				return err
+				for i, ct := range cts {
+					got, err := t.decrypt(s, k.priv, p, m, k.Size(), ct)
+					if err != nil {
+						return err
+					}
+					if string(got) != string(probeMessages[i]) {
+						return fmt.Errorf("a message of %d bytes came back as %d bytes", len(probeMessages[i]), len(got))
+					}
+				}
+				return nil
 			})
-			if err == nil && string(got) == string(msg) {
+			if err == nil {
 				t.info.Methods[p] = m
 				break
 			}

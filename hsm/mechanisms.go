@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/miekg/pkcs11"
@@ -62,7 +63,30 @@ func (t *Token) probeMechanisms() error {
 	case !sizeFits(gen, t.cfg.KeyBits):
 		return fmt.Errorf("token %q makes RSA keys of %d to %d bits, not the %d configured", t.info.Label, gen.min, gen.max, t.cfg.KeyBits)
 	}
+	t.mechs = infos
 	t.info.Signing = chooseSignMethod(infos)
+	return nil
+}
+
+// probeMessages are what the padding probe encrypts and has the token
+// decrypt; a method is used only if every one comes back intact. The empty
+// message is there because openCryptoki 3.8's CKM_RSA_PKCS decrypts it to
+// one zero byte (Wycheproof's rsa_pkcs1_2048 tcId 1 found it).
+var probeMessages = [][]byte{[]byte("keyissuer probe"), {}}
+
+// ErrKeySize means the token's mechanism does not take keys of that size.
+// keyissuer's own keys always fit (Open checks), so only a key made
+// elsewhere can meet it: openCryptoki 3.8, for one, crashes when asked to
+// decrypt with a key above the 4096 bits its mechanisms claim.
+var ErrKeySize = errors.New("key size outside what the token's mechanism takes")
+
+// fits checks that the token's mechanism for padding p by method m takes
+// keys of bits bits. A mechanism the token did not describe is let be.
+func (t *Token) fits(p Padding, m Method, bits int) error {
+	mech := p.mechanism(m)[0].Mechanism
+	if mi, ok := t.mechs[mech]; ok && !sizeFits(mi, bits) {
+		return fmt.Errorf("%w: %d bits, and the token's mechanism %#x takes %d to %d", ErrKeySize, bits, mech, mi.min, mi.max)
+	}
 	return nil
 }
 

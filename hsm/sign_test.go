@@ -14,6 +14,8 @@ import (
 	"testing"
 
 	"github.com/miekg/pkcs11"
+
+	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 )
 
 // destroyLabelled destroys every object under label when the test ends:
@@ -44,20 +46,22 @@ func destroyLabelled(t testing.TB, tok *Token, label string) {
 // CKM_SHA256_RSA_PKCS is missing, as on openCryptoki's soft token) is
 // tested on SoftHSM too.
 func TestSigningKey(t *testing.T) {
-	chosen := openToken(t, StorageSession).Info().Signing
-	if chosen == "" {
-		t.Fatal("the token chose no signing method")
-	}
-	for _, m := range slices.Compact([]SignMethod{chosen, SignDigestInfo}) {
-		t.Run(string(m), func(t *testing.T) { testSigningKey(t, m) })
-	}
+	hsmtest.ForEach(t, func(t *testing.T, tk hsmtest.Token) {
+		chosen := openTokenOn(t, tk, StorageSession).Info().Signing
+		if chosen == "" {
+			t.Fatal("the token chose no signing method")
+		}
+		for _, m := range slices.Compact([]SignMethod{chosen, SignDigestInfo}) {
+			t.Run(string(m), func(t *testing.T) { testSigningKey(t, tk, m) })
+		}
+	})
 }
 
-func testSigningKey(t *testing.T, method SignMethod) {
+func testSigningKey(t *testing.T, tk hsmtest.Token, method SignMethod) {
 	ctx := context.Background()
-	tok := openToken(t, StorageSession)
+	tok := openTokenOn(t, tk, StorageSession)
 	tok.info.Signing = method
-	label := "sign-" + tok.cfg.LabelPrefix[:len(tok.cfg.LabelPrefix)-1]
+	label := tk.Prefix + "sign-" + tok.cfg.LabelPrefix[len(tk.Prefix):len(tok.cfg.LabelPrefix)-1]
 	destroyLabelled(t, tok, label)
 
 	if _, err := tok.Signer(ctx, label); !errors.Is(err, ErrNoSigningKey) {
@@ -136,7 +140,7 @@ func testSigningKey(t *testing.T, method SignMethod) {
 	}
 
 	// A later Token finds the same key.
-	tok2 := openToken(t, StorageSession)
+	tok2 := openTokenOn(t, tk, StorageSession)
 	s2, err := tok2.Signer(ctx, label)
 	if err != nil || !s2.Public().Equal(s.Public()) {
 		t.Errorf("Signer() from another Token = %v; want the same key", err)

@@ -91,6 +91,11 @@ var (
 	ockSkip   string
 	ockUsed   bool // a test asked for the token: Main sweeps its prefix
 	ockPrefix = "ock" + randomHex(4) + "-"
+	// ockPin holds the module loaded for the life of the process, never
+	// initialised by it: openCryptoki 3.8 crashes in C_Initialize when
+	// loaded again into a process where SoftHSM has run, which unloading
+	// it between two tests would do.
+	ockPin *pkcs11.Ctx
 )
 
 // OpenCryptokiToken returns the machine's openCryptoki soft token, set up on
@@ -197,6 +202,9 @@ func setupOpenCryptoki() (tok Token, skip string, err error) {
 	if st.flags&ready != ready || st.flags&(pkcs11.CKF_USER_PIN_TO_BE_CHANGED|pkcs11.CKF_SO_PIN_TO_BE_CHANGED) != 0 {
 		return tok, "", fmt.Errorf("the soft token is not ready after set-up (flags %#x)", st.flags)
 	}
+	if ockPin = pkcs11.New(mod); ockPin == nil {
+		return tok, "", fmt.Errorf("failed to load %s", mod)
+	}
 	return Token{Kind: OpenCryptoki, Module: mod, Label: OpenCryptokiLabel, PIN: ockPIN, SOPIN: ockSOPIN, Prefix: ockPrefix}, "", nil
 }
 
@@ -294,11 +302,7 @@ func ockState(conf string) (ockTokenState, error) {
 // binary's prefix and says how many there were: a test that left token
 // objects leaked them, and nothing else would ever remove them.
 func sweepOpenCryptoki() (int, error) {
-	p := pkcs11.New(ockToken.Module)
-	if p == nil {
-		return 0, errors.New("failed to load the module")
-	}
-	defer p.Destroy()
+	p := ockPin
 	if err := p.Initialize(); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
 		return 0, err
 	} else if err == nil {
