@@ -301,19 +301,59 @@ func ockState(conf string) (ockTokenState, error) {
 // sweepOpenCryptoki destroys the objects left on the soft token under this
 // binary's prefix and says how many there were: a test that left token
 // objects leaked them, and nothing else would ever remove them.
-func sweepOpenCryptoki() (int, error) {
+func sweepOpenCryptoki() (int, error) { return destroyUnder(ockPin, ockToken, ockToken.Prefix) }
+
+// DestroyObjects destroys every token object on tok whose label starts
+// with prefix, and returns how many there were. prefix must start with
+// tok.Prefix. Call it when no Token of the code under test is open, for
+// example from t.Cleanup after the Token's own cleanup: it initialises the
+// module itself when nobody has.
+func DestroyObjects(t testing.TB, tok Token, prefix string) int {
+	t.Helper()
+	if !strings.HasPrefix(prefix, tok.Prefix) || prefix == "" {
+		t.Fatalf("hsmtest: DestroyObjects(%q): the prefix must start with the token's %q", prefix, tok.Prefix)
+	}
 	p := ockPin
+	if tok.Kind != OpenCryptoki {
+		if p = pkcs11.New(tok.Module); p == nil {
+			t.Fatalf("hsmtest: failed to load %s", tok.Module)
+		}
+		defer p.Destroy()
+	}
+	n, err := destroyUnder(p, tok, prefix)
+	if err != nil {
+		t.Fatalf("hsmtest: failed to destroy objects under %q: %v", prefix, err)
+	}
+	return n
+}
+
+// destroyUnder destroys tok's token objects whose label starts with prefix.
+func destroyUnder(p *pkcs11.Ctx, tok Token, prefix string) (int, error) {
 	if err := p.Initialize(); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
 		return 0, err
 	} else if err == nil {
 		defer p.Finalize()
 	}
-	s, err := p.OpenSession(ockSlot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	slots, err := p.GetSlotList(true)
+	if err != nil {
+		return 0, err
+	}
+	slot, found := uint(0), false
+	for _, sl := range slots {
+		if ti, err := p.GetTokenInfo(sl); err == nil && strings.TrimSpace(ti.Label) == tok.Label {
+			slot, found = sl, true
+			break
+		}
+	}
+	if !found {
+		return 0, fmt.Errorf("no token labelled %q", tok.Label)
+	}
+	s, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {
 		return 0, err
 	}
 	defer p.CloseSession(s)
-	if err := p.Login(s, pkcs11.CKU_USER, ockToken.PIN); err != nil &&
+	if err := p.Login(s, pkcs11.CKU_USER, tok.PIN); err != nil &&
 		!errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
 		return 0, err
 	}
@@ -332,7 +372,7 @@ func sweepOpenCryptoki() (int, error) {
 	n := 0
 	for _, h := range hs {
 		attrs, err := p.GetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
-		if err != nil || !strings.HasPrefix(string(attrs[0].Value), ockToken.Prefix) {
+		if err != nil || !strings.HasPrefix(string(attrs[0].Value), prefix) {
 			continue
 		}
 		if err := p.DestroyObject(s, h); err != nil {
