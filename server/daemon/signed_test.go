@@ -82,7 +82,13 @@ func signingKey(t *testing.T) *rsa.PublicKey {
 func signedSetup(t *testing.T, extra string) string {
 	t.Helper()
 	signingKey(t)
-	path, _ := setup(t, "session")
+	return signedSetupOn(t, hsmtest.Shared(t), signingLabel, extra)
+}
+
+// signedSetupOn is signedSetup on tok, with the signing key under label.
+func signedSetupOn(t *testing.T, tok hsmtest.Token, label, extra string) string {
+	t.Helper()
+	path, _ := setupOn(t, tok, "session")
 	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
@@ -92,7 +98,7 @@ func signedSetup(t *testing.T, extra string) string {
 		t.Fatal(err)
 	}
 	s := strings.Replace(string(b), "allow_unsigned = true\n",
-		fmt.Sprintf("allow_unsigned = false\nsigning_key_label = %q\n", signingLabel), 1)
+		fmt.Sprintf("allow_unsigned = false\nsigning_key_label = %q\n", label), 1)
 	s += fmt.Sprintf("\n[[clients]]\nid = %q\npublic_keys = { 1 = %q }\n", merchantID,
 		string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})))
 	s += extra
@@ -122,6 +128,11 @@ func sdkApply(t *testing.T, client *http.Client, apiURL, body string) applyAnswe
 }
 
 func trySDKApply(client *http.Client, apiURL, body string) (applyAnswer, error) {
+	return trySDKApplyTo(client, apiURL, body, signingPub)
+}
+
+// trySDKApplyTo is trySDKApply with answers signed by signingPub.
+func trySDKApplyTo(client *http.Client, apiURL, body string, signingPub *rsa.PublicKey) (applyAnswer, error) {
 	var a applyAnswer
 	u, err := url.Parse(apiURL)
 	if err != nil {
