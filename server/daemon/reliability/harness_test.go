@@ -3,6 +3,7 @@ package reliability
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
@@ -43,7 +44,8 @@ const hangLimit = 60 * time.Second
 
 // fixtureConfig is what a test sets of its daemon's configuration.
 type fixtureConfig struct {
-	storage    string // session or token
+	kind       hsmtest.Kind // the token: SoftHSM unless set
+	storage    string       // session or token
 	poolSize   int
 	generators int
 	ttl        string
@@ -80,7 +82,7 @@ type fixture struct {
 
 func newFixture(t *testing.T, fc fixtureConfig) *fixture {
 	t.Helper()
-	soft := hsmtest.Shared(t)
+	soft := hsmtest.Of(t, cmp.Or(fc.kind, hsmtest.SoftHSM))
 	// Short: a Unix socket path is limited to 108 bytes.
 	dir, err := os.MkdirTemp("", "rel")
 	if err != nil {
@@ -92,7 +94,7 @@ func newFixture(t *testing.T, fc fixtureConfig) *fixture {
 		soft:    soft,
 		dir:     dir,
 		cfgPath: filepath.Join(dir, "config.toml"),
-		prefix:  "rel-" + filepath.Base(dir) + ":",
+		prefix:  soft.Prefix + "rel-" + filepath.Base(dir) + ":",
 		dbPath:  filepath.Join(dir, "data", "keyissuer.db"),
 		audit:   filepath.Join(dir, "data", "audit.jsonl"),
 		ledger:  filepath.Join(dir, "ledger"),
