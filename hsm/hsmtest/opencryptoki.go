@@ -121,6 +121,21 @@ func OpenCryptokiToken(t testing.TB) Token {
 	return ockToken
 }
 
+// SetUpOpenCryptoki is [OpenCryptokiToken] for programs that are not
+// tests (the benchmark): it returns an error where a test would skip.
+func SetUpOpenCryptoki() (Token, error) {
+	ockOnce.Do(func() {
+		ockToken, ockSkip, ockErr = setupOpenCryptoki()
+	})
+	switch {
+	case ockErr != nil:
+		return Token{}, ockErr
+	case ockSkip != "":
+		return Token{}, errors.New(ockSkip)
+	}
+	return ockToken, nil
+}
+
 // setupOpenCryptoki makes the soft token ready. skip says why it cannot
 // be, when that is a matter of what is installed or allowed.
 func setupOpenCryptoki() (tok Token, skip string, err error) {
