@@ -253,11 +253,15 @@ func MoveTokenDir(t testing.TB) (restore func()) {
 // if set (taken as is), else the first of Debian's paths that exists
 // (/usr/lib/softhsm/libsofthsm2.so, then
 // /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so), else "".
-func Module() string {
-	if p := os.Getenv("SOFTHSM2_MODULE"); p != "" {
+func Module() string { return findModule("SOFTHSM2_MODULE", modulePaths) }
+
+// findModule returns $env if set, else the first of paths that exists,
+// else "".
+func findModule(env string, paths []string) string {
+	if p := os.Getenv(env); p != "" {
 		return p
 	}
-	for _, p := range modulePaths {
+	for _, p := range paths {
 		if _, err := os.Stat(p); err == nil {
 			return p
 		}

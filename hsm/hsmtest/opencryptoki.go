@@ -72,17 +72,7 @@ const ockInstallHint = "run `apt-get install opencryptoki` (as root)"
 // OpenCryptokiModule returns the path of openCryptoki's PKCS#11 module:
 // $OPENCRYPTOKI_MODULE if set, else the first of Debian's paths that
 // exists, else "".
-func OpenCryptokiModule() string {
-	if p := os.Getenv("OPENCRYPTOKI_MODULE"); p != "" {
-		return p
-	}
-	for _, p := range ockModulePaths {
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	return ""
-}
+func OpenCryptokiModule() string { return findModule("OPENCRYPTOKI_MODULE", ockModulePaths) }
 
 var (
 	ockOnce   sync.Once
