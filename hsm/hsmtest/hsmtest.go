@@ -107,10 +107,13 @@ func run(m *testing.M) int {
 		// left behind.
 		n, err := sweepOpenCryptoki()
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "hsmtest: failed to clean openCryptoki's soft token: %v\n", err)
+			fmt.Fprintf(os.Stderr, "hsmtest: FAIL: failed to clean openCryptoki's soft token: %v\n", err)
+			code = max(code, 1)
 		}
 		if n > 0 {
-			fmt.Fprintf(os.Stderr, "hsmtest: tests left %d objects under %q on openCryptoki's soft token (destroyed now)\n", n, ockPrefix)
+			// A leak: the run fails, so that it is seen.
+			fmt.Fprintf(os.Stderr, "hsmtest: FAIL: tests left %d objects under %q on openCryptoki's soft token (destroyed now)\n", n, ockPrefix)
+			code = max(code, 1)
 		}
 	}
 	return code

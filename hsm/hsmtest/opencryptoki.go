@@ -41,6 +41,12 @@ import (
 // fail under CI=true. Tests keep apart with [Token.Prefix] in every label
 // they make, and must destroy their token objects: they outlive the test
 // binary. [Main] destroys what is left under the binary's prefix.
+//
+// No test kills a process that uses the soft token: openCryptoki 3.8
+// rewrites the token's NVTOK.DAT in place, and a SIGKILL at the wrong
+// moment leaves it empty, which de-initialises the token for every process
+// on the machine. Crash-harness runs on it did that here; the harness runs
+// on SoftHSM only.
 
 // OpenCryptokiLabel is the label of the soft token the harness initialises.
 const OpenCryptokiLabel = "keyissuer-test"
@@ -64,6 +70,7 @@ var (
 	ockConf     = "/etc/opencryptoki/opencryptoki.conf"
 	ockConfText = "version opencryptoki-3.1\n\n# Written by keyissuer's test harness (hsm/hsmtest): only the soft token.\nslot 3\n{\nstdll = libpkcs11_sw.so\n}\n"
 	ockPIDFile  = "/var/run/pkcsslotd.pid"
+	ockNVToken  = "/var/lib/opencryptoki/swtok/NVTOK.DAT"
 	ockLock     = "/var/lock/keyissuer-hsmtest-opencryptoki.lock"
 )
 
@@ -166,6 +173,12 @@ func setupOpenCryptoki() (tok Token, skip string, err error) {
 	}
 	st, err := ockState(conf)
 	if err != nil {
+		if fi, serr := os.Stat(ockNVToken); serr == nil && fi.Size() == 0 {
+			return tok, "", fmt.Errorf("%w; %s is empty: a process was killed while openCryptoki rewrote it, "+
+				"and the token is gone. To start afresh (this destroys the soft token's objects): stop pkcsslotd, "+
+				"remove NVTOK.DAT, MK_SO, MK_USER and TOK_OBJ/* in /var/lib/opencryptoki/swtok, "+
+				"and /dev/shm/var.lib.opencryptoki.swtok", err, ockNVToken)
+		}
 		return tok, "", err
 	}
 	if st.flags&pkcs11.CKF_TOKEN_INITIALIZED == 0 {

@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer/store"
 )
 
@@ -89,18 +88,8 @@ type crashRun struct {
 	unavailable                 int
 }
 
-// TestCrashCycles runs on each token (subtests named by token).
 func TestCrashCycles(t *testing.T) {
-	for _, kind := range hsmtest.Kinds {
-		t.Run(string(kind), func(t *testing.T) { testCrashCycles(t, kind) })
-	}
-}
-
-func testCrashCycles(t *testing.T, kind hsmtest.Kind) {
 	cycles := 20
-	if kind != hsmtest.SoftHSM {
-		cycles = 8 // the second token: its differences show in a few cycles
-	}
 	if v := os.Getenv("SOAK_CYCLES"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 {
@@ -120,7 +109,7 @@ func testCrashCycles(t *testing.T, kind hsmtest.Kind) {
 
 	const ttl = 10 * time.Second // the shortest the config allows: keys expire under the harness too
 	f := newFixture(t, fixtureConfig{
-		kind: kind, storage: "token", poolSize: 2, generators: 1,
+		storage: "token", poolSize: 2, generators: 1,
 		ttl: ttl.String(), reap: "200ms", applyWait: "300ms",
 	})
 	r := &crashRun{

@@ -3,7 +3,6 @@ package reliability
 import (
 	"bufio"
 	"bytes"
-	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
@@ -44,8 +43,7 @@ const hangLimit = 60 * time.Second
 
 // fixtureConfig is what a test sets of its daemon's configuration.
 type fixtureConfig struct {
-	kind       hsmtest.Kind // the token: SoftHSM unless set
-	storage    string       // session or token
+	storage    string // session or token
 	poolSize   int
 	generators int
 	ttl        string
@@ -82,7 +80,7 @@ type fixture struct {
 
 func newFixture(t *testing.T, fc fixtureConfig) *fixture {
 	t.Helper()
-	soft := hsmtest.Of(t, cmp.Or(fc.kind, hsmtest.SoftHSM))
+	soft := hsmtest.Shared(t)
 	// Short: a Unix socket path is limited to 108 bytes.
 	dir, err := os.MkdirTemp("", "rel")
 	if err != nil {
@@ -94,7 +92,7 @@ func newFixture(t *testing.T, fc fixtureConfig) *fixture {
 		soft:    soft,
 		dir:     dir,
 		cfgPath: filepath.Join(dir, "config.toml"),
-		prefix:  soft.Prefix + "rel-" + filepath.Base(dir) + ":",
+		prefix:  "rel-" + filepath.Base(dir) + ":",
 		dbPath:  filepath.Join(dir, "data", "keyissuer.db"),
 		audit:   filepath.Join(dir, "data", "audit.jsonl"),
 		ledger:  filepath.Join(dir, "ledger"),
