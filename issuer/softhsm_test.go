@@ -49,6 +49,11 @@ func newEnv(t testing.TB, tk hsmtest.Token, storage hsm.Storage) *env {
 	}
 	now := time.Now()
 	e.now.Store(&now)
+	if tk.Kind == hsmtest.OpenCryptoki {
+		// The machine's token: keys still issued when the test ends (token
+		// storage) must not outlive it. Registered first, runs last.
+		t.Cleanup(func() { hsmtest.DestroyObjects(t, tk, e.prefix) })
+	}
 	e.open()
 	t.Cleanup(e.close)
 	return e
