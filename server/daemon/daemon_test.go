@@ -93,6 +93,9 @@ apply_wait = "20s"
 path = "data/keyissuer.db"
 [api]
 listen = "127.0.0.1:0"
+# Above pool.apply_wait: an apply that waits for a key on a loaded machine
+# must not meet the server's write timeout (an EOF to the client).
+write_timeout = "30s"
 allow_unsigned = true
 [decrypt]
 socket = "run/decrypt.sock"
