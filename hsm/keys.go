@@ -517,7 +517,11 @@ func (t *Token) probe(ctx context.Context) error {
 		}
 		var tried []string
 		for _, m := range []Method{Native, Raw} {
-			if !mechs[p.mechanism(m)[0].Mechanism] || t.fits(p, m, t.cfg.KeyBits) != nil {
+			if !mechs[p.mechanism(m)[0].Mechanism] {
+				continue
+			}
+			if err := t.fits(p, m, t.cfg.KeyBits); err != nil {
+				tried = append(tried, fmt.Sprintf("%s: %v", m, err))
 				continue
 			}
 			err := t.do(ctx, func(s *session) error {
