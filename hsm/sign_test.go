@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -235,4 +236,44 @@ func listLabelled(t testing.TB, tok *Token, label string) []pkcs11.ObjectHandle 
 		t.Fatal(err)
 	}
 	return hs
+}
+
+// TestKeySizeOutsideMechanism: a key the token's mechanism does not take
+// (openCryptoki crashes on one) is refused before it reaches the token,
+// and the refusal does not spend the key.
+func TestKeySizeOutsideMechanism(t *testing.T) {
+	ctx := context.Background()
+	tok := openToken(t, StorageSession)
+	k, err := tok.Generate(ctx, "size")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tok.Destroy(ctx, k)
+	m := tok.info.Methods[OAEPSHA256]
+	mech := OAEPSHA256.mechanism(m)[0].Mechanism
+	saved := tok.mechs
+	tok.mechs = maps.Clone(saved)
+	tok.mechs[mech] = mechInfo{min: 512, max: 1024, flags: saved[mech].flags}
+	ct, _ := Encrypt(k.Public, OAEPSHA256, []byte("pw"))
+	if _, err := tok.Decrypt(ctx, k, OAEPSHA256, ct); !errors.Is(err, ErrKeySize) {
+		t.Fatalf("Decrypt with a 2048-bit key and a mechanism of 512-1024 bits = %v, want ErrKeySize", err)
+	}
+	tok.mechs = saved
+	if got, err := tok.Decrypt(ctx, k, OAEPSHA256, ct); err != nil || string(got) != "pw" {
+		t.Errorf("Decrypt after = %q, %v; want the key unspent", got, err)
+	}
+	for _, tc := range []struct {
+		mi   mechInfo
+		bits int
+		want bool
+	}{
+		{mechInfo{min: 512, max: 4096}, 2048, true},
+		{mechInfo{min: 512, max: 4096}, 8192, false},
+		{mechInfo{min: 3072, max: 4096}, 2048, false},
+		{mechInfo{}, 8192, true}, // no range reported
+	} {
+		if got := sizeFits(tc.mi, tc.bits); got != tc.want {
+			t.Errorf("sizeFits(%d-%d, %d) = %v, want %v", tc.mi.min, tc.mi.max, tc.bits, got, tc.want)
+		}
+	}
 }
