@@ -135,6 +135,7 @@ type Info struct {
 	Storage                            Storage
 	KeyBits                            int
 	Methods                            map[Padding]Method // how each padding is done
+	Signing                            SignMethod         // how responses are signed; "" if the token cannot
 }
 
 // Token is an open, logged-in PKCS#11 token. It is safe for concurrent use.
@@ -143,6 +144,8 @@ type Token struct {
 	mod  *module
 	slot atomic.Uint64 // the token's slot; changes only in a reset
 	info Info
+	// mechs is what the token said of its mechanisms at Open.
+	mechs map[uint]mechInfo
 
 	idle chan *session // sessions not in use; len == cfg.Sessions when all idle
 
@@ -235,6 +238,9 @@ func (t *Token) init(ctx context.Context) error {
 			return err
 		}
 		t.idle <- s
+	}
+	if err := t.probeMechanisms(); err != nil {
+		return err
 	}
 	return t.probe(ctx)
 }
@@ -637,6 +643,11 @@ type module struct {
 var (
 	modulesMu sync.Mutex
 	modules   = map[string]*module{}
+	// loaded keeps every library ever loaded, by path, for the life of
+	// the process: finalised when its last Token closes, never unloaded.
+	// openCryptoki 3.8 crashes in C_Initialize when loaded a second time
+	// into a process where SoftHSM has run.
+	loaded = map[string]*pkcs11.Ctx{}
 )
 
 func openModule(path string) (*module, error) {
@@ -646,13 +657,15 @@ func openModule(path string) (*module, error) {
 		m.refs++
 		return m, nil
 	}
-	ctx := pkcs11.New(path)
+	ctx := loaded[path]
 	if ctx == nil {
-		return nil, fmt.Errorf("failed to load PKCS#11 module %s", path)
+		if ctx = pkcs11.New(path); ctx == nil {
+			return nil, fmt.Errorf("failed to load PKCS#11 module %s", path)
+		}
+		loaded[path] = ctx
 	}
 	err := ctx.Initialize()
 	if err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
-		ctx.Destroy()
 		return nil, fmt.Errorf("failed to initialise PKCS#11 module %s: %w", path, err)
 	}
 	m := &module{path: path, ctx: ctx, refs: 1, ours: err == nil}
@@ -687,5 +700,4 @@ func (m *module) release() {
 	if m.ours {
 		m.ctx.Finalize()
 	}
-	m.ctx.Destroy()
 }

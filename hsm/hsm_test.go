@@ -24,13 +24,19 @@ func softToken(t testing.TB) hsmtest.Token { return hsmtest.Shared(t) }
 
 func openToken(t testing.TB, storage Storage, mutate ...func(*Config)) *Token {
 	t.Helper()
-	st := softToken(t)
+	return openTokenOn(t, softToken(t), storage, mutate...)
+}
+
+// openTokenOn opens st for the test, its objects under a label prefix of
+// the test's own.
+func openTokenOn(t testing.TB, st hsmtest.Token, storage Storage, mutate ...func(*Config)) *Token {
+	t.Helper()
 	cfg := Config{
 		Module:      st.Module,
 		TokenLabel:  st.Label,
 		PIN:         st.PIN,
 		Storage:     storage,
-		LabelPrefix: "t-" + strings.NewReplacer("/", "-", " ", "-").Replace(t.Name()) + ":",
+		LabelPrefix: st.Prefix + "t-" + strings.NewReplacer("/", "-", " ", "-").Replace(t.Name()) + ":",
 		Sessions:    4,
 		Paddings:    Paddings(),
 		Log:         slog.New(slog.DiscardHandler),
@@ -61,11 +67,13 @@ func listIDs(t testing.TB, tok *Token) map[string]int {
 
 var storages = []Storage{StorageSession, StorageToken}
 
-func TestGeneratedKeyAttributes(t *testing.T) {
+func TestGeneratedKeyAttributes(t *testing.T) { hsmtest.ForEach(t, testGeneratedKeyAttributes) }
+
+func testGeneratedKeyAttributes(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
 	for _, storage := range storages {
 		t.Run(string(storage), func(t *testing.T) {
-			tok := openToken(t, storage)
+			tok := openTokenOn(t, tk, storage)
 			k, err := tok.Generate(ctx, testID("attrs"))
 			if err != nil {
 				t.Fatal(err)
@@ -137,10 +145,14 @@ func checkAttrs(t *testing.T, tok *Token, s *session, h pkcs11.ObjectHandle, wan
 }
 
 func TestDecryptEachPaddingOnceThenDestroy(t *testing.T) {
+	hsmtest.ForEach(t, testDecryptEachPaddingOnceThenDestroy)
+}
+
+func testDecryptEachPaddingOnceThenDestroy(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
 	for _, storage := range storages {
 		t.Run(string(storage), func(t *testing.T) {
-			tok := openToken(t, storage)
+			tok := openTokenOn(t, tk, storage)
 			t.Logf("methods: %v", tok.Info().Methods)
 			for _, p := range Paddings() {
 				t.Run(string(p), func(t *testing.T) {
@@ -180,8 +192,12 @@ func TestDecryptEachPaddingOnceThenDestroy(t *testing.T) {
 }
 
 func TestDecryptRejectsBadCiphertexts(t *testing.T) {
+	hsmtest.ForEach(t, testDecryptRejectsBadCiphertexts)
+}
+
+func testDecryptRejectsBadCiphertexts(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	tok := openToken(t, StorageSession)
+	tok := openTokenOn(t, tk, StorageSession)
 	for _, p := range Paddings() {
 		other, err := tok.Generate(ctx, testID("other-"+string(p)))
 		if err != nil {
@@ -223,12 +239,16 @@ func TestDecryptRejectsBadCiphertexts(t *testing.T) {
 // A session that dies takes its session objects with it: the Token must
 // notice, report the keys lost, and give out a working session again.
 func TestDeadSessionReportsItsKeysLost(t *testing.T) {
+	hsmtest.ForEach(t, testDeadSessionReportsItsKeysLost)
+}
+
+func testDeadSessionReportsItsKeysLost(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
 	var (
 		mu   sync.Mutex
 		lost []string
 	)
-	tok := openToken(t, StorageSession, func(c *Config) {
+	tok := openTokenOn(t, tk, StorageSession, func(c *Config) {
 		c.OnLost = func(ids []string) { mu.Lock(); lost = append(lost, ids...); mu.Unlock() }
 	})
 	k, err := tok.Generate(ctx, testID("doomed"))
@@ -269,9 +289,11 @@ func TestDeadSessionReportsItsKeysLost(t *testing.T) {
 // After a token reset every session is dead. Each call replaces the dead
 // session it drew and retries once, so callers see no error, and the key
 // (a token object) still decrypts once.
-func TestDeadSessionsAreReplaced(t *testing.T) {
+func TestDeadSessionsAreReplaced(t *testing.T) { hsmtest.ForEach(t, testDeadSessionsAreReplaced) }
+
+func testDeadSessionsAreReplaced(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	tok := openToken(t, StorageToken)
+	tok := openTokenOn(t, tk, StorageToken)
 	k, err := tok.Generate(ctx, testID("retry"))
 	if err != nil {
 		t.Fatal(err)
@@ -334,9 +356,11 @@ func TestDownTokenFailsFast(t *testing.T) {
 	tok.Destroy(ctx, k)
 }
 
-func TestListAdoptTokenObjects(t *testing.T) {
+func TestListAdoptTokenObjects(t *testing.T) { hsmtest.ForEach(t, testListAdoptTokenObjects) }
+
+func testListAdoptTokenObjects(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	tok := openToken(t, StorageToken)
+	tok := openTokenOn(t, tk, StorageToken)
 	k, err := tok.Generate(ctx, testID("kept"))
 	if err != nil {
 		t.Fatal(err)
@@ -344,7 +368,7 @@ func TestListAdoptTokenObjects(t *testing.T) {
 	tok.Close()
 
 	// A new Token, as after a restart, finds and adopts the pair.
-	tok2 := openToken(t, StorageToken)
+	tok2 := openTokenOn(t, tk, StorageToken)
 	objs, err := tok2.List(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -431,8 +455,12 @@ func TestOpenErrors(t *testing.T) {
 }
 
 func TestConcurrentGenerateDecryptDestroy(t *testing.T) {
+	hsmtest.ForEach(t, testConcurrentGenerateDecryptDestroy)
+}
+
+func testConcurrentGenerateDecryptDestroy(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	tok := openToken(t, StorageSession)
+	tok := openTokenOn(t, tk, StorageSession)
 	var wg sync.WaitGroup
 	errs := make(chan error, 8)
 	for i := range 8 {

@@ -248,6 +248,9 @@ func (t *Token) Decrypt(ctx context.Context, k *Key, p Padding, ciphertext []byt
 	if len(ciphertext) != k.Size() {
 		return nil, ErrDecrypt
 	}
+	if err := t.fits(p, method, k.Public.N.BitLen()); err != nil {
+		return nil, err
+	}
 	if !k.Alive() {
 		return nil, ErrKeyLost
 	}
@@ -627,23 +630,34 @@ func (t *Token) probe(ctx context.Context) error {
 	defer t.Destroy(context.WithoutCancel(ctx), k)
 
 	for _, p := range t.cfg.Paddings {
-		msg := []byte("keyissuer probe")
-		ct, err := encrypt(k.Public, p, msg)
-		if err != nil {
-			return err
+		cts := make([][]byte, len(probeMessages))
+		for i, msg := range probeMessages {
+			if cts[i], err = encrypt(k.Public, p, msg); err != nil {
+				return err
+			}
 		}
 		var tried []string
 		for _, m := range []Method{Native, Raw} {
 			if !mechs[p.mechanism(m)[0].Mechanism] {
 				continue
 			}
-			var got []byte
+			if err := t.fits(p, m, t.cfg.KeyBits); err != nil {
+				tried = append(tried, fmt.Sprintf("%s: %v", m, err))
+				continue
+			}
 			err := t.do(ctx, func(s *session) error {
-				var err error
-				got, err = t.decrypt(s, k.ID, k.priv, p, m, k.Size(), ct)
-				return err
+				for i, ct := range cts {
+					got, err := t.decrypt(s, k.ID, k.priv, p, m, k.Size(), ct)
+					if err != nil {
+						return err
+					}
+					if string(got) != string(probeMessages[i]) {
+						return fmt.Errorf("a message of %d bytes came back as %d bytes", len(probeMessages[i]), len(got))
+					}
+				}
+				return nil
 			})
-			if err == nil && string(got) == string(msg) {
+			if err == nil {
 				t.info.Methods[p] = m
 				break
 			}

@@ -82,6 +82,11 @@ func printStatus(w io.Writer, s admin.Status, now time.Time) {
 	row("token", "%s, label %q, serial %s, %s %s", up, s.Token.Label, s.Token.Serial, s.Token.Manufacturer, s.Token.Model)
 	row("", "faults %d, recoveries %d", s.Token.Faults, s.Token.Recoveries)
 	row("storage", "%s, RSA-%d, paddings %s", s.Token.Storage, s.Token.KeyBits, strings.Join(paddings, ", "))
+	signing := "answers unsigned"
+	if s.Token.Signing != "" {
+		signing = s.Token.Signing
+	}
+	row("signing", "%s", signing)
 	row("pool", "%d/%d ready, %d generated (%.3fs each in the token), %d failed", s.Pool.Ready, s.Pool.Target,
 		s.Pool.Generated, s.Pool.AvgGenerateSec, s.Pool.GenerateErrors)
 	row("keys", "%d outstanding, %d destroys pending", s.Keys.Outstanding, s.Keys.PendingDestroys)

@@ -46,7 +46,7 @@ func (d *Daemon) openAccess(ctx context.Context) error {
 		der, _ := x509.MarshalPKIXPublicKey(s.Public())
 		sum := sha256.Sum256(der)
 		d.log.Info("response-signing key", "label", label, "key_version", cfg.SigningKeyVersion,
-			"bits", s.Public().N.BitLen(), "spki_sha256", hex.EncodeToString(sum[:]))
+			"bits", s.Public().N.BitLen(), "method", s.Method(), "spki_sha256", hex.EncodeToString(sum[:]))
 	} else {
 		d.log.Warn("api.signing_key_label is empty: answers are not signed, and the wallet SDKs will reject them")
 	}

@@ -142,7 +142,7 @@ func (d *Daemon) open(ctx context.Context) error {
 	}
 	d.log.Info("token open", "label", info.Label, "serial", info.Serial, "model", info.Model,
 		"manufacturer", info.Manufacturer, "storage", info.Storage, "key_bits", info.KeyBits,
-		"padding_default", cfg.Keys.Paddings[0], slog.Group("paddings", methods...),
+		"padding_default", cfg.Keys.Paddings[0], slog.Group("paddings", methods...), "signing", info.Signing,
 		"layout", cfg.Keys.Layout)
 	d.started()
 

@@ -255,6 +255,9 @@ func (d *Daemon) Status(ctx context.Context) admin.Status {
 		Reaper:    admin.Reaper{Interval: d.cfg.Keys.ReapInterval.String()},
 		Listeners: admin.Listeners{API: d.APIAddr(), Decrypt: d.cfg.Decrypt.Socket, Admin: d.AdminAddr()},
 	}
+	if d.access.signer != nil {
+		st.Token.Signing = string(d.access.signer.Method())
+	}
 	if s.Generated > 0 {
 		st.Pool.AvgGenerateSec = math.Round(s.GenerateTime.Seconds()/float64(s.Generated)*1000) / 1000
 	}

@@ -24,13 +24,13 @@ func TestSignedApplyReplay(t *testing.T) {
 	d, _ := runDaemon(t, cfg, daemon.Options{Log: slog.New(slog.DiscardHandler)})
 	apiURL := "http://" + d.APIAddr() + "/ams/api/v1/customer/applyPublicKey"
 	at := strconv.FormatInt(time.Now().UnixMilli(), 10)
-	a, err := trySDKApplyAt(http.DefaultClient, apiURL, `{}`, at, true)
+	a, err := trySDKApplyAt(http.DefaultClient, apiURL, `{}`, at, true, signingPub)
 	if err != nil || a.Result.ResultCode != "SUCCESS" {
 		t.Fatalf("first: %+v %v", a.Result, err)
 	}
 	issued := d.Issuer().Stats().Issued
 	replay := func(when string) {
-		a, err := trySDKApplyAt(http.DefaultClient, apiURL, `{}`, at, false)
+		a, err := trySDKApplyAt(http.DefaultClient, apiURL, `{}`, at, false, signingPub)
 		if err != nil || a.Result.ResultCode != "REPEAT_REQUEST" || a.Result.ResultStatus != "U" || a.PublicKeyInfo != nil {
 			t.Errorf("replay %s: %+v %v, want REPEAT_REQUEST/U", when, a.Result, err)
 		}

@@ -82,7 +82,13 @@ func signingKey(t *testing.T) *rsa.PublicKey {
 func signedSetup(t *testing.T, extra string) string {
 	t.Helper()
 	signingKey(t)
-	path, _ := setup(t, "session")
+	return signedSetupOn(t, hsmtest.Shared(t), signingLabel, extra)
+}
+
+// signedSetupOn is signedSetup on tok, with the signing key under label.
+func signedSetupOn(t *testing.T, tok hsmtest.Token, label, extra string) string {
+	t.Helper()
+	path, _ := setupOn(t, tok, "session")
 	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
@@ -92,7 +98,7 @@ func signedSetup(t *testing.T, extra string) string {
 		t.Fatal(err)
 	}
 	s := strings.Replace(string(b), "allow_unsigned = true\n",
-		fmt.Sprintf("allow_unsigned = false\nsigning_key_label = %q\n", signingLabel), 1)
+		fmt.Sprintf("allow_unsigned = false\nsigning_key_label = %q\n", label), 1)
 	s += fmt.Sprintf("\n[[clients]]\nid = %q\npublic_keys = { 1 = %q }\n", merchantID,
 		string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})))
 	s += extra
@@ -122,12 +128,18 @@ func sdkApply(t *testing.T, client *http.Client, apiURL, body string) applyAnswe
 }
 
 func trySDKApply(client *http.Client, apiURL, body string) (applyAnswer, error) {
-	return trySDKApplyAt(client, apiURL, body, strconv.FormatInt(time.Now().UnixMilli(), 10), true)
+	return trySDKApplyAt(client, apiURL, body, strconv.FormatInt(time.Now().UnixMilli(), 10), true, signingPub)
+}
+
+// trySDKApplyTo is trySDKApply with answers signed by signingPub.
+func trySDKApplyTo(client *http.Client, apiURL, body string, signingPub *rsa.PublicKey) (applyAnswer, error) {
+	return trySDKApplyAt(client, apiURL, body, strconv.FormatInt(time.Now().UnixMilli(), 10), true, signingPub)
 }
 
 // trySDKApplyAt is trySDKApply with the Request-Time given; the answer's
-// signature is checked only if wantSigned (and then required).
-func trySDKApplyAt(client *http.Client, apiURL, body, reqTime string, wantSigned bool) (applyAnswer, error) {
+// signature is checked against signingPub only if wantSigned (and then
+// required).
+func trySDKApplyAt(client *http.Client, apiURL, body, reqTime string, wantSigned bool, signingPub *rsa.PublicKey) (applyAnswer, error) {
 	var a applyAnswer
 	u, err := url.Parse(apiURL)
 	if err != nil {
