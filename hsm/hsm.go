@@ -60,7 +60,7 @@ type Config struct {
 	TokenSerial string  // ...or by serial number (exactly one of the two)
 	PIN         string  // the user PIN; never logged
 	Storage     Storage // session (default) or token
-	LabelPrefix string  // CKA_LABEL and CKA_ID prefix of keyissuer's objects
+	LabelPrefix string  // CKA_LABEL and CKA_ID prefix of keyissuer's objects ([CheckLabelPrefix])
 	KeyBits     int     // RSA modulus size: 2048 (default), 3072 or 4096
 	Sessions    int     // sessions kept open (default 8)
 	// Paddings the daemon will decrypt with; each is probed at Open to
@@ -126,6 +126,9 @@ func (c *Config) validate() error {
 	case c.Sessions < 2:
 		return fmt.Errorf("sessions = %d, want at least 2", c.Sessions)
 	}
+	if err := CheckLabelPrefix(c.LabelPrefix); err != nil {
+		return err
+	}
 	if !validKeyBits(c.KeyBits) {
 		return fmt.Errorf("key size %d bits not allowed (want 2048, 3072 or 4096)", c.KeyBits)
 	}
@@ -152,6 +155,7 @@ type Info struct {
 	Storage                            Storage
 	KeyBits                            int
 	Methods                            map[Padding]Method // how each padding is done
+	Signing                            SignMethod         // how responses are signed; "" if the token cannot
 }
 
 // Token is an open, logged-in PKCS#11 token. It is safe for concurrent use.
@@ -160,6 +164,8 @@ type Token struct {
 	mod  *module
 	slot atomic.Uint64 // the token's slot; changes only in a reset
 	info Info
+	// mechs is what the token said of its mechanisms at Open.
+	mechs map[uint]mechInfo
 
 	idle chan *session // sessions not in use; len == cfg.Sessions when all idle
 
@@ -254,6 +260,9 @@ func (t *Token) init(ctx context.Context) error {
 			return err
 		}
 		t.idle <- s
+	}
+	if err := t.probeMechanisms(); err != nil {
+		return err
 	}
 	return t.probe(ctx)
 }
@@ -659,6 +668,11 @@ type module struct {
 var (
 	modulesMu sync.Mutex
 	modules   = map[string]*module{}
+	// loaded keeps every library ever loaded, by path, for the life of
+	// the process: finalised when its last Token closes, never unloaded.
+	// openCryptoki 3.8 crashes in C_Initialize when loaded a second time
+	// into a process where SoftHSM has run.
+	loaded = map[string]*pkcs11.Ctx{}
 )
 
 func openModule(path string) (*module, error) {
@@ -668,13 +682,15 @@ func openModule(path string) (*module, error) {
 		m.refs++
 		return m, nil
 	}
-	ctx := pkcs11.New(path)
+	ctx := loaded[path]
 	if ctx == nil {
-		return nil, fmt.Errorf("failed to load PKCS#11 module %s", path)
+		if ctx = pkcs11.New(path); ctx == nil {
+			return nil, fmt.Errorf("failed to load PKCS#11 module %s", path)
+		}
+		loaded[path] = ctx
 	}
 	err := ctx.Initialize()
 	if err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
-		ctx.Destroy()
 		return nil, fmt.Errorf("failed to initialise PKCS#11 module %s: %w", path, err)
 	}
 	m := &module{path: path, ctx: ctx, refs: 1, ours: err == nil}
@@ -709,5 +725,4 @@ func (m *module) release() {
 	if m.ours {
 		m.ctx.Finalize()
 	}
-	m.ctx.Destroy()
 }

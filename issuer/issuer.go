@@ -237,26 +237,33 @@ func (is *Issuer) KeysLost(ids []string) {
 // storage the key objects survive: an issued record whose two halves are
 // present is adopted and can still decrypt; any other object under the
 // prefix is destroyed, and records whose key is missing become lost.
+//
+// The token is searched in either mode: a daemon switched from token to
+// session storage finds the token objects of its token-storage runs, which
+// are leftovers now. Their records are finished as above, then the objects
+// destroyed.
 func (is *Issuer) Reconcile(ctx context.Context) error {
 	recs, err := is.cfg.Store.Active(ctx, time.Unix(0, math.MaxInt64), 0)
 	if err != nil {
 		return err
 	}
+	list, err := is.cfg.Token.List(ctx)
+	if err != nil {
+		return err
+	}
+	adopt := is.cfg.Storage == hsm.StorageToken
 	objs := map[string][]hsm.Object{}
-	if is.cfg.Storage == hsm.StorageToken {
-		list, err := is.cfg.Token.List(ctx)
-		if err != nil {
-			return err
+	for _, o := range list {
+		if !adopt && !o.Token {
+			continue // a session object of this process: not a leftover
 		}
-		for _, o := range list {
-			objs[o.ID] = append(objs[o.ID], o)
-		}
+		objs[o.ID] = append(objs[o.ID], o)
 	}
 	now := is.cfg.Now()
 	var adopted, lost, consumed, destroyed int
 	for _, r := range recs {
 		if r.State == store.Issued {
-			if os, ok := objs[r.UniqueID]; ok {
+			if os, ok := objs[r.UniqueID]; ok && adopt {
 				k, err := is.cfg.Token.Adopt(ctx, os)
 				if err == nil {
 					delete(objs, r.UniqueID)
@@ -373,7 +380,7 @@ type Issued struct {
 }
 
 const (
-	uniqueIDLen = 32
+	uniqueIDLen = hsm.KeyIDLen // the token lists only well-formed ids
 	saltLen     = 12
 )
 

@@ -60,8 +60,11 @@ type Token struct {
 	// the daemon stops) or "token" (token objects, kept across restarts).
 	Storage string `toml:"storage"`
 	// LabelPrefix starts the CKA_LABEL and CKA_ID of every key object
-	// keyissuer makes; objects without it are never touched. Give each
-	// daemon sharing a token its own prefix. Default "keyissuer:".
+	// keyissuer makes: A-Z, a-z, 0-9, '.', '_', '-' and ':', ending with
+	// ':'. An object is keyissuer's only if its label is exactly the
+	// prefix and a uniqueId, so "keyissuer:" never touches the objects of
+	// "keyissuer:host-b:". Give each daemon sharing a token its own
+	// prefix. Default "keyissuer:".
 	LabelPrefix string `toml:"label_prefix"`
 	// Sessions is how many PKCS#11 sessions to keep open (default 8; at
 	// least pool.generators + 1).
@@ -326,6 +329,9 @@ func (c *Config) Validate() error {
 		return bad("token.sessions", "%d is too few: need at least pool.generators + 1 = %d", t.Sessions, c.Pool.Generators+1)
 	case t.Sessions > 256:
 		return bad("token.sessions", "%d is more than 256", t.Sessions)
+	}
+	if err := hsm.CheckLabelPrefix(t.LabelPrefix); err != nil {
+		return bad("token.label_prefix", "%v", err)
 	}
 	if err := c.validateDecrypt(); err != nil {
 		return err
