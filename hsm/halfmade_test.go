@@ -54,7 +54,7 @@ func clearHalfMade(t *testing.T, before []hsmtest.Object) {
 func TestSweepHalfMadeDestroysWhatAKillLeft(t *testing.T) {
 	ctx := context.Background()
 	tok := openToken(t, StorageToken, func(c *Config) { c.SweepHalfMade, c.HalfMadeGrace = true, time.Nanosecond })
-	k, err := tok.Generate(ctx, "finished")
+	k, err := tok.Generate(ctx, testID("finished"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,8 +16,8 @@ import (
 // issued key that is still valid.
 func TestReconcileDestroysHalfMadeObjects(t *testing.T) {
 	ctx := context.Background()
-	soft := hsmtest.Shared(t)
-	e := newEnv(t, hsm.StorageToken)
+	soft := hsmtest.Shared(t) // SoftHSM: the half-made shapes are its own
+	e := newEnv(t, soft, hsm.StorageToken)
 	stop := e.run()
 	kept := apply(t, e)
 	stop()

@@ -7,13 +7,14 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/hsm"
+	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer/store"
 )
 
 // newEnvPrefix is newEnv with a label prefix of the caller's choosing.
 func newEnvPrefix(t testing.TB, storage hsm.Storage, prefix string) *env {
 	t.Helper()
-	e := &env{t: t, storage: storage, prefix: prefix, dbPath: filepath.Join(t.TempDir(), "records.db")}
+	e := &env{t: t, token: hsmtest.Shared(t), storage: storage, prefix: prefix, dbPath: filepath.Join(t.TempDir(), "records.db")}
 	now := time.Now()
 	e.now.Store(&now)
 	e.open()
@@ -81,7 +82,7 @@ func TestReconcileSparesNestedPrefix(t *testing.T) {
 // their records and destroys them, and an object without a record too.
 func TestReconcileSessionStorageDestroysTokenLeftovers(t *testing.T) {
 	ctx := context.Background()
-	e := newEnv(t, hsm.StorageToken)
+	e := newEnv(t, hsmtest.Shared(t), hsm.StorageToken)
 	stop := fillPool(t, e)
 	issued := apply(t, e)
 	stop() // the pool is drained; the issued key stays in the token
