@@ -299,10 +299,9 @@ func (is *Issuer) Reconcile(ctx context.Context) error {
 		}
 		is.emit(ctx, Event{Kind: EventDestroyed, UniqueID: id, Reason: ReasonReconciled})
 	}
-	var halfMade hsm.HalfMadeSweep
-	if is.cfg.Storage == hsm.StorageToken {
-		halfMade = is.reconcileHalfMade(ctx)
-	}
+	// In either mode, as for the labelled leftovers: a token-storage run's
+	// crash may have left them.
+	halfMade := is.reconcileHalfMade(ctx)
 	is.log.Info("reconciled token and records", "storage", is.cfg.Storage,
 		"adopted", adopted, "lost", lost, "consumed", consumed, "objects_destroyed", destroyed,
 		"half_made_destroyed", halfMade.Destroyed, "half_made_left", halfMade.Waiting)
