@@ -47,11 +47,15 @@ const (
 // leaves the file (a leak of its own, and the very state of a kill before
 // the template). For the classless shape it writes the file SoftHSM
 // creates first (a generation number and no attribute, and its lock file)
-// into the token's directory. The object shows up in the caller's searches: the child
-// creates and destroys a data object after it, which makes every process
-// re-read the token's directory.
+// into the token's directory. The object shows up in the caller's
+// searches: the child creates and destroys a data object after it, which
+// makes every process re-read the token's directory. SoftHSM tokens only:
+// the shapes are SoftHSM's.
 func LeaveHalfMade(t testing.TB, tok Token, shape HalfMade) {
 	t.Helper()
+	if tok.Kind != SoftHSM {
+		t.Fatalf("hsmtest: LeaveHalfMade makes SoftHSM's half-made objects; token %q is %s", tok.Label, tok.Kind)
+	}
 	mu.Lock()
 	conf := confPath
 	mu.Unlock()
