@@ -29,6 +29,7 @@ import (
 
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
 )
 
 // Token is the part of the PKCS#11 token the issuer uses; [*hsm.Token]
@@ -51,7 +52,7 @@ type Token interface {
 
 var _ Token = (*hsm.Token)(nil)
 
-// Store keeps the records; [*store.Bolt] implements it. Writes are durable
+// Store keeps the records; [*bolt.Store] implements it. Writes are durable
 // when they return, except Settle's. Transition is a compare-and-swap that
 // fails with a *[store.StateError] when the record is not in state from.
 // Settle is the same compare-and-swap, queued without waiting for it to be
@@ -66,7 +67,7 @@ type Store interface {
 	Prune(ctx context.Context, before time.Time, limit int) (int, error)
 }
 
-var _ Store = (*store.Bolt)(nil)
+var _ Store = (*bolt.Store)(nil)
 
 // Errors callers branch on. Retryable: ErrPoolEmpty and ErrUnavailable.
 var (

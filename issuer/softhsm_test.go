@@ -16,6 +16,7 @@ import (
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
 )
 
 // Integration tests: the issuer on a real SoftHSM token and a real store.
@@ -32,7 +33,7 @@ type env struct {
 	now     atomic.Pointer[time.Time]
 
 	tok *hsm.Token
-	st  *store.Bolt
+	st  *bolt.Store
 	is  *issuer.Issuer
 }
 
@@ -74,7 +75,7 @@ func (e *env) open() {
 	if err != nil {
 		t.Fatalf("hsm.Open: %v", err)
 	}
-	if e.st, err = store.Open(e.dbPath, store.Options{}); err != nil {
+	if e.st, err = bolt.Open(e.dbPath, bolt.Options{}); err != nil {
 		t.Fatal(err)
 	}
 	e.is, err = issuer.New(issuer.Config{

@@ -20,7 +20,7 @@ import (
 
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer"
-	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
 	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/decryptapi"
 	"github.com/keyissuer/keyissuer/server/peercred"
@@ -57,7 +57,7 @@ type Daemon struct {
 	opts   Options
 	log    *slog.Logger
 	token  *hsm.Token
-	store  *store.Bolt
+	store  *bolt.Store
 	issuer *issuer.Issuer
 
 	apiLn, sockLn net.Listener
@@ -143,7 +143,7 @@ func (d *Daemon) open(ctx context.Context) error {
 		"layout", cfg.Keys.Layout)
 	d.started()
 
-	d.store, err = store.Open(cfg.Store.Path, store.Options{CommitDelay: cfg.Store.CommitDelay})
+	d.store, err = bolt.Open(cfg.Store.Path, bolt.Options{CommitDelay: cfg.Store.CommitDelay})
 	if err != nil {
 		return err
 	}

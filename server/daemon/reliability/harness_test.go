@@ -28,6 +28,7 @@ import (
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
 	"github.com/keyissuer/keyissuer/server/admin"
 	"github.com/keyissuer/keyissuer/server/apisig"
 	"github.com/keyissuer/keyissuer/server/daemon/internal/daemontest"
@@ -635,7 +636,7 @@ func (f *fixture) tokenObjects() map[string]int {
 // Call it only while no daemon runs.
 func (f *fixture) records(ids []string) (got map[string]store.Record, active []store.Record) {
 	f.t.Helper()
-	st, err := store.Open(f.dbPath, store.Options{})
+	st, err := bolt.Open(f.dbPath, bolt.Options{})
 	if err != nil {
 		f.t.Fatalf("the store does not open: %v", err)
 	}
