@@ -66,3 +66,8 @@ type StateError struct {
 func (e *StateError) Error() string {
 	return fmt.Sprintf("record %s is %s, not %s", e.Current.UniqueID, e.Current.State, e.Want)
 }
+
+// ErrUnavailable: the store cannot be reached (a database server down or
+// failing over). Nothing was changed, or the change is unknown and the
+// caller must treat the record as it would a crash's; retry later.
+var ErrUnavailable = errors.New("record store unavailable")

@@ -21,6 +21,7 @@ import (
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/issuer/store/bolt"
+	"github.com/keyissuer/keyissuer/issuer/store/postgres"
 	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/decryptapi"
 	"github.com/keyissuer/keyissuer/server/peercred"
@@ -57,7 +58,7 @@ type Daemon struct {
 	opts   Options
 	log    *slog.Logger
 	token  *hsm.Token
-	store  *bolt.Store
+	store  recordStore
 	issuer *issuer.Issuer
 
 	apiLn, sockLn net.Listener
@@ -143,8 +144,7 @@ func (d *Daemon) open(ctx context.Context) error {
 		"layout", cfg.Keys.Layout)
 	d.started()
 
-	d.store, err = bolt.Open(cfg.Store.Path, bolt.Options{CommitDelay: cfg.Store.CommitDelay})
-	if err != nil {
+	if d.store, err = openStore(ctx, cfg); err != nil {
 		return err
 	}
 	var (
@@ -187,6 +187,33 @@ func (d *Daemon) open(ctx context.Context) error {
 	}
 
 	return nil
+}
+
+// recordStore is a record store the daemon opens and closes.
+type recordStore interface {
+	issuer.Store
+	Close() error
+}
+
+// openStore opens the record store store.backend names.
+func openStore(ctx context.Context, cfg config.Config) (recordStore, error) {
+	// A nil *Store in a non-nil interface would be closed: return nil.
+	if !cfg.Clustered() {
+		s, err := bolt.Open(cfg.Store.Path, bolt.Options{CommitDelay: cfg.Store.CommitDelay})
+		if err != nil {
+			return nil, err
+		}
+		return s, nil
+	}
+	pw, err := cfg.Store.ReadStorePassword()
+	if err != nil {
+		return nil, err
+	}
+	s, err := postgres.Open(ctx, postgres.Options{DSN: cfg.Store.DSN, Password: pw, MaxConns: int32(cfg.Store.MaxConns)})
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 // APIAddr is the public API's bound address (useful with port 0).
