@@ -1,0 +1,74 @@
+package hsm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Find builds a Key for the token objects of id, found by CKA_ID: a key
+// that another process made on a token they share (token storage only),
+// such as a neighbour in a cluster on one HSM partition. It fails with
+// ErrKeyLost if the token, healthy, has no complete pair for id.
+//
+// A search that comes back empty is made again in a session opened for it:
+// a module may refresh its view of objects made by other processes only
+// when a session starts (SoftHSM's file store re-reads the token then), so
+// a long-lived session must not be the last word on a neighbour's key.
+func (t *Token) Find(ctx context.Context, id string) (*Key, error) {
+	if t.cfg.Storage != StorageToken {
+		return nil, errors.New("finding keys by id needs token storage")
+	}
+	k := &Key{ID: id, tokenStore: true}
+	var found bool
+	err := t.do(ctx, func(s *session) error {
+		var err error
+		if found, err = t.findPair(s.h, k); err != nil || found {
+			return err
+		}
+		h, err := t.mod.ctx.OpenSession(uint(t.slot.Load()), pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+		if err != nil {
+			return err
+		}
+		found, err = t.findPair(h, k)
+		t.mod.ctx.CloseSession(h) // the handles outlive it: they are the token's
+		if err != nil || !found {
+			return err
+		}
+		return nil
+	})
+	if err == nil && !found {
+		if err = t.confirmGone(); err == nil {
+			err = ErrKeyLost
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("failed to find key %s: %w", id, err)
+	}
+	if err := t.do(ctx, func(s *session) error { return t.readPublic(s, k) }); err != nil {
+		return nil, fmt.Errorf("failed to read key %s: %w", id, err)
+	}
+	return k, nil
+}
+
+// findPair looks up both halves of k.ID in session h and sets k's handles
+// and epoch. It reports whether both were there.
+func (t *Token) findPair(h pkcs11.SessionHandle, k *Key) (bool, error) {
+	s := &session{h: h}
+	epoch := t.epoch.Load()
+	priv, err := t.find(s, pkcs11.CKO_PRIVATE_KEY, k.ID)
+	if err != nil {
+		return false, err
+	}
+	pub, err := t.find(s, pkcs11.CKO_PUBLIC_KEY, k.ID)
+	if err != nil {
+		return false, err
+	}
+	if priv == 0 || pub == 0 {
+		return false, nil
+	}
+	k.priv, k.pub, k.epoch = priv, pub, epoch
+	return true, nil
+}
