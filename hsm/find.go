@@ -25,19 +25,16 @@ func (t *Token) Find(ctx context.Context, id string) (*Key, error) {
 	var found bool
 	err := t.do(ctx, func(s *session) error {
 		var err error
-		if found, err = t.findPair(s.h, k); err != nil || found {
+		if found, err = t.findPair(s, s.h, k); err != nil || found {
 			return err
 		}
 		h, err := t.mod.ctx.OpenSession(uint(t.slot.Load()), pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 		if err != nil {
 			return err
 		}
-		found, err = t.findPair(h, k)
+		found, err = t.findPair(s, h, k)
 		t.mod.ctx.CloseSession(h) // the handles outlive it: they are the token's
-		if err != nil || !found {
-			return err
-		}
-		return nil
+		return err
 	})
 	if err == nil && !found {
 		if err = t.confirmGone(); err == nil {
@@ -47,22 +44,20 @@ func (t *Token) Find(ctx context.Context, id string) (*Key, error) {
 	if err != nil {
 		return nil, fmt.Errorf("failed to find key %s: %w", id, err)
 	}
-	if err := t.do(ctx, func(s *session) error { return t.readPublic(s, k) }); err != nil {
-		return nil, fmt.Errorf("failed to read key %s: %w", id, err)
-	}
 	return k, nil
 }
 
-// findPair looks up both halves of k.ID in session h and sets k's handles
-// and epoch. It reports whether both were there.
-func (t *Token) findPair(h pkcs11.SessionHandle, k *Key) (bool, error) {
-	s := &session{h: h}
+// findPair looks up both halves of k.ID in session h, and reads the public
+// half in s, the session of the call. It reports whether both were there:
+// a pair a neighbour destroys meanwhile (its handle turns invalid) is not.
+func (t *Token) findPair(s *session, h pkcs11.SessionHandle, k *Key) (bool, error) {
+	in := &session{h: h}
 	epoch := t.epoch.Load()
-	priv, err := t.find(s, pkcs11.CKO_PRIVATE_KEY, k.ID)
+	priv, err := t.find(in, pkcs11.CKO_PRIVATE_KEY, k.ID)
 	if err != nil {
 		return false, err
 	}
-	pub, err := t.find(s, pkcs11.CKO_PUBLIC_KEY, k.ID)
+	pub, err := t.find(in, pkcs11.CKO_PUBLIC_KEY, k.ID)
 	if err != nil {
 		return false, err
 	}
@@ -70,5 +65,9 @@ func (t *Token) findPair(h pkcs11.SessionHandle, k *Key) (bool, error) {
 		return false, nil
 	}
 	k.priv, k.pub, k.epoch = priv, pub, epoch
-	return true, nil
+	err = t.readPublic(s, k)
+	if isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
+		return false, nil
+	}
+	return err == nil, err
 }

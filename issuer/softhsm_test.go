@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -17,11 +18,12 @@ import (
 	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/issuer/store"
 	"github.com/keyissuer/keyissuer/issuer/store/bolt"
+	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
 )
 
 // Integration tests: the issuer on a real SoftHSM token and a real store.
 
-func TestMain(m *testing.M) { hsmtest.Main(m) }
+func TestMain(m *testing.M) { os.Exit(hsmtest.Run(pgtest.Wrap(m))) }
 
 // env is one daemon's worth of parts; restart reopens them on the same
 // token and store file, as a restarted daemon would.

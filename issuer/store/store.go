@@ -71,3 +71,19 @@ func (e *StateError) Error() string {
 // failing over). Nothing was changed, or the change is unknown and the
 // caller must treat the record as it would a crash's; retry later.
 var ErrUnavailable = errors.New("record store unavailable")
+
+// Caps are outstanding-key caps a store enforces itself, across every
+// instance that shares it. Zero means no cap.
+type Caps struct {
+	Total, Client, Customer int
+}
+
+// CapError says which cap refused a record.
+type CapError struct {
+	Scope string // "total", "client" or "customer"
+	Limit int
+}
+
+func (e *CapError) Error() string {
+	return fmt.Sprintf("%d keys outstanding for the %s", e.Limit, e.Scope)
+}

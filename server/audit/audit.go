@@ -62,6 +62,9 @@ type Event struct {
 	Count      *int           `json:"count,omitempty"`
 	Counts     map[string]int `json:"counts,omitempty"`
 	Detail     string         `json:"detail,omitempty"` // never a secret
+	// Instance is the cluster instance that wrote the line (cluster mode).
+	// Each instance keeps its own trail and chain.
+	Instance string `json:"instance,omitempty"`
 }
 
 // Peer is the process at the other end of the decrypt socket.

@@ -114,6 +114,7 @@ func (d *Daemon) publicHandler() http.Handler {
 		Rate:             rate.Limit(l.Rate),
 		Burst:            l.Burst,
 		Limits:           issuer.Limits{Total: l.MaxOutstanding, Customer: l.MaxOutstandingPerCustomer},
+		Instances:        d.liveInstances(),
 	})
 }
 

@@ -67,6 +67,11 @@ type Daemon struct {
 	access access // clients, response signing, blocklist (access.go)
 
 	ops *ops // admin listener, metrics, audit trail (ops.go)
+
+	// Cluster mode (cluster.go): nil and "" on one host.
+	cluster    *postgres.Cluster
+	instanceID string
+	instances  atomic.Int32 // live instances, for the rate limits' share
 }
 
 // New binds the listeners, opens the token and the store, and reconciles
@@ -147,6 +152,9 @@ func (d *Daemon) open(ctx context.Context) error {
 	if d.store, err = openStore(ctx, cfg); err != nil {
 		return err
 	}
+	if err := d.joinCluster(ctx); err != nil {
+		return err
+	}
 	var (
 		tok issuer.Token = d.token
 		st  issuer.Store = d.ops.metrics.Store(d.store) // timed
@@ -170,6 +178,7 @@ func (d *Daemon) open(ctx context.Context) error {
 		ApplyWait:    cfg.Pool.ApplyWait,
 		Retention:    cfg.Keys.Retention,
 		ReapInterval: cfg.Keys.ReapInterval,
+		Cluster:      d.issuerCluster(),
 		AfterClaim:   d.opts.AfterClaim,
 		OnEvent:      d.onIssuerEvent, // metrics and audit
 		Now:          d.opts.Now,
@@ -282,6 +291,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		})
 	}
 	g.Go(func() error { d.watchBlocklist(gctx); return nil })
+	if d.cluster != nil {
+		g.Go(func() error { return d.heartbeat(gctx) })
+	}
 	g.Go(func() error {
 		<-gctx.Done()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.opts.ShutdownTimeout)
@@ -294,6 +306,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.log.Info("stopping: destroying pooled keys")
 	stopIssuer()
 	<-issuerDone
+	d.leaveCluster(ctx)
 	d.sockLn, d.apiLn = nil, nil // closed by Shutdown
 	return err
 }

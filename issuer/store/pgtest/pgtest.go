@@ -79,11 +79,21 @@ var (
 
 // Main runs the tests and stops the server if one was started. Use it from
 // TestMain.
-func Main(m *testing.M) {
+func Main(m *testing.M) { os.Exit(Wrap(m).Run()) }
+
+// Wrap returns m with the server's life around its Run, for a TestMain
+// that needs another harness too:
+//
+//	func TestMain(m *testing.M) { os.Exit(hsmtest.Run(pgtest.Wrap(m))) }
+func Wrap(m interface{ Run() int }) interface{ Run() int } { return wrapped{m} }
+
+type wrapped struct{ m interface{ Run() int } }
+
+func (w wrapped) Run() int {
 	mu.Lock()
 	mainUsed = true
 	mu.Unlock()
-	code := m.Run()
+	code := w.m.Run()
 	mu.Lock()
 	s := server
 	mu.Unlock()
@@ -93,7 +103,7 @@ func Main(m *testing.M) {
 		}
 		os.RemoveAll(s.Dir)
 	}
-	os.Exit(code)
+	return code
 }
 
 // Bin returns the directory of Debian's PostgreSQL binaries (the newest

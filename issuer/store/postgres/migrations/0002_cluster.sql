@@ -19,10 +19,12 @@ CREATE TABLE instances (
 -- ('generating') so that no neighbour's reconciliation takes a fresh key's
 -- objects for a leak; 'ready' once generated. A key leaves this table when
 -- it is issued (its record is created in the same transaction) or destroyed.
+-- 'destroying': a neighbour took the key over from a dead instance (now its
+-- instance_id) and destroys it.
 CREATE TABLE pool_keys (
 	unique_id   text PRIMARY KEY,
 	instance_id text NOT NULL,
-	state       text NOT NULL CHECK (state IN ('generating', 'ready')),
+	state       text NOT NULL CHECK (state IN ('generating', 'ready', 'destroying')),
 	created_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX pool_keys_instance ON pool_keys (instance_id);
