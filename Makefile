@@ -6,7 +6,7 @@ BIN      := bin
 PKGS     := ./...
 CONFIG   ?= config.example.toml
 
-.PHONY: all build run test lint fmt clean softhsm
+.PHONY: all build run test lint fmt clean softhsm cluster
 
 all: build
 
@@ -25,6 +25,13 @@ softhsm: .softhsm/response-signing.pub
 run: export SOFTHSM2_CONF := $(CURDIR)/.softhsm/softhsm2.conf
 run: build softhsm
 	$(BIN)/keyissuerd -config $(CONFIG)
+
+# A local cluster in the foreground (README, "Cluster"): PostgreSQL on
+# 127.0.0.1:55432 with its data in .pgdata/, and three keyissuerd on the dev
+# token (apply on 127.0.0.1:8081-8083, admin on 9471-9473, decrypt sockets
+# run/cluster/{1,2,3}/decrypt.sock). Ctrl-C stops everything.
+cluster: build softhsm
+	cmd/keyissuerd/cluster-dev.sh
 
 # Every test with the race detector, then every fuzz target for a few
 # seconds (TEST_FUZZTIME; 0 skips it). Integration tests make their own

@@ -105,7 +105,9 @@ func (is *Issuer) reconcileCluster(ctx context.Context) error {
 func (is *Issuer) takeOver(ctx context.Context) {
 	pooled, claims, err := is.cfg.Cluster.TakeOver(ctx)
 	if err != nil {
-		is.log.Warn("failed to look for dead instances", "err", err)
+		if ctx.Err() == nil {
+			is.log.Warn("failed to look for dead instances", "err", err)
+		}
 		return
 	}
 	if len(pooled)+len(claims) > 0 {

@@ -59,15 +59,20 @@ func (is *Issuer) generate(ctx context.Context) {
 			is.emit(ctx, Event{Kind: EventGenerated, Duration: time.Since(start), Err: err})
 			if err == nil && is.cfg.Cluster != nil {
 				if perr := is.cfg.Cluster.Pooled(ctx, id); perr != nil {
-					// Taken over meanwhile (the neighbour destroys it), or
-					// the store is down: not a key to hand out.
+					// Not a key to hand out. Taken over meanwhile: the
+					// neighbour destroys it. Else (the store is down, or
+					// the daemon stopping) it is destroyed here; should
+					// that fail, its pool entry still owns it.
 					err = perr
-					if errors.Is(perr, store.ErrUnavailable) {
-						is.destroy(ctx, k, ReasonUnissued)
+					if !errors.Is(perr, store.ErrTakenOver) {
+						bg := context.WithoutCancel(ctx)
+						if is.cfg.Token.Destroy(bg, k) == nil {
+							is.cfg.Cluster.Forget(bg, id)
+						}
 					}
 				}
 			} else if err != nil && is.cfg.Cluster != nil && !errors.Is(err, hsm.ErrUnavailable) {
-				is.cfg.Cluster.Forget(ctx, id)
+				is.cfg.Cluster.Forget(context.WithoutCancel(ctx), id)
 			}
 		}
 		if err != nil {

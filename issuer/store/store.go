@@ -87,3 +87,8 @@ type CapError struct {
 func (e *CapError) Error() string {
 	return fmt.Sprintf("%d keys outstanding for the %s", e.Limit, e.Scope)
 }
+
+// ErrTakenOver means a neighbour in a cluster took over an instance's
+// pooled key (the instance's lease ran out): the key is the neighbour's to
+// destroy.
+var ErrTakenOver = errors.New("pooled key taken over by another instance")

@@ -13,9 +13,8 @@ import (
 	"github.com/keyissuer/keyissuer/issuer/store"
 )
 
-// ErrTakenOver means a neighbour took this instance's pooled key over (the
-// instance's lease ran out): the key is the neighbour's to destroy.
-var ErrTakenOver = errors.New("pooled key taken over by another instance")
+// ErrTakenOver is [store.ErrTakenOver].
+var ErrTakenOver = store.ErrTakenOver
 
 // ErrLeaseLost means the instance's lease ran out and a neighbour took its
 // id over; the instance must stop and start again.
