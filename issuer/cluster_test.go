@@ -71,6 +71,7 @@ func (c *cluster) start(id string, afterClaim func(string)) *node {
 		t.Fatal(err)
 	}
 	nd.cl = nd.st.Cluster(id, "test", time.Hour) // leases end in tests by expireLease
+	nd.cl.SetSteadyFor(0)
 	if err := nd.cl.Join(ctx); err != nil {
 		t.Fatal(err)
 	}

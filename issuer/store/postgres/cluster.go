@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -29,6 +30,13 @@ type Cluster struct {
 	host    string
 	session string
 	lease   time.Duration
+
+	steadyFor time.Duration // see SetSteadyFor
+
+	mu sync.Mutex
+	// healthySince is when the heartbeat last started to succeed (zero:
+	// it is failing). See TakeOver.
+	healthySince time.Time
 }
 
 // Cluster returns the membership of instance id (running on host) with
@@ -36,8 +44,13 @@ type Cluster struct {
 func (s *Store) Cluster(id, host string, lease time.Duration) *Cluster {
 	b := make([]byte, 12)
 	rand.Read(b)
-	return &Cluster{s: s, id: id, host: host, session: hex.EncodeToString(b), lease: lease}
+	return &Cluster{s: s, id: id, host: host, session: hex.EncodeToString(b), lease: lease, steadyFor: lease}
 }
+
+// SetSteadyFor sets how long this instance's heartbeat must have succeeded
+// before it takes over dead instances (default: the lease). Tests that end
+// leases by hand set 0.
+func (c *Cluster) SetSteadyFor(d time.Duration) { c.steadyFor = d }
 
 // ID is the instance id.
 func (c *Cluster) ID() string { return c.id }
@@ -65,7 +78,28 @@ func (c *Cluster) Join(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("failed to join the cluster as %s: %w", c.id, unavailable(err))
 	}
+	c.beat(true)
 	return nil
+}
+
+// beat records whether a heartbeat (or the join) succeeded.
+func (c *Cluster) beat(ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case !ok:
+		c.healthySince = time.Time{}
+	case c.healthySince.IsZero():
+		c.healthySince = time.Now()
+	}
+}
+
+// steady reports whether this instance's heartbeat has succeeded for a
+// whole lease (SetSteadyFor) without a failure.
+func (c *Cluster) steady() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.healthySince.IsZero() && time.Since(c.healthySince) >= c.steadyFor
 }
 
 // Heartbeat renews the lease and publishes the pool's state. It fails with
@@ -74,6 +108,7 @@ func (c *Cluster) Heartbeat(ctx context.Context, poolReady, pendingDestroys int)
 	tag, err := c.s.pool.Exec(ctx, `UPDATE instances SET heartbeat_at = now(), lease_until = now() + $3::interval,
 			pool_ready = $4, pending_destroys = $5
 		WHERE instance_id = $1 AND session = $2`, c.id, c.session, c.leaseArg(), poolReady, pendingDestroys)
+	c.beat(err == nil && tag.RowsAffected() == 1)
 	if err != nil {
 		return fmt.Errorf("heartbeat failed: %w", unavailable(err))
 	}
@@ -211,7 +246,15 @@ func (c *Cluster) Owned(ctx context.Context, ids []string) (map[string]bool, err
 // consumed (with Transition). A dead instance's row is removed, so it can
 // never renew its lease: should it come back, its heartbeat fails with
 // ErrLeaseLost.
+//
+// Only an instance whose own heartbeat has succeeded for a whole lease
+// takes over: after an outage of PostgreSQL every lease has run out, and
+// the instances must all have had a lease's time to renew theirs before
+// any is judged dead.
 func (c *Cluster) TakeOver(ctx context.Context) (pooled, claims []string, err error) {
+	if !c.steady() {
+		return nil, nil, nil
+	}
 	err = pgx.BeginFunc(ctx, c.s.pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "DELETE FROM instances WHERE lease_until < now() AND instance_id <> $1", c.id); err != nil {
 			return err

@@ -161,6 +161,13 @@ type faultToken struct {
 	f *faults
 }
 
+// Find passes through: cluster mode finds neighbours' keys with it.
+func (t *faultToken) Find(ctx context.Context, id string) (*hsm.Key, error) {
+	return t.Token.(interface {
+		Find(context.Context, string) (*hsm.Key, error)
+	}).Find(ctx, id)
+}
+
 func (t *faultToken) Generate(ctx context.Context, id string) (*hsm.Key, error) {
 	t.f.crash.at("generate")
 	return t.Token.Generate(ctx, id)

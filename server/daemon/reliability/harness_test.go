@@ -3,6 +3,7 @@ package reliability
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
@@ -55,6 +56,10 @@ type fixtureConfig struct {
 	// signed registers a client and refuses unsigned applies; the
 	// fixture's procs sign as it.
 	signed bool
+	// prefix, if set, is the label prefix (cluster instances share one);
+	// store is more [store] keys (the postgres backend).
+	prefix string
+	store  string
 }
 
 // clientID is the Client-Id of a signed fixture's client.
@@ -93,7 +98,7 @@ func newFixture(t *testing.T, fc fixtureConfig) *fixture {
 		soft:    soft,
 		dir:     dir,
 		cfgPath: filepath.Join(dir, "config.toml"),
-		prefix:  "rel-" + filepath.Base(dir) + ":",
+		prefix:  cmp.Or(fc.prefix, "rel-"+filepath.Base(dir)+":"),
 		dbPath:  filepath.Join(dir, "data", "keyissuer.db"),
 		audit:   filepath.Join(dir, "data", "audit.jsonl"),
 		ledger:  filepath.Join(dir, "ledger"),
@@ -132,6 +137,7 @@ generators = %d
 apply_wait = %q
 [store]
 path = "data/keyissuer.db"
+%s
 [api]
 listen = "127.0.0.1:0"
 allow_unsigned = %s
@@ -146,7 +152,7 @@ socket = "run/decrypt.sock"
 level = "debug"
 format = "json"
 %s`, soft.Module, soft.Label, fc.storage, f.prefix, fc.generators+3,
-		fc.ttl, fc.reap, fc.poolSize, fc.generators, fc.applyWait, unsigned, fc.api, fc.extra)
+		fc.ttl, fc.reap, fc.poolSize, fc.generators, fc.applyWait, fc.store, unsigned, fc.api, fc.extra)
 	if err := os.WriteFile(f.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

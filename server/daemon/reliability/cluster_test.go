@@ -1,0 +1,276 @@
+package reliability
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
+)
+
+// Cluster mode with real daemons: three keyissuerd processes on one
+// SoftHSM token directory (standing in for a network HSM partition) and
+// one PostgreSQL, sharing a label prefix.
+
+type clusterFixture struct {
+	t     *testing.T
+	db    pgtest.Database
+	fs    []*fixture
+	procs []*proc
+}
+
+// newClusterFixture starts n instances. extra is more TOML for each.
+func newClusterFixture(t *testing.T, n int, extra string) *clusterFixture {
+	t.Helper()
+	c := &clusterFixture{t: t, db: pgtest.NewDatabase(t)}
+	pw := filepath.Join(t.TempDir(), "pg.password")
+	if err := os.WriteFile(pw, []byte(c.db.Password+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	prefix := "relc-" + filepath.Base(t.TempDir()) + ":"
+	for i := range n {
+		f := newFixture(t, fixtureConfig{
+			storage: "token", poolSize: 4, generators: 1,
+			ttl: "1m", reap: "200ms", applyWait: "30s",
+			prefix: prefix,
+			store:  fmt.Sprintf("backend = \"postgres\"\ndsn = %q\npassword_file = %q", c.db.DSN, pw),
+			extra:  fmt.Sprintf("[cluster]\ninstance_id = \"n%d\"\nheartbeat = \"200ms\"\nlease = \"2s\"\n%s", i+1, extra),
+		})
+		c.fs = append(c.fs, f)
+		c.procs = append(c.procs, f.mustStart())
+	}
+	return c
+}
+
+func (c *clusterFixture) conn() *pgx.Conn {
+	c.t.Helper()
+	conn, err := pgx.Connect(context.Background(), c.db.DSN+" password="+c.db.Password)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.t.Cleanup(func() { conn.Close(context.Background()) })
+	return conn
+}
+
+// count runs a SELECT count(*) query.
+func (c *clusterFixture) count(conn *pgx.Conn, q string, args ...any) int {
+	c.t.Helper()
+	var n int
+	if err := conn.QueryRow(context.Background(), q, args...).Scan(&n); err != nil {
+		c.t.Fatal(err)
+	}
+	return n
+}
+
+// mustApply applies on p until it succeeds (the pool may be refilling).
+func mustApply(t *testing.T, p *proc, customer string) keyInfo {
+	t.Helper()
+	r, err := p.apply(customer)
+	if err != nil || r.code != "SUCCESS" {
+		t.Fatalf("apply = %+v, %v", r, err)
+	}
+	return r.key
+}
+
+func TestClusterDaemons(t *testing.T) {
+	c := newClusterFixture(t, 3, "[limits]\nmax_outstanding_per_customer = 10\n")
+	f := c.fs[0]
+
+	t.Run("decrypt through another instance", func(t *testing.T) {
+		for i, p := range c.procs {
+			k := mustApply(t, p, "")
+			pw := f.password()
+			via := c.procs[(i+1)%3]
+			if r, err := via.decrypt(k.UniqueID, seal(t, k, pw)); err != nil || r.status != http.StatusOK || r.password != pw {
+				t.Errorf("key of n%d decrypted through n%d: %+v, %v", i+1, (i+1)%3+1, r, err)
+			}
+			third := c.procs[(i+2)%3]
+			if r, err := third.decrypt(k.UniqueID, seal(t, k, pw)); err != nil || r.code != "KEY_CONSUMED" {
+				t.Errorf("second decrypt through n%d: %+v, %v; want KEY_CONSUMED", (i+2)%3+1, r, err)
+			}
+		}
+	})
+
+	t.Run("30 decrypts of one key over three sockets", func(t *testing.T) {
+		k := mustApply(t, c.procs[0], "")
+		pw := f.password()
+		ct := seal(t, k, pw)
+		var (
+			wg           sync.WaitGroup
+			ok, consumed atomic.Int32
+			start        = make(chan struct{})
+		)
+		for i := range 30 {
+			wg.Go(func() {
+				<-start
+				r, err := c.procs[i%3].decrypt(k.UniqueID, ct)
+				switch {
+				case err != nil:
+					t.Errorf("decrypt through n%d: %v", i%3+1, err)
+				case r.status == http.StatusOK && r.password == pw:
+					ok.Add(1)
+				case r.code == "KEY_CONSUMED":
+					consumed.Add(1)
+				default:
+					t.Errorf("decrypt through n%d: %+v", i%3+1, r)
+				}
+			})
+		}
+		close(start)
+		wg.Wait()
+		if ok.Load() != 1 || consumed.Load() != 29 {
+			t.Errorf("%d decrypts succeeded, %d refused as consumed; want 1 and 29", ok.Load(), consumed.Load())
+		}
+	})
+
+	t.Run("customer cap of 10 over three instances", func(t *testing.T) {
+		customer := newCustomerID()
+		var (
+			wg        sync.WaitGroup
+			ok, limit atomic.Int32
+			start     = make(chan struct{})
+		)
+		for i := range 12 {
+			wg.Go(func() {
+				<-start
+				r, err := c.procs[i%3].apply(customer)
+				switch {
+				case err != nil:
+					t.Errorf("apply on n%d: %v", i%3+1, err)
+				case r.code == "SUCCESS":
+					ok.Add(1)
+				case r.code == "REQUEST_TRAFFIC_EXCEED_LIMIT":
+					limit.Add(1)
+				default:
+					t.Errorf("apply on n%d: %+v", i%3+1, r)
+				}
+			})
+		}
+		close(start)
+		wg.Wait()
+		if ok.Load() != 10 || limit.Load() != 2 {
+			t.Errorf("%d applies issued, %d refused by the cap; want exactly 10 and 2", ok.Load(), limit.Load())
+		}
+	})
+
+	t.Run("kill -9 under load", func(t *testing.T) {
+		conn := c.conn()
+		victim := c.procs[2]
+		// Load on the victim: applies and decrypts through its neighbours,
+		// and decrypts of its keys through itself.
+		stop := make(chan struct{})
+		var (
+			wg   sync.WaitGroup
+			mu   sync.Mutex
+			oks  = map[string]int{}
+			sent = map[string]string{}
+		)
+		for w := range 3 {
+			wg.Go(func() {
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					r, err := victim.apply("")
+					if err != nil || r.code != "SUCCESS" {
+						if !victim.alive() {
+							return
+						}
+						continue
+					}
+					pw := f.password()
+					mu.Lock()
+					sent[r.key.UniqueID] = pw
+					mu.Unlock()
+					via := c.procs[w%3]
+					if via == victim && !victim.alive() {
+						via = c.procs[0]
+					}
+					d, err := via.decrypt(r.key.UniqueID, seal(t, r.key, pw))
+					switch {
+					case err == nil && d.status == http.StatusOK && d.password == pw:
+						mu.Lock()
+						oks[r.key.UniqueID]++
+						mu.Unlock()
+					case err == nil && via != victim:
+						t.Logf("decrypt of %s through a survivor: %+v", r.key.UniqueID, d)
+					}
+				}
+			})
+		}
+		waitFor(t, "the load to issue keys", func() bool { mu.Lock(); defer mu.Unlock(); return len(sent) >= 6 })
+		victim.kill()
+		close(stop)
+		wg.Wait()
+		// A survivor takes over once the lease (2s) has run out: the
+		// dead instance's pool entries and claims are gone, and so are
+		// their objects.
+		waitFor(t, "a survivor to take over n3's keys", func() bool {
+			return c.count(conn, "SELECT count(*) FROM pool_keys WHERE instance_id = 'n3'") == 0 &&
+				c.count(conn, "SELECT count(*) FROM records WHERE state = 'consuming'") == 0 &&
+				c.count(conn, "SELECT count(*) FROM instances WHERE instance_id = 'n3'") == 0
+		})
+		for id, n := range oks {
+			if n > 1 {
+				t.Errorf("key %s decrypted %d times", id, n)
+			}
+		}
+		// Every object under the prefix has a live owner: a pool entry of
+		// a live instance, or an active record. Taken while the survivors
+		// run, so an owner written after the listing is fine; an object
+		// listed with no owner is a leak.
+		objs := f.tokenObjects()
+		owned := map[string]bool{}
+		rows, err := conn.Query(context.Background(), `SELECT unique_id FROM pool_keys
+			UNION SELECT unique_id FROM records WHERE state IN ('issued', 'consuming')`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, id := range ids {
+			owned[id] = true
+		}
+		again := f.tokenObjects() // an object destroyed since the first listing is no leak
+		for id, n := range objs {
+			if !owned[id] && again[id] > 0 {
+				var state, claimedBy, issuer string
+				conn.QueryRow(context.Background(), "SELECT state, claimed_by, instance_id FROM records WHERE unique_id = $1", id).Scan(&state, &claimedBy, &issuer)
+				t.Errorf("%d objects of key %s in the token without an owner: leaked (record: %q issued by %q, claimed by %q)", n, id, state, issuer, claimedBy)
+			}
+		}
+		t.Logf("kill -9 of n3 after %d keys; %d decrypts; %d objects in the token, all owned", len(sent), len(oks), len(objs))
+	})
+
+	t.Run("PostgreSQL stopped and started", func(t *testing.T) {
+		p := c.procs[0]
+		k := mustApply(t, p, "")
+		pw := f.password()
+		c.db.Server.Stop(t)
+		if r, err := p.apply(""); err != nil || r.resultStatus != "U" {
+			t.Errorf("apply with PostgreSQL down = %+v, %v; want resultStatus U", r, err)
+		}
+		if r, err := c.procs[1].decrypt(k.UniqueID, seal(t, k, pw)); err != nil || r.status != http.StatusServiceUnavailable || r.code != "STORE_UNAVAILABLE" {
+			t.Errorf("decrypt with PostgreSQL down = %+v, %v; want 503 STORE_UNAVAILABLE", r, err)
+		}
+		c.db.Server.Start(t)
+		waitFor(t, "applies to succeed again", func() bool {
+			r, err := p.apply("")
+			return err == nil && r.code == "SUCCESS"
+		})
+		if r, err := c.procs[1].decrypt(k.UniqueID, seal(t, k, pw)); err != nil || r.status != http.StatusOK || r.password != pw {
+			t.Errorf("decrypt of the key untouched by the outage = %+v, %v", r, err)
+		}
+	})
+}
