@@ -368,25 +368,3 @@ func (c *Cluster) Status(ctx context.Context) (Status, error) {
 		Scan(&st.Outstanding, &st.Consuming, &st.Orphaned)
 	return st, unavailable(err)
 }
-
-// FirstUse reports whether digest is seen for the first time (or its
-// previous use has expired), remembering it until expires, across every
-// instance: the public API's replay guard in a cluster.
-func (c *Cluster) FirstUse(ctx context.Context, digest []byte, expires time.Time) (bool, error) {
-	tag, err := c.s.pool.Exec(ctx, `INSERT INTO replay AS r (digest, expires_at) VALUES ($1, $2)
-		ON CONFLICT (digest) DO UPDATE SET expires_at = EXCLUDED.expires_at WHERE r.expires_at < now()`, digest, expires)
-	if err != nil {
-		return false, fmt.Errorf("failed to check the replay cache: %w", unavailable(err))
-	}
-	return tag.RowsAffected() == 1, nil
-}
-
-// PruneReplay deletes up to limit expired replay digests.
-func (c *Cluster) PruneReplay(ctx context.Context, limit int) (int, error) {
-	tag, err := c.s.pool.Exec(ctx, `DELETE FROM replay WHERE digest IN
-		(SELECT digest FROM replay WHERE expires_at < now() LIMIT $1)`, limit)
-	if err != nil {
-		return 0, unavailable(err)
-	}
-	return int(tag.RowsAffected()), nil
-}

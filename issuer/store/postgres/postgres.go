@@ -411,3 +411,27 @@ func (s *Store) Prune(ctx context.Context, before time.Time, limit int) (int, er
 	}
 	return int(tag.RowsAffected()), nil
 }
+
+// FirstUse reports whether digest is seen for the first time (or its
+// previous use has expired), remembering it until expires, for every
+// instance sharing the database: the public API's replay guard
+// (publicapi.ReplayGuard) in a cluster. Concurrent calls with one digest,
+// from any instances, have exactly one first.
+func (s *Store) FirstUse(ctx context.Context, digest []byte, expires time.Time) (bool, error) {
+	tag, err := s.pool.Exec(ctx, `INSERT INTO replay AS r (digest, expires_at) VALUES ($1, $2)
+		ON CONFLICT (digest) DO UPDATE SET expires_at = EXCLUDED.expires_at WHERE r.expires_at < now()`, digest, expires)
+	if err != nil {
+		return false, fmt.Errorf("failed to check the replay cache: %w", unavailable(err))
+	}
+	return tag.RowsAffected() == 1, nil
+}
+
+// PruneReplay deletes up to limit expired replay digests.
+func (s *Store) PruneReplay(ctx context.Context, limit int) (int, error) {
+	tag, err := s.pool.Exec(ctx, `DELETE FROM replay WHERE digest IN
+		(SELECT digest FROM replay WHERE expires_at < now() LIMIT $1)`, limit)
+	if err != nil {
+		return 0, unavailable(err)
+	}
+	return int(tag.RowsAffected()), nil
+}

@@ -3,7 +3,10 @@ package postgres_test
 import (
 	"context"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
 	"github.com/keyissuer/keyissuer/issuer/store/postgres"
@@ -82,5 +85,49 @@ func TestCheckDSN(t *testing.T) {
 		if err != nil && strings.Contains(err.Error(), "secret") {
 			t.Errorf("CheckDSN(%q) = %q shows the password", tt.dsn, err)
 		}
+	}
+}
+
+func TestFirstUse(t *testing.T) {
+	ctx := context.Background()
+	db := pgtest.NewDatabase(t)
+	a, b := open(t, db), open(t, db) // two instances
+	digest := []byte("digest-1")
+	future := time.Now().Add(time.Hour)
+	var (
+		wg    sync.WaitGroup
+		first atomic.Int32
+	)
+	for i := range 20 {
+		s := a
+		if i%2 == 1 {
+			s = b
+		}
+		wg.Go(func() {
+			ok, err := s.FirstUse(ctx, digest, future)
+			if err != nil {
+				t.Error(err)
+			}
+			if ok {
+				first.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if first.Load() != 1 {
+		t.Errorf("%d of 20 concurrent uses were first, want 1", first.Load())
+	}
+	// An expired use is forgotten: the digest may come again.
+	if ok, err := a.FirstUse(ctx, []byte("digest-2"), time.Now().Add(-time.Second)); !ok || err != nil {
+		t.Fatalf("FirstUse(new) = %v, %v", ok, err)
+	}
+	if ok, err := b.FirstUse(ctx, []byte("digest-2"), future); !ok || err != nil {
+		t.Errorf("FirstUse after the first use expired = %v, %v; want true", ok, err)
+	}
+	if ok, _ := b.FirstUse(ctx, []byte("digest-2"), future); ok {
+		t.Error("a replay within its expiry was first")
+	}
+	if n, err := a.PruneReplay(ctx, 100); err != nil || n != 0 {
+		t.Errorf("PruneReplay() = %d, %v; want nothing expired", n, err)
 	}
 }
