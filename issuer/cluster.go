@@ -49,7 +49,39 @@ func (is *Issuer) find(ctx context.Context, id string) (*hsm.Key, error) {
 	if k != nil || is.cfg.Cluster == nil {
 		return k, nil
 	}
-	return is.cfg.Token.(finder).Find(ctx, id)
+	return is.findShared(ctx, id)
+}
+
+// findRetries are the waits before the searches made again for a key that
+// a neighbour made and this process does not see. SoftHSM's file store,
+// shared by processes, now and then leaves a process's view of the token
+// without an object another process made, until some later write to the
+// token; a network HSM has no such lag. The retries stop as soon as the
+// record is no longer issued: then a neighbour took the key.
+var findRetries = []time.Duration{50 * time.Millisecond, 200 * time.Millisecond, 500 * time.Millisecond, time.Second}
+
+// findShared finds a key in the shared token, searching again while its
+// record is issued and the key is not in view.
+func (is *Issuer) findShared(ctx context.Context, id string) (*hsm.Key, error) {
+	f := is.cfg.Token.(finder)
+	k, err := f.Find(ctx, id)
+	for _, wait := range findRetries {
+		if !errors.Is(err, hsm.ErrKeyLost) {
+			break
+		}
+		if r, rerr := is.cfg.Store.Get(ctx, id); rerr != nil || r.State != store.Issued {
+			break
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		if k, err = f.Find(ctx, id); err == nil {
+			is.log.Info("found a neighbour's key on a later search", "unique_id", id, "after", wait)
+		}
+	}
+	return k, err
 }
 
 // reconcileCluster is Reconcile for an instance of a cluster. It touches
@@ -136,6 +168,20 @@ func (is *Issuer) finish(ctx context.Context, pooled, claims []string) {
 // whether none are left.
 func (is *Issuer) destroyByID(ctx context.Context, id, why string) bool {
 	k, err := is.cfg.Token.(finder).Find(ctx, id)
+	if errors.Is(err, hsm.ErrKeyLost) {
+		// Not in view: look again, as findShared does, before the key's
+		// record or pool entry is let go of.
+		for _, wait := range findRetries {
+			select {
+			case <-time.After(wait):
+			case <-ctx.Done():
+				return false
+			}
+			if k, err = is.cfg.Token.(finder).Find(ctx, id); !errors.Is(err, hsm.ErrKeyLost) {
+				break
+			}
+		}
+	}
 	if errors.Is(err, hsm.ErrKeyLost) {
 		return true // never made, or destroyed already
 	}
