@@ -1,6 +1,7 @@
 package reliability
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net/http"
@@ -13,6 +14,8 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
+	"github.com/keyissuer/keyissuer/server/admin"
+	"github.com/keyissuer/keyissuer/server/audit"
 )
 
 // Cluster mode with real daemons: three keyissuerd processes on one
@@ -264,6 +267,11 @@ func TestClusterDaemons(t *testing.T) {
 		if r, err := c.procs[1].decrypt(k.UniqueID, seal(t, k, pw)); err != nil || r.status != http.StatusServiceUnavailable || r.code != "STORE_UNAVAILABLE" {
 			t.Errorf("decrypt with PostgreSQL down = %+v, %v; want 503 STORE_UNAVAILABLE", r, err)
 		}
+		if resp, err := http.Get(p.admin + admin.ReadyzPath); err != nil || resp.StatusCode != http.StatusServiceUnavailable {
+			t.Errorf("/readyz with PostgreSQL down: %v, %v; want 503", resp, err)
+		} else {
+			resp.Body.Close()
+		}
 		c.db.Server.Start(t)
 		waitFor(t, "applies to succeed again", func() bool {
 			r, err := p.apply("")
@@ -271,6 +279,21 @@ func TestClusterDaemons(t *testing.T) {
 		})
 		if r, err := c.procs[1].decrypt(k.UniqueID, seal(t, k, pw)); err != nil || r.status != http.StatusOK || r.password != pw {
 			t.Errorf("decrypt of the key untouched by the outage = %+v, %v", r, err)
+		}
+	})
+
+	t.Run("each instance's audit trail names it and verifies", func(t *testing.T) {
+		for i, fx := range c.fs {
+			b, err := os.ReadFile(fx.audit)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := audit.Verify(bytes.NewReader(b)); err != nil {
+				t.Errorf("n%d's audit trail: %v", i+1, err)
+			}
+			if want := fmt.Sprintf(`"instance":"n%d"`, i+1); !bytes.Contains(b, []byte(want)) {
+				t.Errorf("n%d's audit trail has no %s", i+1, want)
+			}
 		}
 	})
 }
