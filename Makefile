@@ -85,7 +85,7 @@ fuzz:
 soak:
 	@command -v softhsm2-util >/dev/null || ./softhsm-setup.sh
 	SOAK_CYCLES=$(SOAK_CYCLES) $(GO) test -race -count=1 -timeout 0 -v \
-		-run '^(TestCrashCycles|TestTokenOutage)$$' ./server/daemon/reliability/
+		-run '^(TestCrashCycles|TestTokenOutage|TestClusterKillCycles)$$' ./server/daemon/reliability/
 	$(GO) test -race -count=$(SOAK_STORMS) -v -run '^TestIssuerUnderTokenFaults$$' ./issuer/
 
 # `make bench` measures keyissuer against the token's own limits, each

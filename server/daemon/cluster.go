@@ -74,7 +74,9 @@ func (d *Daemon) heartbeat(ctx context.Context) error {
 		case <-tick.C:
 		}
 		st := d.issuer.Stats()
-		hctx, cancel := context.WithTimeout(ctx, d.cfg.Cluster.Heartbeat)
+		// A slow heartbeat still renews the lease: it may take up to
+		// half of it.
+		hctx, cancel := context.WithTimeout(ctx, d.cfg.Cluster.Lease/2)
 		err := d.cluster.Heartbeat(hctx, st.PoolReady, st.PendingDestroys)
 		if err == nil {
 			d.countInstances(hctx)
