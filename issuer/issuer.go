@@ -475,13 +475,15 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	if err := stateErr(rec.State); err != nil {
 		return nil, err
 	}
-	k, ferr := is.find(ctx, uniqueID)
 	switch {
 	case rec.State == store.Consuming:
 		return nil, ErrConsumed
 	case !now.Before(rec.ExpiresAt):
 		is.expire(ctx, rec)
 		return nil, ErrExpired
+	}
+	k, ferr := is.find(ctx, uniqueID)
+	switch {
 	case errors.Is(ferr, hsm.ErrKeyLost):
 		// Not in the token: lost, or a neighbour's decrypt or expiry took
 		// it since the record was read.
