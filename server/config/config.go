@@ -64,7 +64,8 @@ type Token struct {
 	Storage string `toml:"storage"`
 	// LabelPrefix starts the CKA_LABEL and CKA_ID of every key object
 	// keyissuer makes; objects without it are never touched. Give each
-	// daemon sharing a token its own prefix. Default "keyissuer:".
+	// daemon sharing a token its own prefix, except the instances of one
+	// cluster, which share one. Default "keyissuer:".
 	LabelPrefix string `toml:"label_prefix"`
 	// Sessions is how many PKCS#11 sessions to keep open (default 8; at
 	// least pool.generators + 1).
