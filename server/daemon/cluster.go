@@ -31,6 +31,7 @@ func (d *Daemon) joinCluster(ctx context.Context) error {
 	}
 	d.cluster, d.instanceID = cl, id
 	d.countInstances(ctx)
+	d.ops.metrics.Cluster(func() int { return int(d.instances.Load()) }, cl.LastHeartbeat)
 	d.log.Info("joined the cluster", "instance", id, "live_instances", d.instances.Load(),
 		"heartbeat", d.cfg.Cluster.Heartbeat, "lease", d.cfg.Cluster.Lease)
 	return nil

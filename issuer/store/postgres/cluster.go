@@ -37,6 +37,7 @@ type Cluster struct {
 	// healthySince is when the heartbeat last started to succeed (zero:
 	// it is failing). See TakeOver.
 	healthySince time.Time
+	lastBeat     time.Time // the last successful heartbeat (or the join)
 }
 
 // Cluster returns the membership of instance id (running on host) with
@@ -86,12 +87,22 @@ func (c *Cluster) Join(ctx context.Context) error {
 func (c *Cluster) beat(ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	now := time.Now()
 	switch {
 	case !ok:
 		c.healthySince = time.Time{}
+		return
 	case c.healthySince.IsZero():
-		c.healthySince = time.Now()
+		c.healthySince = now
 	}
+	c.lastBeat = now
+}
+
+// LastHeartbeat is when the lease was last renewed (or taken, by Join).
+func (c *Cluster) LastHeartbeat() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lastBeat
 }
 
 // steady reports whether this instance's heartbeat has succeeded for a

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -87,6 +88,19 @@ func mustApply(t *testing.T, p *proc, customer string) keyInfo {
 func TestClusterDaemons(t *testing.T) {
 	c := newClusterFixture(t, 3, "[limits]\nmax_outstanding_per_customer = 10\n")
 	f := c.fs[0]
+
+	t.Run("metrics count the live instances", func(t *testing.T) {
+		waitFor(t, "n1 to count three live instances", func() bool {
+			resp, err := http.Get(c.procs[0].admin + admin.MetricsPath)
+			if err != nil {
+				return false
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			return bytes.Contains(b, []byte("keyissuer_cluster_instances_live 3")) &&
+				bytes.Contains(b, []byte("keyissuer_cluster_heartbeat_age_seconds "))
+		})
+	})
 
 	t.Run("decrypt through another instance", func(t *testing.T) {
 		for i, p := range c.procs {
