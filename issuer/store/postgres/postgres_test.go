@@ -8,12 +8,19 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
 	"github.com/keyissuer/keyissuer/issuer/store/postgres"
 	"github.com/keyissuer/keyissuer/issuer/store/storetest"
 )
 
 func TestMain(m *testing.M) { pgtest.Main(m) }
+
+// The issuer's contracts: a record store, and a cluster membership.
+var (
+	_ issuer.Store   = (*postgres.Store)(nil)
+	_ issuer.Cluster = (*postgres.Cluster)(nil)
+)
 
 func open(t testing.TB, db pgtest.Database) *postgres.Store {
 	t.Helper()
