@@ -71,3 +71,33 @@ func (t *Token) findPair(s *session, h pkcs11.SessionHandle, k *Key) (bool, erro
 	}
 	return err == nil, err
 }
+
+// Rescan makes the module read the token's objects afresh, by the reset
+// that recovery from an outage does: every session is closed and reopened,
+// and keys find their handles again by CKA_ID. SoftHSM's file store, shared
+// by processes, can leave one process's view of the token without an object
+// another process made, for as long as no later write shows it the change;
+// only a re-initialisation is sure to. It is costly (it waits for every
+// session to be idle): call it only when an object must exist and Find did
+// not see it. Rescans asked for while one runs share it.
+func (t *Token) Rescan(ctx context.Context) error {
+	if t.cfg.Storage != StorageToken {
+		return errors.New("rescanning the token needs token storage")
+	}
+	asked := t.epoch.Load()
+	t.rescanMu.Lock()
+	defer t.rescanMu.Unlock()
+	if t.epoch.Load() != asked {
+		return nil // a reset since the caller asked: its view is fresh
+	}
+	if err := t.enter(ctx); err != nil {
+		return err
+	}
+	defer t.inFlight.Done()
+	if err := t.reset(ctx); err != nil {
+		t.markDown(err)
+		return fmt.Errorf("%w: failed to rescan the token: %w", ErrUnavailable, err)
+	}
+	t.cfg.Log.Info("token rescanned for an object another process made")
+	return nil
+}

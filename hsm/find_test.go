@@ -50,3 +50,28 @@ func TestFindKeyMadeByAnotherProcess(t *testing.T) {
 		t.Errorf("Find() after Destroy = %v, want ErrKeyLost", err)
 	}
 }
+
+// TestRescanKeepsKeys: a rescan resets the module; keys made before it
+// still decrypt, their handles found again by CKA_ID.
+func TestRescanKeepsKeys(t *testing.T) {
+	ctx := context.Background()
+	tok := openToken(t, StorageToken)
+	k, err := tok.Generate(ctx, "kept")
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := tok.epoch.Load()
+	if err := tok.Rescan(ctx); err != nil {
+		t.Fatalf("Rescan() = %v", err)
+	}
+	if tok.epoch.Load() == before {
+		t.Fatal("Rescan() did not reset the module")
+	}
+	ct, _ := Encrypt(k.Public, OAEPSHA256, []byte("after a rescan"))
+	if got, err := tok.Decrypt(ctx, k, OAEPSHA256, ct); err != nil || string(got) != "after a rescan" {
+		t.Fatalf("Decrypt() after Rescan = %q, %v", got, err)
+	}
+	if err := tok.Destroy(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -53,32 +53,47 @@ func (is *Issuer) find(ctx context.Context, id string) (*hsm.Key, error) {
 }
 
 // findRetries are the waits before the searches made again for a key that
-// a neighbour made and this process does not see. SoftHSM's file store,
-// shared by processes, now and then leaves a process's view of the token
-// without an object another process made, until some later write to the
-// token; a network HSM has no such lag. The retries stop as soon as the
-// record is no longer issued: then a neighbour took the key.
-var findRetries = []time.Duration{50 * time.Millisecond, 200 * time.Millisecond, 500 * time.Millisecond, time.Second}
+// a neighbour made and this process does not see; after the last, the
+// token is rescanned (see hsm.Token.Rescan) and searched once more.
+// SoftHSM's file store, shared by processes, now and then leaves a
+// process's view of the token without an object another process made; a
+// network HSM has no such lag. The searches stop as soon as the record is
+// no longer issued: then a neighbour took the key.
+var findRetries = []time.Duration{50 * time.Millisecond, 200 * time.Millisecond, 500 * time.Millisecond}
+
+// rescanner re-reads a shared token's objects; [*hsm.Token] implements it.
+type rescanner interface {
+	Rescan(ctx context.Context) error
+}
 
 // findShared finds a key in the shared token, searching again while its
 // record is issued and the key is not in view.
 func (is *Issuer) findShared(ctx context.Context, id string) (*hsm.Key, error) {
+	return is.findAgain(ctx, id, func() bool {
+		r, err := is.cfg.Store.Get(ctx, id)
+		return err == nil && r.State == store.Issued
+	})
+}
+
+// findAgain finds key id in the token; while it is not in view and
+// wanted() says it must exist, it searches again, and at last rescans.
+func (is *Issuer) findAgain(ctx context.Context, id string, wanted func() bool) (*hsm.Key, error) {
 	f := is.cfg.Token.(finder)
 	k, err := f.Find(ctx, id)
-	for _, wait := range findRetries {
-		if !errors.Is(err, hsm.ErrKeyLost) {
+	for i := 0; i <= len(findRetries) && errors.Is(err, hsm.ErrKeyLost) && wanted(); i++ {
+		if i < len(findRetries) {
+			select {
+			case <-time.After(findRetries[i]):
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		} else if r, ok := is.cfg.Token.(rescanner); !ok {
 			break
-		}
-		if r, rerr := is.cfg.Store.Get(ctx, id); rerr != nil || r.State != store.Issued {
-			break
-		}
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
-			return nil, ctx.Err()
+		} else if rerr := r.Rescan(ctx); rerr != nil {
+			return nil, rerr
 		}
 		if k, err = f.Find(ctx, id); err == nil {
-			is.log.Info("found a neighbour's key on a later search", "unique_id", id, "after", wait)
+			is.log.Info("found a neighbour's key on a later search", "unique_id", id, "search", i+2)
 		}
 	}
 	return k, err
@@ -167,21 +182,9 @@ func (is *Issuer) finish(ctx context.Context, pooled, claims []string) {
 // destroyByID destroys the objects of id, found in the token, and reports
 // whether none are left.
 func (is *Issuer) destroyByID(ctx context.Context, id, why string) bool {
-	k, err := is.cfg.Token.(finder).Find(ctx, id)
-	if errors.Is(err, hsm.ErrKeyLost) {
-		// Not in view: look again, as findShared does, before the key's
-		// record or pool entry is let go of.
-		for _, wait := range findRetries {
-			select {
-			case <-time.After(wait):
-			case <-ctx.Done():
-				return false
-			}
-			if k, err = is.cfg.Token.(finder).Find(ctx, id); !errors.Is(err, hsm.ErrKeyLost) {
-				break
-			}
-		}
-	}
+	// Not in view: look again before the key's record or pool entry is
+	// let go of.
+	k, err := is.findAgain(ctx, id, func() bool { return true })
 	if errors.Is(err, hsm.ErrKeyLost) {
 		return true // never made, or destroyed already
 	}

@@ -161,6 +161,11 @@ type faultToken struct {
 	f *faults
 }
 
+// Rescan passes through, as Find.
+func (t *faultToken) Rescan(ctx context.Context) error {
+	return t.Token.(interface{ Rescan(context.Context) error }).Rescan(ctx)
+}
+
 // Find passes through: cluster mode finds neighbours' keys with it.
 func (t *faultToken) Find(ctx context.Context, id string) (*hsm.Key, error) {
 	return t.Token.(interface {
