@@ -48,14 +48,15 @@ const (
 	CodeKeyLost        = "KEY_LOST"
 	CodeDecryptFailed  = "DECRYPT_FAILED"
 	CodeHSMUnavailable = "HSM_UNAVAILABLE"
-	// CodeStoreUnavailable: the record store (PostgreSQL) cannot be
-	// reached; the key was not used. Retry.
-	CodeStoreUnavailable = "STORE_UNAVAILABLE"
-	CodeForbidden        = "FORBIDDEN"
-	CodeInternal         = "INTERNAL"
-	CodeNotFound         = "NOT_FOUND"
-	CodeMethod           = "METHOD_NOT_ALLOWED"
+	CodeForbidden      = "FORBIDDEN"
+	CodeInternal       = "INTERNAL"
+	CodeNotFound       = "NOT_FOUND"
+	CodeMethod         = "METHOD_NOT_ALLOWED"
 )
+
+// CodeStoreUnavailable: the record store (PostgreSQL, in a cluster) cannot
+// be reached; the key was not used. Retry.
+const CodeStoreUnavailable = "STORE_UNAVAILABLE"
 
 // maxBody bounds a request: a 4096-bit ciphertext is 684 base64 bytes.
 const maxBody = 8 << 10
