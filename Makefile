@@ -50,7 +50,8 @@ test:
 # a _test.go file) for FUZZTIME; `make test` runs their seed corpora (in
 # testdata/fuzz) and then each target for TEST_FUZZTIME. A crasher lands
 # in its package's testdata/fuzz/<target>/: commit it as a regression seed. `make soak` runs the crash harness for
-# SOAK_CYCLES kill-and-restart cycles, SOAK_CYCLES/10 token outages and
+# SOAK_CYCLES kill-and-restart cycles, SOAK_CYCLES/10 token outages, as many
+# kills of one of three cluster instances (PostgreSQL) and
 # SOAK_STORMS storms of injected token faults; CRASH_SEED=n replays the
 # kills of a logged seed.
 FUZZTIME    ?= 1m
