@@ -177,27 +177,16 @@ func TestClusterOneDecryptOfMany(t *testing.T) {
 		t.Fatal(err)
 	}
 	ct := encrypt(t, k, "pw")
-	var (
-		wg        sync.WaitGroup
-		ok, other atomic.Int32
-		start     = make(chan struct{})
-	)
-	for i := range 30 {
-		wg.Go(func() {
-			<-start
-			got, err := c.nodes[i%3].is.Decrypt(ctx, k.UniqueID, ct)
-			switch {
-			case err == nil && string(got) == "pw":
-				ok.Add(1)
-			case errors.Is(err, issuer.ErrConsumed):
-			default:
-				other.Add(1)
-				t.Errorf("decrypt through %s = %q, %v", c.nodes[i%3].id, got, err)
-			}
-		})
-	}
-	close(start)
-	wg.Wait()
+	var ok atomic.Int32
+	together(30, func(i int) {
+		got, err := c.nodes[i%3].is.Decrypt(ctx, k.UniqueID, ct)
+		switch {
+		case err == nil && string(got) == "pw":
+			ok.Add(1)
+		case !errors.Is(err, issuer.ErrConsumed):
+			t.Errorf("decrypt through %s = %q, %v", c.nodes[i%3].id, got, err)
+		}
+	})
 	if ok.Load() != 1 {
 		t.Errorf("%d decrypts succeeded, want exactly 1", ok.Load())
 	}
@@ -206,27 +195,18 @@ func TestClusterOneDecryptOfMany(t *testing.T) {
 func TestClusterCustomerCapIsExact(t *testing.T) {
 	ctx := context.Background()
 	c := newCluster(t, 3)
-	var (
-		wg        sync.WaitGroup
-		ok, quota atomic.Int32
-		start     = make(chan struct{})
-	)
-	for i := range 12 {
-		wg.Go(func() {
-			<-start
-			_, err := c.nodes[i%3].is.ApplyWithin(ctx, "capped", "", issuer.Limits{Customer: 10})
-			switch {
-			case err == nil:
-				ok.Add(1)
-			case errors.Is(err, issuer.ErrQuota):
-				quota.Add(1)
-			default:
-				t.Errorf("Apply on %s = %v", c.nodes[i%3].id, err)
-			}
-		})
-	}
-	close(start)
-	wg.Wait()
+	var ok, quota atomic.Int32
+	together(12, func(i int) {
+		_, err := c.nodes[i%3].is.ApplyWithin(ctx, "capped", "", issuer.Limits{Customer: 10})
+		switch {
+		case err == nil:
+			ok.Add(1)
+		case errors.Is(err, issuer.ErrQuota):
+			quota.Add(1)
+		default:
+			t.Errorf("Apply on %s = %v", c.nodes[i%3].id, err)
+		}
+	})
 	if ok.Load() != 10 || quota.Load() != 2 {
 		t.Errorf("%d applies issued, %d refused by the quota; want exactly 10 and 2", ok.Load(), quota.Load())
 	}
@@ -344,6 +324,21 @@ func TestClusterInstanceIDHeld(t *testing.T) {
 	if err := c.nodes[0].cl.Heartbeat(ctx, 0, 0); !errors.Is(err, postgres.ErrLeaseLost) {
 		t.Errorf("the old holder's Heartbeat() = %v, want ErrLeaseLost", err)
 	}
+}
+
+// together runs fn(0), ..., fn(n-1) in n goroutines released at once, and
+// waits for them.
+func together(n int, fn func(i int)) {
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range n {
+		wg.Go(func() {
+			<-start
+			fn(i)
+		})
+	}
+	close(start)
+	wg.Wait()
 }
 
 // waitFor polls cond for at most a minute: a hang guard, not a timing check.

@@ -121,29 +121,20 @@ func TestClusterDaemons(t *testing.T) {
 		k := mustApply(t, c.procs[0], "")
 		pw := f.password()
 		ct := seal(t, k, pw)
-		var (
-			wg           sync.WaitGroup
-			ok, consumed atomic.Int32
-			start        = make(chan struct{})
-		)
-		for i := range 30 {
-			wg.Go(func() {
-				<-start
-				r, err := c.procs[i%3].decrypt(k.UniqueID, ct)
-				switch {
-				case err != nil:
-					t.Errorf("decrypt through n%d: %v", i%3+1, err)
-				case r.status == http.StatusOK && r.password == pw:
-					ok.Add(1)
-				case r.code == "KEY_CONSUMED":
-					consumed.Add(1)
-				default:
-					t.Errorf("decrypt through n%d: %+v", i%3+1, r)
-				}
-			})
-		}
-		close(start)
-		wg.Wait()
+		var ok, consumed atomic.Int32
+		together(30, func(i int) {
+			r, err := c.procs[i%3].decrypt(k.UniqueID, ct)
+			switch {
+			case err != nil:
+				t.Errorf("decrypt through n%d: %v", i%3+1, err)
+			case r.status == http.StatusOK && r.password == pw:
+				ok.Add(1)
+			case r.code == "KEY_CONSUMED":
+				consumed.Add(1)
+			default:
+				t.Errorf("decrypt through n%d: %+v", i%3+1, r)
+			}
+		})
 		if ok.Load() != 1 || consumed.Load() != 29 {
 			t.Errorf("%d decrypts succeeded, %d refused as consumed; want 1 and 29", ok.Load(), consumed.Load())
 		}
@@ -151,29 +142,20 @@ func TestClusterDaemons(t *testing.T) {
 
 	t.Run("customer cap of 10 over three instances", func(t *testing.T) {
 		customer := newCustomerID()
-		var (
-			wg        sync.WaitGroup
-			ok, limit atomic.Int32
-			start     = make(chan struct{})
-		)
-		for i := range 12 {
-			wg.Go(func() {
-				<-start
-				r, err := c.procs[i%3].apply(customer)
-				switch {
-				case err != nil:
-					t.Errorf("apply on n%d: %v", i%3+1, err)
-				case r.code == "SUCCESS":
-					ok.Add(1)
-				case r.code == "REQUEST_TRAFFIC_EXCEED_LIMIT":
-					limit.Add(1)
-				default:
-					t.Errorf("apply on n%d: %+v", i%3+1, r)
-				}
-			})
-		}
-		close(start)
-		wg.Wait()
+		var ok, limit atomic.Int32
+		together(12, func(i int) {
+			r, err := c.procs[i%3].apply(customer)
+			switch {
+			case err != nil:
+				t.Errorf("apply on n%d: %v", i%3+1, err)
+			case r.code == "SUCCESS":
+				ok.Add(1)
+			case r.code == "REQUEST_TRAFFIC_EXCEED_LIMIT":
+				limit.Add(1)
+			default:
+				t.Errorf("apply on n%d: %+v", i%3+1, r)
+			}
+		})
 		if ok.Load() != 10 || limit.Load() != 2 {
 			t.Errorf("%d applies issued, %d refused by the cap; want exactly 10 and 2", ok.Load(), limit.Load())
 		}
@@ -367,4 +349,19 @@ func (c *clusterFixture) checkOwned(t *testing.T) {
 			t.Errorf("%d objects of key %s in the token without an owner: leaked (record: %q issued by %q, claimed by %q)", n, id, state, issuer, claimedBy)
 		}
 	}
+}
+
+// together runs fn(0), ..., fn(n-1) in n goroutines released at once, and
+// waits for them.
+func together(n int, fn func(i int)) {
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range n {
+		wg.Go(func() {
+			<-start
+			fn(i)
+		})
+	}
+	close(start)
+	wg.Wait()
 }
