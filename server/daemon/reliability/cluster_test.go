@@ -49,6 +49,10 @@ func newClusterFixture(t *testing.T, n int, extra string) *clusterFixture {
 			store:  fmt.Sprintf("backend = \"postgres\"\ndsn = %q\npassword_file = %q", c.db.DSN, pw),
 			extra:  fmt.Sprintf("[cluster]\ninstance_id = \"n%d\"\nheartbeat = \"500ms\"\nlease = \"5s\"\n%s", i+1, extra),
 		})
+		// The PostgreSQL password is a secret too: the scans look for it.
+		f.mu.Lock()
+		f.secrets = append(f.secrets, c.db.Password)
+		f.mu.Unlock()
 		c.fs = append(c.fs, f)
 		c.procs = append(c.procs, f.mustStart())
 	}
