@@ -39,6 +39,19 @@ type cluster struct {
 	db     pgtest.Database
 	prefix string
 	nodes  []*node
+	skew   atomic.Int64 // added to every node's clock (Config.Now)
+	events sync.Map     // issuer.Event kind+reason+uniqueId -> *atomic.Int32, over all nodes
+}
+
+func (c *cluster) now() time.Time { return time.Now().Add(time.Duration(c.skew.Load())) }
+
+// count is how many times the nodes reported an event.
+func (c *cluster) count(kind issuer.EventKind, reason, id string) int32 {
+	v, ok := c.events.Load(fmt.Sprint(kind, reason, id))
+	if !ok {
+		return 0
+	}
+	return v.(*atomic.Int32).Load()
 }
 
 func newCluster(t *testing.T, n int) *cluster {
@@ -81,6 +94,11 @@ func (c *cluster) start(id string, afterClaim func(string)) *node {
 		TTL: time.Minute, PoolSize: 2, Generators: 1, ApplyWait: 30 * time.Second,
 		ReapInterval: time.Hour, // tests call Reap themselves
 		AfterClaim:   afterClaim,
+		Now:          c.now,
+		OnEvent: func(_ context.Context, e issuer.Event) {
+			v, _ := c.events.LoadOrStore(fmt.Sprint(e.Kind, e.Reason, e.UniqueID), new(atomic.Int32))
+			v.(*atomic.Int32).Add(1)
+		},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -300,6 +318,31 @@ func TestClusterReconcileSparesNeighbours(t *testing.T) {
 	got, err := c.nodes[1].is.Decrypt(ctx, k.UniqueID, encrypt(t, k, "pw"))
 	if err != nil || string(got) != "pw" {
 		t.Errorf("decrypt after a neighbour's start-up = %q, %v", got, err)
+	}
+}
+
+// TestClusterReapersDestroyOnce lets a key expire and runs every
+// instance's reaper at once: one of them destroys it, once.
+func TestClusterReapersDestroyOnce(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t, 3)
+	k, err := c.nodes[1].is.Apply(ctx, "cust", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.skew.Store(int64(2 * time.Minute)) // past the one-minute TTL
+	together(3, func(i int) { c.nodes[i].is.Reap(ctx) })
+	if n := c.count(issuer.EventExpired, "", k.UniqueID); n != 1 {
+		t.Errorf("the key expired %d times, want 1", n)
+	}
+	if n := c.count(issuer.EventDestroyed, issuer.ReasonExpired, k.UniqueID); n != 1 {
+		t.Errorf("the key was destroyed %d times, want 1", n)
+	}
+	if n := c.tokenIDs(c.nodes[0])[k.UniqueID]; n != 0 {
+		t.Errorf("%d objects of the expired key left", n)
+	}
+	if r, err := c.nodes[2].st.Get(ctx, k.UniqueID); err != nil || r.State != store.Expired {
+		t.Errorf("record = %s, %v; want expired", r.State, err)
 	}
 }
 
