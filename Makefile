@@ -6,7 +6,7 @@ BIN      := bin
 PKGS     := ./...
 CONFIG   ?= config.example.toml
 
-.PHONY: all build run test lint fmt clean softhsm
+.PHONY: all build run test lint fmt clean softhsm cluster
 
 all: build
 
@@ -58,6 +58,13 @@ demo: build softhsm
 	$(BIN)/keyissuer-demo -listen 127.0.0.1:8090 -merchant-key .demo/merchant.pem \
 		-server-key .softhsm/response-signing.pub -socket run/decrypt.sock
 
+# A local cluster in the foreground (README, "Cluster"): PostgreSQL on
+# 127.0.0.1:55432 with its data in .pgdata/, and three keyissuerd on the dev
+# token (apply on 127.0.0.1:8081-8083, admin on 9471-9473, decrypt sockets
+# run/cluster/{1,2,3}/decrypt.sock). Ctrl-C stops everything.
+cluster: build softhsm
+	cmd/keyissuerd/cluster-dev.sh
+
 # Every test with the race detector, then every fuzz target for a few
 # seconds (TEST_FUZZTIME; 0 skips it). Integration tests make their own
 # SoftHSM tokens in a temp dir (hsm/hsmtest); the dev token is not touched.
@@ -75,7 +82,8 @@ test:
 # a _test.go file) for FUZZTIME; `make test` runs their seed corpora (in
 # testdata/fuzz) and then each target for TEST_FUZZTIME. A crasher lands
 # in its package's testdata/fuzz/<target>/: commit it as a regression seed. `make soak` runs the crash harness for
-# SOAK_CYCLES kill-and-restart cycles, SOAK_CYCLES/10 token outages and
+# SOAK_CYCLES kill-and-restart cycles, SOAK_CYCLES/10 token outages, as many
+# kills of one of three cluster instances (PostgreSQL) and
 # SOAK_STORMS storms of injected token faults; CRASH_SEED=n replays the
 # kills of a logged seed.
 FUZZTIME    ?= 1m
@@ -110,7 +118,7 @@ fuzz:
 soak:
 	@command -v softhsm2-util >/dev/null || ./softhsm-setup.sh
 	SOAK_CYCLES=$(SOAK_CYCLES) $(GO) test -race -count=1 -timeout 0 -v \
-		-run '^(TestCrashCycles|TestTokenOutage)$$' ./server/daemon/reliability/
+		-run '^(TestCrashCycles|TestTokenOutage|TestClusterKillCycles)$$' ./server/daemon/reliability/
 	$(GO) test -race -count=$(SOAK_STORMS) -v -run '^TestIssuerUnderTokenFaults$$' ./issuer/
 
 # `make bench` measures keyissuer against the token's own limits, each

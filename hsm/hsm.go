@@ -178,6 +178,8 @@ type Token struct {
 	closed     bool
 	inFlight   sync.WaitGroup
 
+	rescanMu sync.Mutex // one Rescan at a time (find.go)
+
 	// epoch counts module resets. Object handles do not survive one, and
 	// may even name other objects after it, so a token-storage Key's
 	// handles are trusted only in the epoch they were found in.

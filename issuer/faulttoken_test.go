@@ -19,7 +19,7 @@ import (
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer"
-	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
 )
 
 // faultToken wraps a real token (SoftHSM) with injected faults: calls that
@@ -218,7 +218,7 @@ func faultStorm(t *testing.T, storage hsm.Storage) {
 		t.Fatal(err)
 	}
 	defer real.Close()
-	st, err := store.Open(filepath.Join(t.TempDir(), "records.db"), store.Options{})
+	st, err := bolt.Open(filepath.Join(t.TempDir(), "records.db"), bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

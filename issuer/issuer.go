@@ -29,6 +29,7 @@ import (
 
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
 )
 
 // Token is the part of the PKCS#11 token the issuer uses; [*hsm.Token]
@@ -64,7 +65,7 @@ type Token interface {
 
 var _ Token = (*hsm.Token)(nil)
 
-// Store keeps the records; [*store.Bolt] implements it. Writes are durable
+// Store keeps the records; [*bolt.Store] implements it. Writes are durable
 // when they return, except Settle's. Transition is a compare-and-swap that
 // fails with a *[store.StateError] when the record is not in state from.
 // Settle is the same compare-and-swap, queued without waiting for it to be
@@ -79,7 +80,7 @@ type Store interface {
 	Prune(ctx context.Context, before time.Time, limit int) (int, error)
 }
 
-var _ Store = (*store.Bolt)(nil)
+var _ Store = (*bolt.Store)(nil)
 
 // Errors callers branch on. Retryable: ErrPoolEmpty and ErrUnavailable.
 var (
@@ -103,6 +104,9 @@ var (
 	// ErrPadding means a decrypt asked for a padding that is not one of
 	// Config.Paddings. The key is not consumed.
 	ErrPadding = errors.New("padding not accepted")
+	// ErrStoreUnavailable means the record store (PostgreSQL) cannot be
+	// reached: nothing was issued, or the key is untouched. Retry.
+	ErrStoreUnavailable = errors.New("record store unavailable")
 )
 
 // Config wires an Issuer. Zero durations and sizes take the defaults noted.
@@ -111,6 +115,10 @@ type Config struct {
 	Store   Store
 	Storage hsm.Storage // what reconciliation may expect of the token
 	Log     *slog.Logger
+	// Cluster, if set, makes the issuer one instance of a cluster sharing
+	// the token and the records (cluster.go); it needs token storage and a
+	// Token that can find keys by id.
+	Cluster Cluster
 
 	// Paddings are the schemes clients may encrypt with, each probed by
 	// the token; the first is the default (oaep-sha256).
@@ -200,6 +208,11 @@ func New(cfg Config) (*Issuer, error) {
 	case cfg.TTL < time.Second:
 		return nil, fmt.Errorf("ttl %s is too short", cfg.TTL)
 	}
+	if cfg.Cluster != nil {
+		if _, ok := cfg.Token.(finder); !ok || cfg.Storage != hsm.StorageToken {
+			return nil, errors.New("cluster mode needs token storage and a token that finds keys by id")
+		}
+	}
 	if _, err := ParseLayout(string(cfg.Layout)); err != nil {
 		return nil, err
 	}
@@ -243,6 +256,9 @@ func (is *Issuer) KeysLost(ids []string) {
 // are leftovers now. Their records are finished as above, then the objects
 // destroyed.
 func (is *Issuer) Reconcile(ctx context.Context) error {
+	if is.cfg.Cluster != nil {
+		return is.reconcileCluster(ctx)
+	}
 	recs, err := is.cfg.Store.Active(ctx, time.Unix(0, math.MaxInt64), 0)
 	if err != nil {
 		return err
@@ -391,7 +407,7 @@ func (is *Issuer) Apply(ctx context.Context, customerID, clientID string) (Issue
 }
 
 // apply issues a key to h, taking over the quota reservation made for h.
-func (is *Issuer) apply(ctx context.Context, h holder) (Issued, error) {
+func (is *Issuer) apply(ctx context.Context, h holder, lim Limits) (Issued, error) {
 	customerID, clientID := h.customer, h.client
 	k, err := is.take(ctx, is.cfg.ApplyWait)
 	if err != nil {
@@ -421,16 +437,58 @@ func (is *Issuer) apply(ctx context.Context, h holder) (Issued, error) {
 	is.mu.Lock()
 	is.trackLocked(k, h, true)
 	is.mu.Unlock()
-	if err := is.cfg.Store.Create(ctx, rec); err != nil {
+	if err := is.create(ctx, rec, k, lim); err != nil {
 		is.mu.Lock()
 		is.untrackLocked(k.ID)
 		is.mu.Unlock()
-		is.destroy(ctx, k, ReasonUnissued)
 		return Issued{}, err
+	}
+	if is.cfg.Cluster != nil {
+		// Any instance may decrypt or expire it now, so none keeps it:
+		// each finds it in the token (cluster.go).
+		is.mu.Lock()
+		is.untrackLocked(k.ID)
+		is.mu.Unlock()
 	}
 	is.stats.issued.Add(1)
 	is.emit(ctx, Event{Kind: EventIssued, UniqueID: k.ID, CustomerID: customerID, ClientID: clientID})
 	return Issued{UniqueID: k.ID, Salt: salt, PublicKey: k.PublicDER, ExpiresAt: rec.ExpiresAt}, nil
+}
+
+// create records k as issued in rec. On failure k is no longer the
+// caller's: back in the pool, destroyed, or (taken over) a neighbour's.
+func (is *Issuer) create(ctx context.Context, rec store.Record, k *hsm.Key, lim Limits) error {
+	if is.cfg.Cluster == nil {
+		err := is.cfg.Store.Create(ctx, rec)
+		if err != nil {
+			is.destroy(ctx, k, ReasonUnissued)
+		}
+		return err
+	}
+	err := is.cfg.Cluster.Issue(ctx, rec, capsOf(lim))
+	var ce *store.CapError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &ce):
+		// Another instance's keys filled the cap: the key goes back to
+		// the pool, still recorded as ready there.
+		select {
+		case <-is.pool.slots:
+			is.pool.ready <- k
+		default:
+			is.destroy(ctx, k, ReasonUnissued)
+			is.cfg.Cluster.Forget(ctx, k.ID)
+		}
+		return &QuotaError{Scope: ce.Scope, Limit: ce.Limit}
+	case errors.Is(err, store.ErrUnavailable):
+		// Whether the transaction committed is unknown: leave the key
+		// alone. If it did, the record owns it; if not, its pool entry
+		// does, and this instance's next start-up destroys it.
+		return ErrStoreUnavailable
+	}
+	// Taken over by a neighbour, who destroys it.
+	return ErrUnavailable
 }
 
 // Record returns the record of uniqueID, or ErrNotFound.
@@ -438,6 +496,9 @@ func (is *Issuer) Record(ctx context.Context, uniqueID string) (store.Record, er
 	r, err := is.cfg.Store.Get(ctx, uniqueID)
 	if errors.Is(err, store.ErrNotFound) {
 		return r, ErrNotFound
+	}
+	if errors.Is(err, store.ErrUnavailable) {
+		return r, fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
 	}
 	return r, err
 }
@@ -479,15 +540,21 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	if err := stateErr(rec.State); err != nil {
 		return nil, err
 	}
-	is.mu.Lock()
-	k := is.keys[uniqueID]
-	is.mu.Unlock()
 	switch {
 	case rec.State == store.Consuming:
 		return nil, ErrConsumed
 	case !now.Before(rec.ExpiresAt):
 		is.expire(ctx, rec)
 		return nil, ErrExpired
+	}
+	k, ferr := is.find(ctx, uniqueID)
+	switch {
+	case errors.Is(ferr, hsm.ErrKeyLost):
+		// Not in the token: lost, or a neighbour's decrypt or expiry took
+		// it since the record was read.
+		return nil, is.missing(ctx, uniqueID)
+	case ferr != nil:
+		return nil, ErrUnavailable
 	case k == nil:
 		// An issued record always has its key in the map; the key went
 		// after the record was read, to a concurrent claim.
@@ -506,7 +573,7 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	}
 
 	// The claim: from here on the key can never decrypt again.
-	if _, err := is.cfg.Store.Transition(ctx, uniqueID, store.Issued, store.Consuming, now); err != nil {
+	if _, err := is.claim(ctx, uniqueID, now); err != nil {
 		return nil, transitionErr(err)
 	}
 	is.mu.Lock()
@@ -560,6 +627,15 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	}
 	keepOnly(pt, password)
 	return password, nil
+}
+
+// claim moves the record from issued to consuming: in a cluster, naming
+// this instance as the claimant.
+func (is *Issuer) claim(ctx context.Context, id string, now time.Time) (store.Record, error) {
+	if is.cfg.Cluster != nil {
+		return is.cfg.Cluster.Claim(ctx, id, now)
+	}
+	return is.cfg.Store.Transition(ctx, id, store.Issued, store.Consuming, now)
 }
 
 // raced says what became of a key that a concurrent request took between
@@ -642,6 +718,9 @@ func transitionErr(err error) error {
 	if errors.Is(err, store.ErrNotFound) {
 		return ErrNotFound
 	}
+	if errors.Is(err, store.ErrUnavailable) {
+		return ErrStoreUnavailable
+	}
 	return err
 }
 
@@ -654,8 +733,13 @@ func (is *Issuer) expire(ctx context.Context, r store.Record) {
 	is.mu.Lock()
 	k := is.untrackLocked(r.UniqueID)
 	is.mu.Unlock()
-	if k != nil {
+	switch {
+	case k != nil:
 		is.destroy(ctx, k, ReasonExpired)
+	case is.cfg.Cluster != nil:
+		// Issued by a neighbour: the expiry's compare-and-swap made this
+		// instance the one that destroys it.
+		is.destroyByID(ctx, r.UniqueID, ReasonExpired)
 	}
 	is.stats.expired.Add(1)
 }
@@ -733,11 +817,15 @@ func (is *Issuer) accountLost(ctx context.Context) {
 const reapBatch = 1000
 
 // Reap destroys the keys of records past expiry, retries failed destroys
-// and prunes records past retention. Its cost follows the number of keys
+// and prunes records past retention; in a cluster it first takes over what
+// dead instances left. Its cost follows the number of keys
 // due, not the number of records.
 func (is *Issuer) Reap(ctx context.Context) {
 	start := time.Now()
 	defer func() { is.emit(ctx, Event{Kind: EventReaped, Duration: time.Since(start)}) }()
+	if is.cfg.Cluster != nil {
+		is.takeOver(ctx)
+	}
 	now := is.cfg.Now()
 	due, err := is.cfg.Store.Active(ctx, now, reapBatch)
 	if err != nil {
@@ -748,8 +836,11 @@ func (is *Issuer) Reap(ctx context.Context) {
 			is.expire(ctx, r)
 			continue
 		}
-		// Consuming past expiry: a decrypt whose final write failed.
-		is.cfg.Store.Transition(ctx, r.UniqueID, store.Consuming, store.Consumed, now)
+		// Consuming past expiry: a decrypt whose final write failed. In a
+		// cluster its claimant may have been unable to destroy the key.
+		if is.cfg.Cluster == nil || is.destroyByID(ctx, r.UniqueID, ReasonConsumed) {
+			is.cfg.Store.Transition(ctx, r.UniqueID, store.Consuming, store.Consumed, now)
+		}
 	}
 
 	// While the token is down every retry would fail again, each with a

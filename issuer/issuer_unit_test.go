@@ -18,6 +18,7 @@ import (
 
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
 )
 
 // clock is a controllable Config.Now.
@@ -86,11 +87,11 @@ type harness struct {
 func newHarness(t testing.TB, mod func(*Config)) *harness {
 	t.Helper()
 	testKeys() // generate the shared RSA keys before any ApplyWait runs
-	bolt, err := store.Open(filepath.Join(t.TempDir(), "records.db"), store.Options{})
+	bs, err := bolt.Open(filepath.Join(t.TempDir(), "records.db"), bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { bolt.Close() })
+	t.Cleanup(func() { bs.Close() })
 	clk := &clock{t: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)}
 	cfg := Config{
 		Storage:      hsm.StorageSession,
@@ -105,7 +106,7 @@ func newHarness(t testing.TB, mod func(*Config)) *harness {
 	if mod != nil {
 		mod(&cfg)
 	}
-	h := &harness{tok: newFakeToken(cfg.Storage), st: &watchStore{Store: bolt}, clock: clk}
+	h := &harness{tok: newFakeToken(cfg.Storage), st: &watchStore{Store: bs}, clock: clk}
 	cfg.Token, cfg.Store = h.tok, h.st
 	h.is, err = New(cfg)
 	if err != nil {

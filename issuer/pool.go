@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/hsm"
+	"github.com/keyissuer/keyissuer/issuer/store"
 )
 
 // pool holds pre-generated key pairs, because a key costs 100–200 ms of
@@ -46,12 +47,33 @@ func (is *Issuer) generate(ctx context.Context) {
 			return
 		}
 		id, err := newID(uniqueIDLen)
+		if err == nil && is.cfg.Cluster != nil {
+			// Recorded before it exists: see Cluster.
+			err = is.cfg.Cluster.Generating(ctx, id)
+		}
 		var k *hsm.Key
 		if err == nil {
 			start := time.Now()
 			k, err = is.cfg.Token.Generate(ctx, id)
 			is.stats.generated(time.Since(start), err)
 			is.emit(ctx, Event{Kind: EventGenerated, Duration: time.Since(start), Err: err})
+			if err == nil && is.cfg.Cluster != nil {
+				if perr := is.cfg.Cluster.Pooled(ctx, id); perr != nil {
+					// Not a key to hand out. Taken over meanwhile: the
+					// neighbour destroys it. Else (the store is down, or
+					// the daemon stopping) it is destroyed here; should
+					// that fail, its pool entry still owns it.
+					err = perr
+					if !errors.Is(perr, store.ErrTakenOver) {
+						bg := context.WithoutCancel(ctx)
+						if is.cfg.Token.Destroy(bg, k) == nil {
+							is.cfg.Cluster.Forget(bg, id)
+						}
+					}
+				}
+			} else if err != nil && is.cfg.Cluster != nil && !errors.Is(err, hsm.ErrUnavailable) {
+				is.cfg.Cluster.Forget(context.WithoutCancel(ctx), id)
+			}
 		}
 		if err != nil {
 			is.pool.slots <- struct{}{}
@@ -110,8 +132,13 @@ func (is *Issuer) drain(ctx context.Context) {
 		case k := <-is.pool.ready:
 			if err := is.cfg.Token.Destroy(ctx, k); err != nil && !errors.Is(err, hsm.ErrKeyLost) {
 				is.log.Warn("failed to destroy pooled key", "err", err)
-			} else if err == nil {
-				n++
+			} else {
+				if err == nil {
+					n++
+				}
+				if is.cfg.Cluster != nil {
+					is.cfg.Cluster.Forget(ctx, k.ID)
+				}
 			}
 		default:
 			return

@@ -131,11 +131,15 @@ func (is *Issuer) untrackLocked(id string) *hsm.Key {
 // while the apply waits for a key, so concurrent applies never overshoot.
 func (is *Issuer) ApplyWithin(ctx context.Context, customerID, clientID string, lim Limits) (Issued, error) {
 	h := holder{client: clientID, customer: customerID}
+	local := lim
+	if is.cfg.Cluster != nil {
+		local = Limits{} // the store counts the whole cluster's keys
+	}
 	is.mu.Lock()
-	err := is.reserveLocked(h, lim)
+	err := is.reserveLocked(h, local)
 	is.mu.Unlock()
 	if err != nil {
 		return Issued{}, err
 	}
-	return is.apply(ctx, h)
+	return is.apply(ctx, h, lim)
 }

@@ -16,7 +16,7 @@ import (
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer"
-	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
 )
 
 // Item 7 of the security review: with a padding the token does natively,
@@ -52,7 +52,7 @@ func TestFailedDecryptsMakeTheSameTokenCalls(t *testing.T) {
 			if m := tok.Info().Methods[hsm.OAEPSHA1]; m != hsm.Native {
 				t.Fatalf("SoftHSM does OAEP-SHA-1 %s; this test needs it native", m)
 			}
-			st, err := store.Open(filepath.Join(t.TempDir(), "records.db"), store.Options{})
+			st, err := bolt.Open(filepath.Join(t.TempDir(), "records.db"), bolt.Options{})
 			if err != nil {
 				t.Fatal(err)
 			}

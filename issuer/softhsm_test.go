@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -16,12 +17,14 @@ import (
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
+	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
 )
 
 // Integration tests: the issuer on a real token and a real store, each run
 // on SoftHSM and on openCryptoki's soft token (subtests named by token).
 
-func TestMain(m *testing.M) { hsmtest.Main(m) }
+func TestMain(m *testing.M) { os.Exit(hsmtest.Run(pgtest.Wrap(m))) }
 
 // env is one daemon's worth of parts; restart reopens them on the same
 // token and store file, as a restarted daemon would.
@@ -34,7 +37,7 @@ type env struct {
 	now     atomic.Pointer[time.Time]
 
 	tok *hsm.Token
-	st  *store.Bolt
+	st  *bolt.Store
 	is  *issuer.Issuer
 
 	tokenConfig func(*hsm.Config) // if set, changes the Token's config at open
@@ -88,7 +91,7 @@ func (e *env) open() {
 	if err != nil {
 		t.Fatalf("hsm.Open: %v", err)
 	}
-	if e.st, err = store.Open(e.dbPath, store.Options{}); err != nil {
+	if e.st, err = bolt.Open(e.dbPath, bolt.Options{}); err != nil {
 		t.Fatal(err)
 	}
 	e.is, err = issuer.New(issuer.Config{

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
 	"github.com/keyissuer/keyissuer/server/apisig"
 )
 
@@ -591,7 +592,7 @@ func (b *bench) rowBigStore(ctx context.Context) {
 // that both the records and the closed index load by appending.
 func (b *bench) makeStore(ctx context.Context, path string, n int) error {
 	b.progress("row 5: writing a store of %d records (untimed)", n)
-	st, err := store.Open(path, store.Options{})
+	st, err := bolt.Open(path, bolt.Options{})
 	if err != nil {
 		return err
 	}

@@ -110,6 +110,21 @@ func printStatus(w io.Writer, s admin.Status, now time.Time) {
 		row("", "changed, needs a restart: %s", strings.Join(s.Config.RestartPending, ", "))
 	}
 	row("listeners", "api %s, decrypt %s, admin %s", s.Listeners.API, s.Listeners.Decrypt, s.Listeners.Admin)
+	if c := s.Cluster; c != nil {
+		row("cluster", "this instance %s; %d keys outstanding, %d decrypts in flight, %d orphaned pool keys (all instances)",
+			c.Self, c.Outstanding, c.Consuming, c.Orphaned)
+		if c.Err != "" {
+			row("", "STORE UNAVAILABLE: %s", c.Err)
+		}
+		for _, in := range c.Instances {
+			state := "live"
+			if !in.Live {
+				state = "DEAD (lease ran out)"
+			}
+			row("  "+in.ID, "%s on %s, heartbeat %s, pool %d ready (%d recorded), %d destroys pending",
+				state, in.Host, ago(in.HeartbeatAt), in.PoolReady, in.PoolKeys, in.PendingDestroys)
+		}
+	}
 	tw.Flush()
 }
 

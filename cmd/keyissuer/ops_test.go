@@ -178,3 +178,26 @@ func TestAuditVerifyCheckpoints(t *testing.T) {
 		})
 	}
 }
+
+func TestStatusCluster(t *testing.T) {
+	now := time.Now()
+	st := admin.Status{Version: "v9", Cluster: &admin.Cluster{Self: "ki-1", Outstanding: 7, Consuming: 1, Orphaned: 2,
+		Instances: []admin.Instance{
+			{ID: "ki-1", Host: "a", Live: true, HeartbeatAt: now, PoolReady: 60, PoolKeys: 62},
+			{ID: "ki-2", Host: "b", Live: false, HeartbeatAt: now.Add(-time.Minute), PoolKeys: 2},
+		}}}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(st)
+	}))
+	defer srv.Close()
+	var out bytes.Buffer
+	if err := run(context.Background(), "status", []string{"-admin", srv.URL}, nil, &out); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"this instance ki-1", "7 keys outstanding", "1 decrypts in flight", "2 orphaned pool keys",
+		"ki-1", "live on a", "pool 60 ready (62 recorded)", "ki-2", "DEAD (lease ran out) on b"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("status output lacks %q:\n%s", want, out.String())
+		}
+	}
+}

@@ -82,7 +82,14 @@ func Main(m *testing.M) {
 	os.Exit(run(m))
 }
 
-func run(m *testing.M) int {
+// Runner is what Run runs: a *testing.M, or a wrapper of one such as
+// pgtest.Wrap's, for a test binary that needs both harnesses.
+type Runner interface{ Run() int }
+
+// Run is Main without the exit: it returns m.Run's code.
+func Run(m Runner) int { return run(m) }
+
+func run(m Runner) int {
 	dir, err := os.MkdirTemp("", "hsmtest-")
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "hsmtest: failed to create SoftHSM directory: %v\n", err)

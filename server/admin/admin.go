@@ -41,6 +41,30 @@ type Status struct {
 	Audit     Audit     `json:"audit"`
 	Config    Config    `json:"config"`
 	Listeners Listeners `json:"listeners"`
+	Cluster   *Cluster  `json:"cluster,omitempty"` // cluster mode only
+}
+
+// Cluster is the cluster as the shared store sees it.
+type Cluster struct {
+	Self        string     `json:"self"`
+	Instances   []Instance `json:"instances"`
+	Outstanding int        `json:"outstanding"`      // issued keys, every instance
+	Consuming   int        `json:"consuming"`        // decrypts claimed, not finished
+	Orphaned    int        `json:"orphanedPoolKeys"` // dead instances' pooled keys, not yet destroyed
+	Err         string     `json:"error,omitempty"`  // the store could not be read
+}
+
+// Instance is one member of the cluster.
+type Instance struct {
+	ID              string    `json:"id"`
+	Host            string    `json:"host"`
+	Live            bool      `json:"live"`
+	StartedAt       time.Time `json:"startedAt"`
+	HeartbeatAt     time.Time `json:"heartbeatAt"`
+	LeaseUntil      time.Time `json:"leaseUntil"`
+	PoolReady       int       `json:"poolReady"`
+	PoolKeys        int       `json:"poolKeys"` // recorded in the store
+	PendingDestroys int       `json:"pendingDestroys"`
 }
 
 // Token describes the token.

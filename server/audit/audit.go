@@ -73,6 +73,9 @@ type Event struct {
 	Counts     map[string]int `json:"counts,omitempty"`
 	Detail     string         `json:"detail,omitempty"` // never a secret
 	Offenders  []Offender     `json:"offenders,omitempty"`
+	// Instance is the cluster instance that wrote the line (cluster mode).
+	// Each instance keeps its own trail and chain.
+	Instance string `json:"instance,omitempty"`
 
 	// A checkpoint: the line of sequence CheckpointSeq has the hash
 	// CheckpointHead, signed (standard base64 of RSASSA-PKCS1-v1_5 SHA-256

@@ -37,6 +37,9 @@ type Config struct {
 	// Limits and Clients: see access.go.
 	Limits  Limits   `toml:"limits"`
 	Clients []Client `toml:"clients"`
+
+	// Cluster: see cluster.go.
+	Cluster Cluster `toml:"cluster"`
 }
 
 // Token selects the PKCS#11 token and says how keys live in it.
@@ -64,7 +67,8 @@ type Token struct {
 	// ':'. An object is keyissuer's only if its label is exactly the
 	// prefix and a uniqueId, so "keyissuer:" never touches the objects of
 	// "keyissuer:host-b:". Give each daemon sharing a token its own
-	// prefix. Default "keyissuer:".
+	// prefix, except the instances of one cluster, which share one.
+	// Default "keyissuer:".
 	LabelPrefix string `toml:"label_prefix"`
 	// Sessions is how many PKCS#11 sessions to keep open (default 8; at
 	// least pool.generators + 1).
@@ -115,12 +119,22 @@ type Pool struct {
 
 // Store sets the record store.
 type Store struct {
+	// Backend is "bolt" (default: a bbolt file, one host) or "postgres"
+	// (PostgreSQL, shared by the instances of a cluster; see cluster.go for
+	// its keys: dsn, password_file, password_env, max_conns).
+	Backend string `toml:"backend"`
 	// Path is the bbolt file (default data/keyissuer.db).
 	Path string `toml:"path"`
 	// CommitDelay is how long a write waits for others to share its
 	// commit (default 0: none; writes that arrive during a commit share the
 	// next one anyway).
 	CommitDelay time.Duration `toml:"commit_delay"`
+
+	// PostgreSQL (cluster.go).
+	DSN          string `toml:"dsn"`
+	PasswordFile string `toml:"password_file"`
+	PasswordEnv  string `toml:"password_env"`
+	MaxConns     int    `toml:"max_conns"`
 }
 
 // API sets the public HTTP listener (applyPublicKey).
@@ -282,6 +296,7 @@ func (c *Config) SetDefaults() {
 	str(&c.Log.Format, "auto")
 	c.setAccessDefaults()
 	c.setOpsDefaults()
+	c.setClusterDefaults()
 }
 
 // resolve makes relative paths relative to dir, the config file's folder.
@@ -298,6 +313,7 @@ func (c *Config) resolve(dir string) {
 	c.resolveAccess(dir)
 	c.resolveOps(dir)
 	c.resolveTLS(dir)
+	c.resolveCluster(dir)
 }
 
 // Validate checks every field and names the first bad one.
@@ -377,6 +393,9 @@ func (c *Config) Validate() error {
 	if err := c.validateTLS(); err != nil {
 		return err
 	}
+	if err := c.validateCluster(); err != nil {
+		return err
+	}
 	if _, err := c.SocketMode(); err != nil {
 		return bad("decrypt.mode", "%v", err)
 	}
@@ -411,39 +430,47 @@ func (c *Config) SocketMode() (os.FileMode, error) {
 // ReadPIN returns the user PIN from where the config says it is. Errors
 // never contain the PIN.
 func (t Token) ReadPIN() (string, error) {
-	var pin string
-	switch {
-	case t.PINEnv != "":
-		v, ok := os.LookupEnv(t.PINEnv)
-		if !ok {
-			return "", fmt.Errorf("token.pin_env: environment variable %s is not set", t.PINEnv)
+	pin := t.PIN
+	if t.PINEnv != "" || t.PINFile != "" {
+		var err error
+		if pin, err = readSecret("token.pin_env", t.PINEnv, "token.pin_file", t.PINFile); err != nil {
+			return "", err
 		}
-		pin = v
-	case t.PINFile != "":
-		// One open: the mode checked is the mode of the file read.
-		f, err := os.Open(t.PINFile)
-		if err != nil {
-			return "", fmt.Errorf("token.pin_file: %w", err)
-		}
-		defer f.Close()
-		fi, err := f.Stat()
-		if err != nil {
-			return "", fmt.Errorf("token.pin_file: %w", err)
-		}
-		if fi.Mode().Perm()&0o077 != 0 {
-			return "", fmt.Errorf("token.pin_file: %s is readable by others (mode %04o); chmod 600 it", t.PINFile, fi.Mode().Perm())
-		}
-		b, err := io.ReadAll(io.LimitReader(f, 4096))
-		if err != nil {
-			return "", fmt.Errorf("token.pin_file: %w", err)
-		}
-		pin = string(b)
-	default:
-		pin = t.PIN
 	}
 	pin = strings.TrimSpace(pin)
 	if pin == "" {
 		return "", errors.New("token: the PIN is empty")
 	}
 	return pin, nil
+}
+
+// readSecret reads a secret from the environment variable env, if set,
+// else from file, which must be mode 0600 or stricter. The field names are
+// for errors, which never contain the secret.
+func readSecret(envField, env, fileField, file string) (string, error) {
+	if env != "" {
+		v, ok := os.LookupEnv(env)
+		if !ok {
+			return "", fmt.Errorf("%s: environment variable %s is not set", envField, env)
+		}
+		return v, nil
+	}
+	// One open: the mode checked is the mode of the file read.
+	f, err := os.Open(file)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", fileField, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", fileField, err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return "", fmt.Errorf("%s: %s is readable by others (mode %04o); chmod 600 it", fileField, file, fi.Mode().Perm())
+	}
+	b, err := io.ReadAll(io.LimitReader(f, 4096))
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", fileField, err)
+	}
+	return string(b), nil
 }

@@ -127,6 +127,7 @@ func (d *Daemon) publicHandler() http.Handler {
 		Gate:             d.access.gate,
 		Replay:           d.access.replay,
 		OnRefused:        d.onRefused,
+		Instances:        d.liveInstances(),
 	})
 }
 

@@ -18,7 +18,8 @@ import (
 
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer"
-	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
+	"github.com/keyissuer/keyissuer/issuer/store/postgres"
 	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/decryptapi"
 	"github.com/keyissuer/keyissuer/server/peercred"
@@ -55,7 +56,7 @@ type Daemon struct {
 	opts   Options
 	log    *slog.Logger
 	token  *hsm.Token
-	store  *store.Bolt
+	store  recordStore
 	issuer *issuer.Issuer
 
 	apiLn, sockLn net.Listener
@@ -66,6 +67,11 @@ type Daemon struct {
 	tls *serverTLS // nil: plain HTTP (tls.go)
 
 	ops *ops // admin listener, metrics, audit trail (ops.go)
+
+	// Cluster mode (cluster.go): nil and "" on one host.
+	cluster    *postgres.Cluster
+	instanceID string
+	instances  atomic.Int32 // live instances, for the rate limits' share
 }
 
 // New binds the listeners, opens the token and the store, and reconciles
@@ -149,8 +155,10 @@ func (d *Daemon) open(ctx context.Context) error {
 		"layout", cfg.Keys.Layout)
 	d.started()
 
-	d.store, err = store.Open(cfg.Store.Path, store.Options{CommitDelay: cfg.Store.CommitDelay})
-	if err != nil {
+	if d.store, err = openStore(ctx, cfg); err != nil {
+		return err
+	}
+	if err := d.joinCluster(ctx); err != nil {
 		return err
 	}
 	var (
@@ -176,6 +184,7 @@ func (d *Daemon) open(ctx context.Context) error {
 		ApplyWait:    cfg.Pool.ApplyWait,
 		Retention:    cfg.Keys.Retention,
 		ReapInterval: cfg.Keys.ReapInterval,
+		Cluster:      d.issuerCluster(),
 		AfterClaim:   d.opts.AfterClaim,
 		OnEvent:      d.onIssuerEvent, // metrics and audit
 		Now:          d.opts.Now,
@@ -193,6 +202,33 @@ func (d *Daemon) open(ctx context.Context) error {
 	}
 
 	return nil
+}
+
+// recordStore is a record store the daemon opens and closes.
+type recordStore interface {
+	issuer.Store
+	Close() error
+}
+
+// openStore opens the record store store.backend names.
+func openStore(ctx context.Context, cfg config.Config) (recordStore, error) {
+	// A nil *Store in a non-nil interface would be closed: return nil.
+	if !cfg.Clustered() {
+		s, err := bolt.Open(cfg.Store.Path, bolt.Options{CommitDelay: cfg.Store.CommitDelay})
+		if err != nil {
+			return nil, err
+		}
+		return s, nil
+	}
+	pw, err := cfg.Store.ReadStorePassword()
+	if err != nil {
+		return nil, err
+	}
+	s, err := postgres.Open(ctx, postgres.Options{DSN: cfg.Store.DSN, Password: pw, MaxConns: int32(cfg.Store.MaxConns)})
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 // APIAddr is the public API's bound address (useful with port 0).
@@ -270,6 +306,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		})
 	}
 	g.Go(func() error { d.watchBlocklist(gctx); return nil })
+	if d.cluster != nil {
+		g.Go(func() error { return d.heartbeat(gctx) })
+	}
 	g.Go(func() error {
 		<-gctx.Done()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.opts.ShutdownTimeout)
@@ -282,6 +321,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.log.Info("stopping: destroying pooled keys")
 	stopIssuer()
 	<-issuerDone
+	d.leaveCluster(ctx)
 	d.sockLn, d.apiLn = nil, nil // closed by Shutdown
 	return err
 }

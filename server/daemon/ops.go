@@ -98,6 +98,7 @@ func (d *Daemon) AdminAddr() string { return d.ops.adminLn.Addr().String() }
 // record writes an audit event; a failure is logged and counted, and the
 // request goes on: the trail's health is an alert, not an outage.
 func (d *Daemon) record(e audit.Event) {
+	e.Instance = d.instanceID
 	err := d.ops.audit.Record(e)
 	d.ops.metrics.AuditWrite(err)
 	if err != nil {
@@ -108,6 +109,7 @@ func (d *Daemon) record(e audit.Event) {
 // appendAudit writes an audit event without waiting for the disk: for a
 // line that a record of the same request follows at once.
 func (d *Daemon) appendAudit(e audit.Event) {
+	e.Instance = d.instanceID
 	err := d.ops.audit.Append(e)
 	d.ops.metrics.AuditWrite(err)
 	if err != nil {
@@ -270,6 +272,7 @@ func (d *Daemon) Status(ctx context.Context) admin.Status {
 	}
 	st.Audit.Path = d.ops.audit.Path()
 	st.Audit.Seq, st.Audit.Head = d.ops.audit.Head()
+	st.Cluster = d.clusterStatus(ctx)
 	d.ops.mu.Lock()
 	st.Config = admin.Config{Path: d.opts.ConfigPath, LogLevel: d.cfg.Log.Level, LastReload: d.ops.reloadAt,
 		LastReloadErr: d.ops.reloadErr, RestartPending: d.ops.pending}

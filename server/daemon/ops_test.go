@@ -21,6 +21,7 @@ import (
 
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
 	"github.com/keyissuer/keyissuer/server/admin"
 	"github.com/keyissuer/keyissuer/server/audit"
 	"github.com/keyissuer/keyissuer/server/config"
@@ -461,7 +462,7 @@ func TestSIGTERMGracefulShutdown(t *testing.T) {
 	if len(stopped) != 1 || stopped[0].Count == nil || *stopped[0].Count != 4 {
 		t.Errorf("daemon.stopped %+v, want the 4 pooled keys destroyed", stopped)
 	}
-	st, err := store.Open(filepath.Join(dir, "data", "keyissuer.db"), store.Options{})
+	st, err := bolt.Open(filepath.Join(dir, "data", "keyissuer.db"), bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -58,6 +58,10 @@ const (
 	CodeMethod           = "METHOD_NOT_ALLOWED"
 )
 
+// CodeStoreUnavailable: the record store (PostgreSQL, in a cluster) cannot
+// be reached; the key was not used. Retry.
+const CodeStoreUnavailable = "STORE_UNAVAILABLE"
+
 // maxBody bounds a request: a 4096-bit ciphertext is 684 base64 bytes.
 const maxBody = 8 << 10
 
@@ -227,6 +231,8 @@ func (h *Handler) mapError(err error, id string) (int, string, string) {
 		return http.StatusBadRequest, CodeParamIllegal, "the ciphertext cannot be for this key (its length is not the key's size, or it is not below the modulus); the key was not used"
 	case errors.Is(err, issuer.ErrUnavailable):
 		return http.StatusServiceUnavailable, CodeHSMUnavailable, "the token is unavailable; the key was not used, retry"
+	case errors.Is(err, issuer.ErrStoreUnavailable):
+		return http.StatusServiceUnavailable, CodeStoreUnavailable, "the record store is unavailable; the key was not used, retry"
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return http.StatusServiceUnavailable, CodeHSMUnavailable, "the request was cancelled; retry"
 	}

@@ -50,6 +50,10 @@ const (
 	Internal         = "INTERNAL"
 )
 
+// StoreUnavailable: the record store (PostgreSQL, in a cluster) could not
+// be reached; the key is unused.
+const StoreUnavailable = "STORE_UNAVAILABLE"
+
 // Error is an error answered by the daemon.
 type Error struct {
 	Status  int    // HTTP status
@@ -62,8 +66,9 @@ func (e *Error) Error() string {
 }
 
 // Retryable reports whether the same request may succeed later: only when
-// the token was unavailable, which leaves the key unused.
-func (e *Error) Retryable() bool { return e.Code == HSMUnavailable }
+// the token or the record store was unavailable, which leaves the key
+// unused.
+func (e *Error) Retryable() bool { return e.Code == HSMUnavailable || e.Code == StoreUnavailable }
 
 // Client talks to keyissuerd over its Unix socket. It is safe for
 // concurrent use.

@@ -259,6 +259,17 @@ func (m *Metrics) Reload(err error) {
 	m.reloads.WithLabelValues("ok").Inc()
 }
 
+// Cluster registers the metrics of a cluster instance (cluster mode only):
+// the instances with a live lease, and the time since this instance's
+// heartbeat last succeeded. Both are read at each scrape.
+func (m *Metrics) Cluster(live func() int, lastHeartbeat func() time.Time) {
+	f := factory{m.reg}
+	f.gaugeFunc("cluster_instances_live", "Cluster instances with a live lease, as this instance last counted them.",
+		func() float64 { return float64(live()) })
+	f.gaugeFunc("cluster_heartbeat_age_seconds", "Seconds since this instance last renewed its cluster lease.",
+		func() float64 { return time.Since(lastHeartbeat()).Seconds() })
+}
+
 // Store wraps an [issuer.Store] and times its durable writes. Reads pass
 // through untimed.
 func (m *Metrics) Store(s issuer.Store) issuer.Store { return &timedStore{Store: s, m: m} }

@@ -29,6 +29,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -153,6 +154,10 @@ type Config struct {
 	// Limits caps outstanding keys in total and per customer; the
 	// per-client cap is each Client's MaxOutstanding.
 	Limits issuer.Limits
+	// Instances, if set, is how many instances of a cluster share the
+	// rate limits: each takes 1/n of every rate and burst, so that the
+	// limits hold for the cluster as a whole (nil: 1).
+	Instances func() int
 
 	// Gate, if set, limits every request before it is authenticated
 	// (see [Gate]); share one across the handlers of reloads.
@@ -213,6 +218,8 @@ type Handler struct {
 	log     *slog.Logger
 	clients map[string]*client
 	global  *rate.Limiter // nil: no limit
+	shareMu sync.Mutex
+	share   int // the Instances the limiters are set for
 }
 
 type client struct {
@@ -499,6 +506,7 @@ func (h *Handler) authenticate(r *http.Request, body []byte) (auth, *outcome) {
 // allow takes a token from the client's bucket and the global one, or from
 // neither; undo gives them back.
 func (h *Handler) allow(cl *client) (undo func(), ok bool) {
+	h.reshare()
 	now := h.cfg.Now()
 	var rs []*rate.Reservation
 	undo = func() {
@@ -528,6 +536,31 @@ func (c *client) limiterOrNil() *rate.Limiter {
 	return c.limiter
 }
 
+// reshare sets the limiters to this instance's share of the limits, when
+// the number of instances has changed.
+func (h *Handler) reshare() {
+	if h.cfg.Instances == nil {
+		return
+	}
+	n := max(h.cfg.Instances(), 1)
+	h.shareMu.Lock()
+	defer h.shareMu.Unlock()
+	if n == max(h.share, 1) {
+		return
+	}
+	h.share = n
+	set := func(l *rate.Limiter, r rate.Limit, burst int) {
+		if l != nil {
+			l.SetLimit(r / rate.Limit(n))
+			l.SetBurst(max(burst/n, 1))
+		}
+	}
+	set(h.global, h.cfg.Rate, h.cfg.Burst)
+	for _, cl := range h.clients {
+		set(cl.limiter, cl.Rate, cl.Burst)
+	}
+}
+
 // mapError is the one place issuer errors become result codes. The cause
 // goes to the log; the caller gets a safe message.
 func (h *Handler) mapError(err error) *outcome {
@@ -545,7 +578,7 @@ func (h *Handler) mapError(err error) *outcome {
 		return fail(CodeTrafficLimit, "U", ReasonQuota, msg)
 	case errors.Is(err, issuer.ErrPoolEmpty):
 		return fail(CodeUnknown, "U", "", "no key is ready; retry shortly")
-	case errors.Is(err, issuer.ErrUnavailable):
+	case errors.Is(err, issuer.ErrUnavailable), errors.Is(err, issuer.ErrStoreUnavailable):
 		return fail(CodeUnknown, "U", "", "the key service is temporarily unavailable; retry shortly")
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return fail(CodeUnknown, "U", "", "the request was cancelled; retry")

@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -779,4 +780,40 @@ func FuzzApplyBody(f *testing.F) {
 			t.Fatalf("ApplyWithin called for a rejected body")
 		}
 	})
+}
+
+// TestRateLimitSharedByInstances: in a cluster of n instances each takes
+// 1/n of the limits, so that they hold for the cluster as a whole.
+func TestRateLimitSharedByInstances(t *testing.T) {
+	tests := []struct {
+		name      string
+		instances int
+		want      int // applies admitted at one instant, burst 6
+	}{
+		{name: "alone", instances: 1, want: 6},
+		{name: "three instances", instances: 3, want: 2},
+		{name: "more instances than the burst", instances: 10, want: 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			now := time.Now()
+			cfg := baseConfig(&fakeIssuer{issued: newIssued()})
+			cfg.Rate, cfg.Burst, cfg.Now = 1, 6, func() time.Time { return now }
+			var n atomic.Int32
+			n.Store(int32(tt.instances))
+			cfg.Instances = func() int { return int(n.Load()) }
+			srv := httptest.NewServer(publicapi.New(cfg))
+			defer srv.Close()
+			ok := 0
+			for range 12 {
+				rq := request{body: defaultBody}
+				if send(t, srv.Client(), rq.build(t, srv.URL)).resp.Result.ResultCode == "SUCCESS" {
+					ok++
+				}
+			}
+			if ok != tt.want {
+				t.Errorf("%d applies admitted, want %d (burst 6 shared by %d)", ok, tt.want, tt.instances)
+			}
+		})
+	}
 }

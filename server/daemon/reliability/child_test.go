@@ -168,6 +168,18 @@ type faultToken struct {
 	f *faults
 }
 
+// Rescan passes through, as Find.
+func (t *faultToken) Rescan(ctx context.Context) error {
+	return t.Token.(interface{ Rescan(context.Context) error }).Rescan(ctx)
+}
+
+// Find passes through: cluster mode finds neighbours' keys with it.
+func (t *faultToken) Find(ctx context.Context, id string) (*hsm.Key, error) {
+	return t.Token.(interface {
+		Find(context.Context, string) (*hsm.Key, error)
+	}).Find(ctx, id)
+}
+
 func (t *faultToken) Generate(ctx context.Context, id string) (*hsm.Key, error) {
 	t.f.crash.at("generate")
 	return t.Token.Generate(ctx, id)

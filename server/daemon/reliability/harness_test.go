@@ -3,6 +3,7 @@ package reliability
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
@@ -33,6 +34,7 @@ import (
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer"
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
 	"github.com/keyissuer/keyissuer/server/admin"
 	"github.com/keyissuer/keyissuer/server/apisig"
 	"github.com/keyissuer/keyissuer/server/daemon/internal/daemontest"
@@ -64,6 +66,10 @@ type fixtureConfig struct {
 	// signed registers a client and refuses unsigned applies; the
 	// fixture's procs sign as it.
 	signed bool
+	// prefix, if set, is the label prefix (cluster instances share one);
+	// store is more [store] keys (the postgres backend).
+	prefix string
+	store  string
 }
 
 // clientID is the Client-Id of a signed fixture's client.
@@ -129,7 +135,7 @@ func newFixture(t *testing.T, fc fixtureConfig) *fixture {
 		sealed:   map[string]bool{},
 		dir:      dir,
 		cfgPath:  filepath.Join(dir, "config.toml"),
-		prefix:   "rel-" + filepath.Base(dir) + ":",
+		prefix:   cmp.Or(fc.prefix, "rel-"+filepath.Base(dir)+":"),
 		dbPath:   filepath.Join(dir, "data", "keyissuer.db"),
 		audit:    filepath.Join(dir, "data", "audit.jsonl"),
 		ledger:   filepath.Join(dir, "ledger"),
@@ -173,6 +179,7 @@ generators = %d
 apply_wait = %q
 [store]
 path = "data/keyissuer.db"
+%s
 [api]
 listen = "127.0.0.1:0"
 allow_unsigned = %s
@@ -187,7 +194,7 @@ socket = "run/decrypt.sock"
 level = "debug"
 format = "json"
 %s`, soft.Module, soft.Label, fc.storage, f.prefix, fc.generators+3, tokenExtra,
-		fc.ttl, fc.reap, fc.poolSize, fc.generators, fc.applyWait, unsigned, fc.api, fc.extra)
+		fc.ttl, fc.reap, fc.poolSize, fc.generators, fc.applyWait, fc.store, unsigned, fc.api, fc.extra)
 	if err := os.WriteFile(f.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -945,7 +952,7 @@ func (f *fixture) checkObjects() {
 // Call it only while no daemon runs.
 func (f *fixture) records(ids []string) (got map[string]store.Record, active []store.Record) {
 	f.t.Helper()
-	st, err := store.Open(f.dbPath, store.Options{})
+	st, err := bolt.Open(f.dbPath, bolt.Options{})
 	if err != nil {
 		f.t.Fatalf("the store does not open: %v", err)
 	}

@@ -24,6 +24,7 @@ import (
 	"testing"
 
 	"github.com/keyissuer/keyissuer/hsm/hsmtest"
+	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
 	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/daemon"
 )
@@ -34,13 +35,14 @@ const childEnv = "KEYISSUERD_TEST_CHILD"
 
 // Main is TestMain for a package that starts children: in a child it runs
 // the daemon until SIGINT or SIGTERM and exits with 1 if it failed, and
-// otherwise runs the tests with [hsmtest.Main]. options builds the child's
+// otherwise runs the tests with [hsmtest.Main], and a PostgreSQL from
+// [pgtest] for the tests that ask for one. options builds the child's
 // daemon.Options from the config file's path and contents; it must set Log.
 func Main(m *testing.M, options func(path string, cfg config.Config) (daemon.Options, error)) {
 	if path := os.Getenv(childEnv); path != "" {
 		os.Exit(runChild(path, options))
 	}
-	hsmtest.Main(m)
+	os.Exit(hsmtest.Run(pgtest.Wrap(m)))
 }
 
 // runChild is keyissuerd's main, with the package's options.

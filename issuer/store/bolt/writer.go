@@ -1,11 +1,13 @@
-package store
+package bolt
 
 import (
 	"errors"
 	"sync"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
+	bbolt "go.etcd.io/bbolt"
+
+	"github.com/keyissuer/keyissuer/issuer/store"
 )
 
 // errClosed is returned by writes to a closed store.
@@ -14,7 +16,7 @@ var errClosed = errors.New("store closed")
 const (
 	// maxBatch bounds the writes of one commit.
 	maxBatch = 1024
-	// settleDelay is how long a settled change (see [Bolt.Settle]) may
+	// settleDelay is how long a settled change (see [Store.Settle]) may
 	// wait to share a commit with a durable write before it is committed
 	// on its own.
 	settleDelay = 20 * time.Millisecond
@@ -30,7 +32,7 @@ const (
 // Settled changes, which nobody waits for, are held until a durable write
 // comes to share its commit, or for settleDelay at most.
 type writer struct {
-	db    *bolt.DB
+	db    *bbolt.DB
 	delay time.Duration // extra wait for company before a commit (0: none)
 	in    chan *write   // unbuffered: a sender waits until the writer takes it
 	kick  chan struct{} // a settle was queued
@@ -47,7 +49,7 @@ type writer struct {
 // write is one queued write. fn may run more than once (a batch is retried
 // without a failed member), so it must set its results afresh.
 type write struct {
-	fn  func(*bolt.Tx) error
+	fn  func(*bbolt.Tx) error
 	res chan error // nil for a settle
 	id  string     // a settle's uniqueId
 	seq uint64     // a settle's sequence number
@@ -55,13 +57,13 @@ type write struct {
 
 // settled is a change made by Settle and not committed yet.
 type settled struct {
-	from, to State
+	from, to store.State
 	at       time.Time
 	seq      uint64
 }
 
 // applyTo returns r as it is once the change is committed.
-func (s settled) applyTo(r Record) Record {
+func (s settled) applyTo(r store.Record) store.Record {
 	if r.State != s.from {
 		return r
 	}
@@ -72,7 +74,7 @@ func (s settled) applyTo(r Record) Record {
 	return r
 }
 
-func startWriter(db *bolt.DB, delay time.Duration) *writer {
+func startWriter(db *bbolt.DB, delay time.Duration) *writer {
 	w := &writer{
 		db:       db,
 		delay:    delay,
@@ -87,7 +89,7 @@ func startWriter(db *bolt.DB, delay time.Duration) *writer {
 }
 
 // do commits fn durably and returns its error.
-func (w *writer) do(fn func(*bolt.Tx) error) error {
+func (w *writer) do(fn func(*bbolt.Tx) error) error {
 	wr := &write{fn: fn, res: make(chan error, 1)}
 	select {
 	case w.in <- wr:
@@ -98,7 +100,7 @@ func (w *writer) do(fn func(*bolt.Tx) error) error {
 }
 
 // settle queues fn, the change s of record id, without waiting for it.
-func (w *writer) settle(id string, s settled, fn func(*bolt.Tx) error) {
+func (w *writer) settle(id string, s settled, fn func(*bbolt.Tx) error) {
 	w.mu.Lock()
 	if w.closed {
 		w.mu.Unlock()
@@ -224,7 +226,7 @@ func (w *writer) takeSettles() []*write {
 func (w *writer) commit(ws []*write) {
 	for len(ws) > 0 {
 		failed := -1
-		err := w.db.Update(func(tx *bolt.Tx) error {
+		err := w.db.Update(func(tx *bbolt.Tx) error {
 			for i, wr := range ws {
 				if err := wr.fn(tx); err != nil {
 					failed = i

@@ -1,4 +1,4 @@
-package store_test
+package bolt_test
 
 import (
 	"context"
@@ -11,13 +11,15 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/issuer/store"
+	"github.com/keyissuer/keyissuer/issuer/store/bolt"
+	"github.com/keyissuer/keyissuer/issuer/store/storetest"
 )
 
 var t0 = time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
 
 // waitState polls Get until id is in state want, for at most a minute: a
 // bound against a hang, not a timing check.
-func waitState(t *testing.T, s *store.Bolt, id string, want store.State) {
+func waitState(t *testing.T, s *bolt.Store, id string, want store.State) {
 	t.Helper()
 	deadline := time.Now().Add(time.Minute)
 	for {
@@ -49,7 +51,7 @@ func TestSettle(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "records.db")
 			s := openStore(t, path)
-			mustCreate(t, s, issued("a", t0))
+			mustCreate(t, s, storetest.Issued("a", t0))
 			if tt.claim {
 				mustTransition(t, s, "a", store.Issued, store.Consuming, t0)
 			}
@@ -89,14 +91,14 @@ func TestSettle(t *testing.T) {
 // finds both.
 func TestSettleRidesAlong(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "records.db")
-	s, err := store.Open(path, store.Options{})
+	s, err := bolt.Open(path, bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	mustCreate(t, s, issued("a", t0))
+	mustCreate(t, s, storetest.Issued("a", t0))
 	mustTransition(t, s, "a", store.Issued, store.Consuming, t0)
 	s.Settle("a", store.Consuming, store.Consumed, t0)
-	mustCreate(t, s, issued("b", t0))
+	mustCreate(t, s, storetest.Issued("b", t0))
 	// Copy the file as a crash would leave it: what is committed.
 	snap := filepath.Join(t.TempDir(), "snap.db")
 	if err := copyFile(path, snap); err != nil {
@@ -114,7 +116,7 @@ func TestSettleRidesAlong(t *testing.T) {
 // winner per record.
 func TestGroupCommit(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "records.db")
-	s, err := store.Open(path, store.Options{})
+	s, err := bolt.Open(path, bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,7 +124,7 @@ func TestGroupCommit(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
-			if err := s.Create(context.Background(), issued(fmt.Sprintf("r%03d", i), t0)); err != nil {
+			if err := s.Create(context.Background(), storetest.Issued(fmt.Sprintf("r%03d", i), t0)); err != nil {
 				t.Error(err)
 			}
 		})
@@ -166,45 +168,15 @@ func copyFile(from, to string) error {
 }
 
 func TestClosedStore(t *testing.T) {
-	s, err := store.Open(filepath.Join(t.TempDir(), "records.db"), store.Options{})
+	s, err := bolt.Open(filepath.Join(t.TempDir(), "records.db"), bolt.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
-	if err := s.Create(context.Background(), issued("a", t0)); err == nil {
+	if err := s.Create(context.Background(), storetest.Issued("a", t0)); err == nil {
 		t.Error("Create() on a closed store succeeded")
 	}
 	s.Settle("a", store.Consuming, store.Consumed, t0) // dropped, no panic
-}
-
-func TestImport(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "records.db")
-	s := openStore(t, path)
-	mustCreate(t, s, issued("taken", t0))
-	recs := []store.Record{issued("a", t0), issued("b", t0.Add(time.Minute))}
-	closed := issued("c", t0)
-	closed.State, closed.ClosedAt = store.Consumed, t0
-	recs = append(recs, closed)
-	if err := s.Import(context.Background(), recs); err != nil {
-		t.Fatal(err)
-	}
-	active, err := s.Active(context.Background(), t0.Add(time.Hour), 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := ids(active); fmt.Sprint(got) != "[taken a b]" && fmt.Sprint(got) != "[a taken b]" {
-		t.Errorf("Active() = %v, want taken, a and b", got)
-	}
-	if n, err := s.Prune(context.Background(), t0.Add(time.Second), 0); err != nil || n != 1 {
-		t.Errorf("Prune() = %d, %v; want the one closed record", n, err)
-	}
-	err = s.Import(context.Background(), []store.Record{issued("d", t0), issued("taken", t0)})
-	if !errors.Is(err, store.ErrExists) {
-		t.Errorf("Import() with a taken id = %v, want ErrExists", err)
-	}
-	if _, err := s.Get(context.Background(), "d"); !errors.Is(err, store.ErrNotFound) {
-		t.Errorf("a failed Import() left record d behind: %v", err)
-	}
 }
 
 // BenchmarkDecryptWrites is the store's share of a decrypt: the durable
@@ -217,7 +189,7 @@ func BenchmarkDecryptWrites(b *testing.B) {
 		id := fmt.Sprintf("bench-%09d", i)
 		i++
 		b.StopTimer()
-		mustCreate(b, s, issued(id, t0))
+		mustCreate(b, s, storetest.Issued(id, t0))
 		b.StartTimer()
 		if _, err := s.Transition(ctx, id, store.Issued, store.Consuming, t0); err != nil {
 			b.Fatal(err)
@@ -240,7 +212,7 @@ func BenchmarkTransitionParallel(b *testing.B) {
 			id := fmt.Sprintf("bench-%09d", next)
 			next++
 			mu.Unlock()
-			if err := s.Create(ctx, issued(id, t0)); err != nil {
+			if err := s.Create(ctx, storetest.Issued(id, t0)); err != nil {
 				b.Fatal(err)
 			}
 			if _, err := s.Transition(ctx, id, store.Issued, store.Consuming, t0); err != nil {

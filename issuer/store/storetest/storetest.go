@@ -1,10 +1,12 @@
-package store_test
+// Package storetest is the contract every record store keeps, as one suite
+// of tests: [Run] it from each backend's tests, so that a behaviour that
+// differs between backends is a test failure, not a surprise in production.
+package storetest
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
@@ -14,24 +16,55 @@ import (
 	"github.com/keyissuer/keyissuer/issuer/store"
 )
 
-// base is a fixed instant in UTC without a monotonic reading, so records
-// compare equal with reflect.DeepEqual after a JSON round trip.
-var base = time.Date(2030, 1, 2, 3, 4, 5, 6, time.UTC)
-
-func openStore(t testing.TB, path string) *store.Bolt {
-	t.Helper()
-	if path == "" {
-		path = filepath.Join(t.TempDir(), "sub", "records.db")
-	}
-	s, err := store.Open(path, store.Options{})
-	if err != nil {
-		t.Fatalf("Open(%s) = %v", path, err)
-	}
-	t.Cleanup(func() { s.Close() })
-	return s
+// Store is the contract: what the issuer needs of a record store, plus
+// Import. Implementations are safe for concurrent use. Create and Import
+// fail with [store.ErrExists] on a taken uniqueId (Import then stores
+// nothing); Get and Transition fail with [store.ErrNotFound] on an unknown
+// one; Transition is a compare-and-swap that fails with a
+// *[store.StateError] holding the record as it is; leaving the active
+// states sets ClosedAt. Settle is that compare-and-swap without waiting for
+// durability, seen at once by Get and Transition of the same store. Times
+// come back in UTC, to the microsecond at least.
+type Store interface {
+	Create(ctx context.Context, r store.Record) error
+	Import(ctx context.Context, recs []store.Record) error
+	Get(ctx context.Context, id string) (store.Record, error)
+	Transition(ctx context.Context, id string, from, to store.State, at time.Time) (store.Record, error)
+	Settle(id string, from, to store.State, at time.Time)
+	Active(ctx context.Context, before time.Time, limit int) ([]store.Record, error)
+	Prune(ctx context.Context, before time.Time, limit int) (int, error)
 }
 
-func issued(id string, expires time.Time) store.Record {
+// base is a fixed instant in UTC, whole microseconds, without a monotonic
+// reading: records compare equal with reflect.DeepEqual after a round trip
+// through any backend.
+var base = time.Date(2030, 1, 2, 3, 4, 5, 6000, time.UTC)
+
+// Run runs the contract suite. newStore returns a new, empty store, and
+// closes it with t.Cleanup.
+func Run(t *testing.T, newStore func(t testing.TB) Store) {
+	tests := []struct {
+		name string
+		fn   func(*testing.T, func(testing.TB) Store)
+	}{
+		{"CreateGet", testCreateGet},
+		{"Transition", testTransition},
+		{"CompareAndSwapRace", testCompareAndSwapRace},
+		{"ManyRecordsRace", testManyRecordsRace},
+		{"Settle", testSettle},
+		{"Active", testActive},
+		{"Prune", testPrune},
+		{"Import", testImport},
+		{"CanceledContext", testCanceledContext},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) { tt.fn(t, newStore) })
+	}
+}
+
+// Issued returns an issued record with the given id and expiry: a fixture
+// for backends' own tests.
+func Issued(id string, expires time.Time) store.Record {
 	return store.Record{
 		UniqueID:   id,
 		Salt:       "salt-" + id,
@@ -43,7 +76,7 @@ func issued(id string, expires time.Time) store.Record {
 	}
 }
 
-func mustCreate(t testing.TB, s *store.Bolt, rs ...store.Record) {
+func mustCreate(t testing.TB, s Store, rs ...store.Record) {
 	t.Helper()
 	for _, r := range rs {
 		if err := s.Create(context.Background(), r); err != nil {
@@ -52,7 +85,7 @@ func mustCreate(t testing.TB, s *store.Bolt, rs ...store.Record) {
 	}
 }
 
-func mustTransition(t testing.TB, s *store.Bolt, id string, from, to store.State, at time.Time) store.Record {
+func mustTransition(t testing.TB, s Store, id string, from, to store.State, at time.Time) store.Record {
 	t.Helper()
 	r, err := s.Transition(context.Background(), id, from, to, at)
 	if err != nil {
@@ -69,8 +102,9 @@ func ids(rs []store.Record) []string {
 	return out
 }
 
-func TestCreateGet(t *testing.T) {
+func testCreateGet(t *testing.T, newStore func(testing.TB) Store) {
 	ctx := context.Background()
+	bare := store.Record{UniqueID: "bare", State: store.Issued, IssuedAt: base, ExpiresAt: base.Add(time.Hour)}
 	tests := []struct {
 		name     string
 		existing []store.Record
@@ -80,37 +114,28 @@ func TestCreateGet(t *testing.T) {
 		wantErr  error // of Create
 		wantGet  error
 	}{
-		{
-			name:   "new record",
-			create: issued("a", base),
-			get:    "a",
-			want:   issued("a", base),
-		},
+		{name: "new record", create: Issued("a", base), get: "a", want: Issued("a", base)},
+		{name: "no customer or client", create: bare, get: "bare", want: bare},
 		{
 			name:     "second record",
-			existing: []store.Record{issued("a", base)},
-			create:   issued("b", base.Add(time.Second)),
+			existing: []store.Record{Issued("a", base)},
+			create:   Issued("b", base.Add(time.Second)),
 			get:      "b",
-			want:     issued("b", base.Add(time.Second)),
+			want:     Issued("b", base.Add(time.Second)),
 		},
 		{
 			name:     "create twice",
-			existing: []store.Record{issued("a", base)},
+			existing: []store.Record{Issued("a", base)},
 			create:   store.Record{UniqueID: "a", Salt: "other", State: store.Issued, ExpiresAt: base.Add(time.Hour)},
 			get:      "a",
-			want:     issued("a", base), // untouched
+			want:     Issued("a", base), // untouched
 			wantErr:  store.ErrExists,
 		},
-		{
-			name:    "get unknown",
-			create:  issued("a", base),
-			get:     "zz",
-			wantGet: store.ErrNotFound,
-		},
+		{name: "get unknown", create: Issued("a", base), get: "zz", wantGet: store.ErrNotFound},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := openStore(t, "")
+			s := newStore(t)
 			mustCreate(t, s, tt.existing...)
 			err := s.Create(ctx, tt.create)
 			if !errors.Is(err, tt.wantErr) {
@@ -130,7 +155,7 @@ func TestCreateGet(t *testing.T) {
 	}
 }
 
-func TestTransition(t *testing.T) {
+func testTransition(t *testing.T, newStore func(testing.TB) Store) {
 	at := base.Add(3 * time.Minute)
 	tests := []struct {
 		name       string
@@ -145,18 +170,20 @@ func TestTransition(t *testing.T) {
 		{name: "claim", state: store.Issued, from: store.Issued, to: store.Consuming, want: store.Consuming},
 		{name: "release", state: store.Consuming, from: store.Consuming, to: store.Issued, want: store.Issued},
 		{name: "consume", state: store.Consuming, from: store.Consuming, to: store.Consumed, want: store.Consumed, wantClosed: true},
+		{name: "lose while consuming", state: store.Consuming, from: store.Consuming, to: store.Lost, want: store.Lost, wantClosed: true},
 		{name: "expire", state: store.Issued, from: store.Issued, to: store.Expired, want: store.Expired, wantClosed: true},
 		{name: "lose", state: store.Issued, from: store.Issued, to: store.Lost, want: store.Lost, wantClosed: true},
 		{name: "claim consuming", state: store.Consuming, from: store.Issued, to: store.Consuming, wantStuck: store.Consuming},
 		{name: "claim consumed", state: store.Consumed, from: store.Issued, to: store.Consuming, wantStuck: store.Consumed},
 		{name: "expire consuming", state: store.Consuming, from: store.Issued, to: store.Expired, wantStuck: store.Consuming},
+		{name: "release consumed", state: store.Consumed, from: store.Consuming, to: store.Issued, wantStuck: store.Consumed},
 		{name: "unknown", state: store.Issued, id: "nope", from: store.Issued, to: store.Consuming, wantErr: store.ErrNotFound},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
-			s := openStore(t, "")
-			mustCreate(t, s, issued("a", base))
+			s := newStore(t)
+			mustCreate(t, s, Issued("a", base))
 			// Walk the record to its starting state.
 			switch tt.state {
 			case store.Consuming:
@@ -185,6 +212,9 @@ func TestTransition(t *testing.T) {
 				}
 				if se.Current.State != tt.wantStuck || se.Want != tt.from || se.Current.UniqueID != "a" {
 					t.Errorf("StateError = %+v, want Current.State %s, Want %s", se, tt.wantStuck, tt.from)
+				}
+				if !strings.Contains(err.Error(), string(tt.wantStuck)) {
+					t.Errorf("error %q does not say the record is %s", err, tt.wantStuck)
 				}
 				if after, _ := s.Get(ctx, "a"); !reflect.DeepEqual(after, before) {
 					t.Errorf("a failed CAS changed the record: %+v, was %+v", after, before)
@@ -217,30 +247,12 @@ func TestTransition(t *testing.T) {
 	}
 }
 
-func TestTransitionCompareAndSwap(t *testing.T) {
+// testCompareAndSwapRace claims one record from many goroutines at once:
+// exactly one wins, every other sees a StateError saying consuming.
+func testCompareAndSwapRace(t *testing.T, newStore func(testing.TB) Store) {
 	ctx := context.Background()
-	s := openStore(t, "")
-	mustCreate(t, s, issued("a", base))
-	if _, err := s.Transition(ctx, "a", store.Issued, store.Consuming, base); err != nil {
-		t.Fatalf("first claim = %v", err)
-	}
-	_, err := s.Transition(ctx, "a", store.Issued, store.Consuming, base)
-	var se *store.StateError
-	if !errors.As(err, &se) {
-		t.Fatalf("second claim = %v, want a *StateError", err)
-	}
-	if se.Current.State != store.Consuming {
-		t.Errorf("StateError.Current.State = %s, want %s", se.Current.State, store.Consuming)
-	}
-	if !strings.Contains(err.Error(), "consuming") {
-		t.Errorf("error %q does not say the record is consuming", err)
-	}
-}
-
-func TestTransitionConcurrentClaim(t *testing.T) {
-	ctx := context.Background()
-	s := openStore(t, "")
-	mustCreate(t, s, issued("a", base))
+	s := newStore(t)
+	mustCreate(t, s, Issued("a", base))
 
 	const n = 64
 	var (
@@ -274,17 +286,112 @@ func TestTransitionConcurrentClaim(t *testing.T) {
 	}
 }
 
-func TestActive(t *testing.T) {
+// testManyRecordsRace races claims, expiries and losses on many records at
+// once: each record leaves issued exactly once.
+func testManyRecordsRace(t *testing.T, newStore func(testing.TB) Store) {
 	ctx := context.Background()
-	s := openStore(t, "")
+	s := newStore(t)
+	const n = 100
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			if err := s.Create(ctx, Issued(fmt.Sprintf("r%03d", i), base)); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	var (
+		mu   sync.Mutex
+		wins = map[string]store.State{}
+	)
+	for i := range n {
+		for _, to := range []store.State{store.Consuming, store.Consuming, store.Expired, store.Lost} {
+			wg.Go(func() {
+				id := fmt.Sprintf("r%03d", i)
+				_, err := s.Transition(ctx, id, store.Issued, to, base)
+				var se *store.StateError
+				switch {
+				case err == nil:
+					mu.Lock()
+					if w, ok := wins[id]; ok {
+						t.Errorf("%s left issued twice: to %s and to %s", id, w, to)
+					}
+					wins[id] = to
+					mu.Unlock()
+				case !errors.As(err, &se):
+					t.Error(err)
+				}
+			})
+		}
+	}
+	wg.Wait()
+	for i := range n {
+		id := fmt.Sprintf("r%03d", i)
+		r, err := s.Get(ctx, id)
+		if err != nil || r.State != wins[id] {
+			t.Errorf("%s is %s (%v), want %s, the winner's", id, r.State, err, wins[id])
+		}
+	}
+}
+
+func testSettle(t *testing.T, newStore func(testing.TB) Store) {
+	tests := []struct {
+		name  string
+		claim bool // move the record to consuming before the settle
+		to    store.State
+		want  store.State
+	}{
+		{name: "consumed", claim: true, to: store.Consumed, want: store.Consumed},
+		{name: "lost", claim: true, to: store.Lost, want: store.Lost},
+		{name: "not consuming: no change", claim: false, to: store.Consumed, want: store.Issued},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			s := newStore(t)
+			mustCreate(t, s, Issued("a", base))
+			if tt.claim {
+				mustTransition(t, s, "a", store.Issued, store.Consuming, base)
+			}
+			at := base.Add(time.Second)
+			s.Settle("a", store.Consuming, tt.to, at)
+			// Visible at once, committed or not.
+			r, err := s.Get(ctx, "a")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.State != tt.want {
+				t.Errorf("Get() right after Settle: state %s, want %s", r.State, tt.want)
+			}
+			if !tt.want.Active() && !r.ClosedAt.Equal(at) {
+				t.Errorf("ClosedAt = %v, want %v", r.ClosedAt, at)
+			}
+			// A compare-and-swap sees it too.
+			from := store.Consuming
+			if !tt.claim {
+				from = store.Expired // never the state: a sure conflict
+			}
+			_, err = s.Transition(ctx, "a", from, store.Expired, base)
+			var se *store.StateError
+			if !errors.As(err, &se) || se.Current.State != tt.want {
+				t.Errorf("Transition(%s→expired) after Settle = %v, want a StateError in state %s", from, err, tt.want)
+			}
+		})
+	}
+}
+
+func testActive(t *testing.T, newStore func(testing.TB) Store) {
+	ctx := context.Background()
+	s := newStore(t)
 	// Created out of order; "x" ends consumed, "y" expired: neither is active.
 	mustCreate(t, s,
-		issued("c", base.Add(3*time.Minute)),
-		issued("a", base.Add(1*time.Minute)),
-		issued("x", base.Add(30*time.Second)),
-		issued("d", base.Add(4*time.Minute)),
-		issued("b", base.Add(2*time.Minute)),
-		issued("y", base.Add(90*time.Second)),
+		Issued("c", base.Add(3*time.Minute)),
+		Issued("a", base.Add(1*time.Minute)),
+		Issued("x", base.Add(30*time.Second)),
+		Issued("d", base.Add(4*time.Minute)),
+		Issued("b", base.Add(2*time.Minute)),
+		Issued("y", base.Add(90*time.Second)),
 	)
 	mustTransition(t, s, "b", store.Issued, store.Consuming, base) // still active
 	mustTransition(t, s, "x", store.Issued, store.Consuming, base)
@@ -303,8 +410,9 @@ func TestActive(t *testing.T) {
 		{name: "limit above count", before: base.Add(time.Hour), limit: 10, want: []string{"a", "b", "c", "d"}},
 		{name: "before some", before: base.Add(150 * time.Second), want: []string{"a", "b"}},
 		{name: "strictly before", before: base.Add(3 * time.Minute), want: []string{"a", "b"}},
-		{name: "just after", before: base.Add(3*time.Minute + 1), want: []string{"a", "b", "c"}},
+		{name: "just after", before: base.Add(3*time.Minute + time.Microsecond), want: []string{"a", "b", "c"}},
 		{name: "none due", before: base, want: []string{}},
+		{name: "far future", before: time.Unix(0, 1<<62), want: []string{"a", "b", "c", "d"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -324,13 +432,13 @@ func TestActive(t *testing.T) {
 	}
 }
 
-func TestPrune(t *testing.T) {
+func testPrune(t *testing.T, newStore func(testing.TB) Store) {
 	// Closed at base+1m ("a"), +2m ("b"), +3m ("c"); "d" is active with an
 	// old expiry and must never be pruned.
-	setup := func(t testing.TB) *store.Bolt {
+	setup := func(t testing.TB) Store {
 		t.Helper()
-		s := openStore(t, "")
-		mustCreate(t, s, issued("a", base), issued("b", base), issued("c", base), issued("d", base.Add(-time.Hour)))
+		s := newStore(t)
+		mustCreate(t, s, Issued("a", base), Issued("b", base), Issued("c", base), Issued("d", base.Add(-time.Hour)))
 		mustTransition(t, s, "c", store.Issued, store.Lost, base.Add(3*time.Minute))
 		mustTransition(t, s, "a", store.Issued, store.Expired, base.Add(1*time.Minute))
 		mustTransition(t, s, "b", store.Issued, store.Consuming, base)
@@ -346,6 +454,7 @@ func TestPrune(t *testing.T) {
 		wantAgain int // what a second Prune with a large limit deletes
 	}{
 		{name: "all closed", before: base.Add(time.Hour), limit: 100, want: 3, wantLeft: []string{"d"}},
+		{name: "no limit", before: base.Add(time.Hour), limit: 0, want: 3, wantLeft: []string{"d"}},
 		{name: "limit", before: base.Add(time.Hour), limit: 2, want: 2, wantLeft: []string{"c", "d"}, wantAgain: 1},
 		{name: "cutoff", before: base.Add(150 * time.Second), limit: 100, want: 2, wantLeft: []string{"c", "d"}},
 		{name: "cutoff is exclusive", before: base.Add(2 * time.Minute), limit: 100, want: 1, wantLeft: []string{"b", "c", "d"}},
@@ -390,75 +499,59 @@ func TestPrune(t *testing.T) {
 	}
 }
 
-func TestReopen(t *testing.T) {
+// testImport loads records in bulk, as the benchmark loads its store of a
+// million (here fewer, to stay quick): all or nothing, and indexed.
+func testImport(t *testing.T, newStore func(testing.TB) Store) {
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "records.db")
-	s, err := store.Open(path, store.Options{CommitDelay: 5 * time.Millisecond})
+	s := newStore(t)
+	mustCreate(t, s, Issued("taken", base))
+	const n = 20000
+	recs := make([]store.Record, 0, n)
+	for i := range n {
+		r := Issued(fmt.Sprintf("imp-%06d", i), base.Add(time.Duration(i+1)*time.Second))
+		if i%2 == 1 { // every other one closed, in order of closing
+			r.State, r.ClosedAt = store.Consumed, base.Add(time.Duration(i)*time.Millisecond)
+		}
+		recs = append(recs, r)
+	}
+	if err := s.Import(ctx, recs); err != nil {
+		t.Fatalf("Import(%d records) = %v", n, err)
+	}
+	if r, err := s.Get(ctx, "imp-000001"); err != nil || !reflect.DeepEqual(r, recs[1]) {
+		t.Errorf("Get(imp-000001) = %+v, %v; want %+v", r, err, recs[1])
+	}
+	active, err := s.Active(ctx, base.Add(time.Hour), 3)
 	if err != nil {
 		t.Fatal(err)
 	}
-	mustCreate(t, s, issued("a", base), issued("b", base.Add(time.Minute)), issued("c", base.Add(2*time.Minute)))
-	mustTransition(t, s, "a", store.Issued, store.Consuming, base)
-	mustTransition(t, s, "a", store.Consuming, store.Consumed, base.Add(time.Second))
-	mustTransition(t, s, "b", store.Issued, store.Consuming, base)
-	want, _ := s.Get(ctx, "a")
-	if err := s.Close(); err != nil {
-		t.Fatalf("Close() = %v", err)
+	if got := fmt.Sprint(ids(active)); got != "[taken imp-000000 imp-000002]" {
+		t.Errorf("Active(limit 3) = %v, want [taken imp-000000 imp-000002]", got)
 	}
-
-	s = openStore(t, path)
-	got, err := s.Get(ctx, "a")
-	if err != nil || !reflect.DeepEqual(got, want) {
-		t.Errorf("Get(a) after reopen = %+v, %v; want %+v", got, err, want)
+	if all, err := s.Active(ctx, time.Unix(0, 1<<62), 0); err != nil || len(all) != n/2+1 {
+		t.Errorf("Active() = %d records, %v; want %d", len(all), err, n/2+1)
 	}
-	active, err := s.Active(ctx, base.Add(time.Hour), 0)
-	if err != nil || !reflect.DeepEqual(ids(active), []string{"b", "c"}) {
-		t.Errorf("Active() after reopen = %v, %v; want [b c]", ids(active), err)
+	if k, err := s.Prune(ctx, base.Add(time.Second), 0); err != nil || k != 500 {
+		t.Errorf("Prune(first second) = %d, %v; want the 500 records closed in it", k, err)
 	}
-	if _, err := s.Transition(ctx, "b", store.Issued, store.Consuming, base); err == nil {
-		t.Error("claim of a record claimed before the restart succeeded")
+	err = s.Import(ctx, []store.Record{Issued("d", base), Issued("taken", base)})
+	if !errors.Is(err, store.ErrExists) {
+		t.Errorf("Import() with a taken id = %v, want ErrExists", err)
 	}
-	if n, err := s.Prune(ctx, base.Add(time.Hour), 10); err != nil || n != 1 {
-		t.Errorf("Prune() after reopen = %d, %v; want 1", n, err)
+	if _, err := s.Get(ctx, "d"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("a failed Import() left record d behind: %v", err)
+	}
+	err = s.Import(ctx, []store.Record{Issued("e", base), Issued("e", base)})
+	if !errors.Is(err, store.ErrExists) {
+		t.Errorf("Import() of one id twice = %v, want ErrExists", err)
 	}
 }
 
-func TestOpenInUse(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "records.db")
-	openStore(t, path)
-
-	type result struct {
-		s   *store.Bolt
-		err error
-	}
-	done := make(chan result, 1)
-	start := time.Now()
-	go func() {
-		s, err := store.Open(path, store.Options{})
-		done <- result{s, err}
-	}()
-	var r result
-	select {
-	case r = <-done:
-	case <-time.After(30 * time.Second): // a hang guard, not a timing check
-		t.Fatal("a second Open of a file in use did not return")
-	}
-	t.Logf("second Open returned after %v", time.Since(start))
-	if r.err == nil {
-		r.s.Close()
-		t.Fatal("second Open of the same file succeeded")
-	}
-	if !strings.Contains(r.err.Error(), "in use") {
-		t.Errorf("second Open = %q, want it to say the store is in use", r.err)
-	}
-}
-
-func TestCanceledContext(t *testing.T) {
-	s := openStore(t, "")
-	mustCreate(t, s, issued("a", base))
+func testCanceledContext(t *testing.T, newStore func(testing.TB) Store) {
+	s := newStore(t)
+	mustCreate(t, s, Issued("a", base))
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if err := s.Create(ctx, issued("b", base)); !errors.Is(err, context.Canceled) {
+	if err := s.Create(ctx, Issued("b", base)); !errors.Is(err, context.Canceled) {
 		t.Errorf("Create() with a canceled context = %v", err)
 	}
 	if _, err := s.Transition(ctx, "a", store.Issued, store.Consuming, base); !errors.Is(err, context.Canceled) {
@@ -467,41 +560,7 @@ func TestCanceledContext(t *testing.T) {
 	if r, _ := s.Get(context.Background(), "a"); r.State != store.Issued {
 		t.Errorf("record is %s after a canceled transition", r.State)
 	}
-}
-
-func BenchmarkTransition(b *testing.B) {
-	ctx := context.Background()
-	s := openStore(b, "")
-	i := 0
-	for b.Loop() {
-		id := fmt.Sprintf("bench-%09d", i)
-		i++
-		if err := s.Create(ctx, issued(id, base)); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := s.Transition(ctx, id, store.Issued, store.Consuming, base); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := s.Transition(ctx, id, store.Consuming, store.Consumed, base); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
-
-func BenchmarkGet(b *testing.B) {
-	ctx := context.Background()
-	s := openStore(b, "")
-	const n = 1000
-	for i := range n {
-		if err := s.Create(ctx, issued(fmt.Sprintf("bench-%09d", i), base)); err != nil {
-			b.Fatal(err)
-		}
-	}
-	i := 0
-	for b.Loop() {
-		if _, err := s.Get(ctx, fmt.Sprintf("bench-%09d", i%n)); err != nil {
-			b.Fatal(err)
-		}
-		i++
+	if _, err := s.Get(context.Background(), "b"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("a canceled Create() stored its record: %v", err)
 	}
 }

@@ -1,0 +1,140 @@
+package postgres_test
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/keyissuer/keyissuer/issuer"
+	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
+	"github.com/keyissuer/keyissuer/issuer/store/postgres"
+	"github.com/keyissuer/keyissuer/issuer/store/storetest"
+)
+
+func TestMain(m *testing.M) { pgtest.Main(m) }
+
+// The issuer's contracts: a record store, and a cluster membership.
+var (
+	_ issuer.Store   = (*postgres.Store)(nil)
+	_ issuer.Cluster = (*postgres.Cluster)(nil)
+)
+
+func open(t testing.TB, db pgtest.Database) *postgres.Store {
+	t.Helper()
+	s, err := postgres.Open(context.Background(), postgres.Options{DSN: db.DSN, Password: db.Password})
+	if err != nil {
+		t.Fatalf("Open() = %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// TestContract runs the contract every record store keeps.
+func TestContract(t *testing.T) {
+	storetest.Run(t, func(t testing.TB) storetest.Store { return open(t, pgtest.NewDatabase(t)) })
+}
+
+func TestMigrationsConcurrentAndIdempotent(t *testing.T) {
+	db := pgtest.NewDatabase(t)
+	errs := make(chan error, 4)
+	for range 4 {
+		go func() {
+			s, err := postgres.Open(context.Background(), postgres.Options{DSN: db.DSN, Password: db.Password})
+			if err == nil {
+				s.Close()
+			}
+			errs <- err
+		}()
+	}
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Errorf("Open() of instances starting together = %v", err)
+		}
+	}
+	s := open(t, db)
+	var n int
+	if err := s.Pool().QueryRow(context.Background(), "SELECT count(*) FROM schema_migrations").Scan(&n); err != nil || n != postgres.SchemaVersion() {
+		t.Errorf("schema_migrations has %d rows (%v), want %d", n, err, postgres.SchemaVersion())
+	}
+}
+
+func TestRefusesNewerSchema(t *testing.T) {
+	db := pgtest.NewDatabase(t)
+	s := open(t, db)
+	if _, err := s.Pool().Exec(context.Background(), "INSERT INTO schema_migrations (version, name) VALUES (999, '0999_future.sql')"); err != nil {
+		t.Fatal(err)
+	}
+	_, err := postgres.Open(context.Background(), postgres.Options{DSN: db.DSN, Password: db.Password})
+	if err == nil || !strings.Contains(err.Error(), "version 999, newer than this keyissuerd knows") {
+		t.Errorf("Open() on a newer schema = %v, want a refusal that says why", err)
+	}
+}
+
+func TestCheckDSN(t *testing.T) {
+	tests := []struct {
+		dsn     string
+		wantErr bool
+	}{
+		{"host=127.0.0.1 port=5432 user=keyissuer dbname=keyissuer", false},
+		{"postgres://keyissuer@127.0.0.1:5432/keyissuer?sslmode=disable", false},
+		{"host=127.0.0.1 user=k password=secret dbname=k", true},
+		{"postgres://k:secret@127.0.0.1/k", true},
+		{"postgres://k@127.0.0.1/k?password=secret", true},
+	}
+	for _, tt := range tests {
+		err := postgres.CheckDSN(tt.dsn)
+		if (err != nil) != tt.wantErr {
+			t.Errorf("CheckDSN(%q) = %v, want error %v", tt.dsn, err, tt.wantErr)
+		}
+		if err != nil && strings.Contains(err.Error(), "secret") {
+			t.Errorf("CheckDSN(%q) = %q shows the password", tt.dsn, err)
+		}
+	}
+}
+
+func TestFirstUse(t *testing.T) {
+	ctx := context.Background()
+	db := pgtest.NewDatabase(t)
+	a, b := open(t, db), open(t, db) // two instances
+	digest := []byte("digest-1")
+	future := time.Now().Add(time.Hour)
+	var (
+		wg    sync.WaitGroup
+		first atomic.Int32
+	)
+	for i := range 20 {
+		s := a
+		if i%2 == 1 {
+			s = b
+		}
+		wg.Go(func() {
+			ok, err := s.FirstUse(ctx, digest, future)
+			if err != nil {
+				t.Error(err)
+			}
+			if ok {
+				first.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if first.Load() != 1 {
+		t.Errorf("%d of 20 concurrent uses were first, want 1", first.Load())
+	}
+	// An expired use is forgotten: the digest may come again.
+	if ok, err := a.FirstUse(ctx, []byte("digest-2"), time.Now().Add(-time.Second)); !ok || err != nil {
+		t.Fatalf("FirstUse(new) = %v, %v", ok, err)
+	}
+	if ok, err := b.FirstUse(ctx, []byte("digest-2"), future); !ok || err != nil {
+		t.Errorf("FirstUse after the first use expired = %v, %v; want true", ok, err)
+	}
+	if ok, _ := b.FirstUse(ctx, []byte("digest-2"), future); ok {
+		t.Error("a replay within its expiry was first")
+	}
+	if n, err := a.PruneReplay(ctx, 100); err != nil || n != 0 {
+		t.Errorf("PruneReplay() = %d, %v; want nothing expired", n, err)
+	}
+}
