@@ -256,9 +256,9 @@ func New(cfg Config) (*Issuer, error) {
 		}
 	}
 	return &Issuer{
-		cfg:  cfg,
-		log:  cfg.Log,
-		pool: newPool(cfg.PoolSize),
+		cfg:    cfg,
+		log:    cfg.Log,
+		pool:   newPool(cfg.PoolSize),
 		keys:   map[string]*hsm.Key{},
 		claims: map[string]claim{},
 		kick:   make(chan struct{}, 1),
