@@ -30,6 +30,7 @@ type env struct {
 	prefix  string
 	dbPath  string
 	now     atomic.Pointer[time.Time]
+	mod     func(*issuer.Config) // changes the issuer's config at every open
 
 	tok *hsm.Token
 	st  *store.Bolt
@@ -38,8 +39,15 @@ type env struct {
 
 func newEnv(t testing.TB, storage hsm.Storage) *env {
 	t.Helper()
+	return newEnvWith(t, storage, nil)
+}
+
+// newEnvWith is newEnv with mod applied to the issuer's config.
+func newEnvWith(t testing.TB, storage hsm.Storage, mod func(*issuer.Config)) *env {
+	t.Helper()
 	e := &env{
 		t:       t,
+		mod:     mod,
 		storage: storage,
 		prefix:  "it-" + filepath.Base(t.TempDir()) + ":",
 		dbPath:  filepath.Join(t.TempDir(), "records.db"),
@@ -77,7 +85,7 @@ func (e *env) open() {
 	if e.st, err = store.Open(e.dbPath, store.Options{}); err != nil {
 		t.Fatal(err)
 	}
-	e.is, err = issuer.New(issuer.Config{
+	cfg := issuer.Config{
 		Token:        e.tok,
 		Store:        e.st,
 		Storage:      e.storage,
@@ -89,7 +97,11 @@ func (e *env) open() {
 		ApplyWait:    10 * time.Second,
 		ReapInterval: time.Hour, // tests call Reap themselves
 		Now:          func() time.Time { return *e.now.Load() },
-	})
+	}
+	if e.mod != nil {
+		e.mod(&cfg)
+	}
+	e.is, err = issuer.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
