@@ -93,7 +93,8 @@ import (
 // waiting for the token, only when C_Decrypt was never called. Once it
 // was, it returns [hsm.ErrDecrypt], [hsm.ErrInterrupted] (the token failed
 // and whether it decrypted is unknown) or another error, never
-// ErrUnavailable. Generate leaves no object behind that it did not return.
+// ErrUnavailable. Generate leaves no object behind that it did not return
+// (what a fault keeps it from destroying at once, Check destroys later).
 type Token interface {
 	Generate(ctx context.Context, id string) (*hsm.Key, error)
 	Decrypt(ctx context.Context, k *hsm.Key, p hsm.Padding, ciphertext []byte) ([]byte, error)

@@ -161,6 +161,7 @@ func outcome(err error) string {
 		{issuer.ErrExpired, "expired"},
 		{issuer.ErrLost, "lost"},
 		{issuer.ErrDecrypt, "decrypt_failed"},
+		{issuer.ErrAbandoned, "decrypt_abandoned"}, // the key is consumed, nothing decrypted
 		{issuer.ErrCiphertext, "bad_ciphertext"},
 		{issuer.ErrPadding, "bad_padding"},
 		{issuer.ErrUnavailable, "unavailable"},

@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net/http"
 	"path"
+	"strconv"
 	"time"
 
 	"github.com/keyissuer/keyissuer/hsm"
@@ -41,17 +42,20 @@ var _ Issuer = (*issuer.Issuer)(nil)
 
 // Error codes.
 const (
-	CodeParamIllegal   = "PARAM_ILLEGAL"
-	CodeKeyNotFound    = "KEY_NOT_FOUND"
-	CodeKeyConsumed    = "KEY_CONSUMED"
-	CodeKeyExpired     = "KEY_EXPIRED"
-	CodeKeyLost        = "KEY_LOST"
-	CodeDecryptFailed  = "DECRYPT_FAILED"
-	CodeHSMUnavailable = "HSM_UNAVAILABLE"
-	CodeForbidden      = "FORBIDDEN"
-	CodeInternal       = "INTERNAL"
-	CodeNotFound       = "NOT_FOUND"
-	CodeMethod         = "METHOD_NOT_ALLOWED"
+	CodeParamIllegal  = "PARAM_ILLEGAL"
+	CodeKeyNotFound   = "KEY_NOT_FOUND"
+	CodeKeyConsumed   = "KEY_CONSUMED"
+	CodeKeyExpired    = "KEY_EXPIRED"
+	CodeKeyLost       = "KEY_LOST"
+	CodeDecryptFailed = "DECRYPT_FAILED"
+	// CodeDecryptAbandoned: the caller gave up while its decrypt waited
+	// for the token; nothing was decrypted, but the key is consumed.
+	CodeDecryptAbandoned = "DECRYPT_ABANDONED"
+	CodeHSMUnavailable   = "HSM_UNAVAILABLE"
+	CodeForbidden        = "FORBIDDEN"
+	CodeInternal         = "INTERNAL"
+	CodeNotFound         = "NOT_FOUND"
+	CodeMethod           = "METHOD_NOT_ALLOWED"
 )
 
 // maxBody bounds a request: a 4096-bit ciphertext is 684 base64 bytes.
@@ -180,20 +184,26 @@ func (h *Handler) decrypt(w http.ResponseWriter, r *http.Request) {
 		writeError(w, status, code, msg)
 		return
 	}
-	out := make([]byte, base64.StdEncoding.EncodedLen(len(pw)))
-	base64.StdEncoding.Encode(out, pw)
+	buf := passwordBody(pw)
 	clear(pw)
-	// Written by hand so the password's only copies are ones we clear.
-	buf := make([]byte, 0, len(out)+16)
-	buf = append(buf, `{"password":"`...)
-	buf = append(buf, out...)
-	buf = append(buf, `"}`...)
-	clear(out)
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Content-Length", strconv.Itoa(len(buf)))
 	w.WriteHeader(http.StatusOK)
 	w.Write(buf)
-	clear(buf)
+	clear(buf) // net/http's own write buffer keeps a copy: see README, "Security model"
+}
+
+// passwordBody returns {"password":"<base64 of pw>"}, encoded straight into
+// one buffer that the caller zeroes once written: the password's only
+// copies in keyissuer's own code are pw and this buffer.
+func passwordBody(pw []byte) []byte {
+	const head, tail = `{"password":"`, `"}`
+	buf := make([]byte, len(head)+base64.StdEncoding.EncodedLen(len(pw))+len(tail))
+	n := copy(buf, head)
+	base64.StdEncoding.Encode(buf[n:], pw)
+	copy(buf[len(buf)-len(tail):], tail)
+	return buf
 }
 
 // mapError is the one place issuer errors become codes and statuses.
@@ -209,6 +219,8 @@ func (h *Handler) mapError(err error, id string) (int, string, string) {
 		return http.StatusGone, CodeKeyLost, "the key was lost by the token (it restarted or failed); the merchant must apply again"
 	case errors.Is(err, issuer.ErrDecrypt):
 		return http.StatusUnprocessableEntity, CodeDecryptFailed, "decryption failed; the key is destroyed"
+	case errors.Is(err, issuer.ErrAbandoned):
+		return http.StatusGone, CodeDecryptAbandoned, "the request was cancelled while the decrypt waited for the token: nothing was decrypted, but the key is consumed and destroyed; the merchant must apply again"
 	case errors.Is(err, issuer.ErrPadding):
 		return http.StatusBadRequest, CodeParamIllegal, "padding is not one the daemon accepts (keys.paddings); the key was not used"
 	case errors.Is(err, issuer.ErrCiphertext):

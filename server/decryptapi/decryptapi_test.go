@@ -156,6 +156,7 @@ func TestDecrypt(t *testing.T) {
 		{"expired", issuer.ErrExpired, http.StatusGone, decryptapi.CodeKeyExpired},
 		{"lost", issuer.ErrLost, http.StatusGone, decryptapi.CodeKeyLost},
 		{"decrypt failed", issuer.ErrDecrypt, http.StatusUnprocessableEntity, decryptapi.CodeDecryptFailed},
+		{"abandoned", issuer.ErrAbandoned, http.StatusGone, decryptapi.CodeDecryptAbandoned},
 		{"wrapped decrypt failed", fmt.Errorf("token: %w", issuer.ErrDecrypt), http.StatusUnprocessableEntity, decryptapi.CodeDecryptFailed},
 		// As the issuer wraps it.
 		{"ciphertext length", fmt.Errorf("%w: got 3 bytes, want 256", issuer.ErrCiphertext), http.StatusBadRequest, decryptapi.CodeParamIllegal},

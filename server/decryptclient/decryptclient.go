@@ -36,15 +36,18 @@ import (
 
 // Error codes of the decrypt API.
 const (
-	ParamIllegal   = "PARAM_ILLEGAL"
-	KeyNotFound    = "KEY_NOT_FOUND"
-	KeyConsumed    = "KEY_CONSUMED"
-	KeyExpired     = "KEY_EXPIRED"
-	KeyLost        = "KEY_LOST"
-	DecryptFailed  = "DECRYPT_FAILED"
-	HSMUnavailable = "HSM_UNAVAILABLE"
-	Forbidden      = "FORBIDDEN" // this process's user may not use the socket
-	Internal       = "INTERNAL"
+	ParamIllegal  = "PARAM_ILLEGAL"
+	KeyNotFound   = "KEY_NOT_FOUND"
+	KeyConsumed   = "KEY_CONSUMED"
+	KeyExpired    = "KEY_EXPIRED"
+	KeyLost       = "KEY_LOST"
+	DecryptFailed = "DECRYPT_FAILED"
+	// DecryptAbandoned: the request was cancelled while its decrypt waited
+	// for the token; nothing was decrypted, the key is consumed.
+	DecryptAbandoned = "DECRYPT_ABANDONED"
+	HSMUnavailable   = "HSM_UNAVAILABLE"
+	Forbidden        = "FORBIDDEN" // this process's user may not use the socket
+	Internal         = "INTERNAL"
 )
 
 // Error is an error answered by the daemon.
@@ -110,12 +113,14 @@ func (c *Client) DecryptWithPadding(ctx context.Context, uniqueID string, cipher
 	backoff := c.Backoff
 	for attempt := 1; ; attempt++ {
 		var out struct {
-			Password string `json:"password"`
+			// Decoded from base64 straight into a slice the caller can
+			// zero; a string could not be.
+			Password []byte `json:"password"`
 		}
 		err := c.do(ctx, http.MethodPost, "/v1/decrypt", body, &out)
 		var e *Error
 		if err == nil {
-			return base64.StdEncoding.DecodeString(out.Password)
+			return out.Password, nil
 		}
 		if !errors.As(err, &e) || !e.Retryable() || attempt >= c.Attempts {
 			return nil, err
@@ -174,7 +179,9 @@ func (c *Client) do(ctx context.Context, method, path string, body []byte, out a
 		return fmt.Errorf("failed to read keyissuerd's answer: %w", err)
 	}
 	if resp.StatusCode == http.StatusOK {
-		return json.Unmarshal(b, out)
+		err := json.Unmarshal(b, out)
+		clear(b) // a decrypt's answer holds the password, in base64
+		return err
 	}
 	var e struct {
 		Error struct {
