@@ -534,7 +534,13 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	from := store.Issued // the state the record's last move starts from
 	if is.cfg.Storage == hsm.StorageToken {
 		if _, err := is.cfg.Store.Transition(ctx, uniqueID, store.Issued, store.Consuming, now); err != nil {
-			is.unclaim(uniqueID, k) // the token never saw the ciphertext
+			// The token never saw the ciphertext: the key goes back,
+			// unless the record is no longer issued (then it is not ours).
+			var se *store.StateError
+			if errors.As(err, &se) {
+				k = nil
+			}
+			is.unclaim(uniqueID, k)
 			return nil, transitionErr(err)
 		}
 		from = store.Consuming
