@@ -101,14 +101,7 @@ func TestSessionCrashLosesTheLastMove(t *testing.T) {
 	}
 	stop()
 	e.crash()
-	e.mod = nil
-	e.open()
-	if s := e.state(iss.UniqueID); s != store.Lost {
-		t.Errorf("after the restart: state %s, want lost", s)
-	}
-	if _, err := e.is.Decrypt(ctx, iss.UniqueID, ct); !errors.Is(err, issuer.ErrLost) {
-		t.Errorf("Decrypt after the restart: %v, want ErrLost", err)
-	}
+	restartWantsLost(t, e, iss.UniqueID, ct)
 	if n := e.objects(""); n != 0 {
 		t.Errorf("%d objects in the token after the restart", n)
 	}
@@ -135,12 +128,19 @@ func TestSessionCrashAfterTheClaim(t *testing.T) {
 	if pw, err := e.is.Decrypt(ctx, iss.UniqueID, ct); err == nil {
 		t.Fatalf("Decrypt on a crashed token answered %q", pw)
 	}
+	restartWantsLost(t, e, iss.UniqueID, ct)
+}
+
+// restartWantsLost starts e again, as after a crash, without the test's
+// config changes: the record of id is lost and ct does not decrypt.
+func restartWantsLost(t *testing.T, e *env, id string, ct []byte) {
+	t.Helper()
 	e.mod = nil
 	e.open()
-	if s := e.state(iss.UniqueID); s != store.Lost {
+	if s := e.state(id); s != store.Lost {
 		t.Errorf("after the restart: state %s, want lost", s)
 	}
-	if _, err := e.is.Decrypt(ctx, iss.UniqueID, ct); !errors.Is(err, issuer.ErrLost) {
+	if _, err := e.is.Decrypt(context.Background(), id, ct); !errors.Is(err, issuer.ErrLost) {
 		t.Errorf("Decrypt after the restart: %v, want ErrLost", err)
 	}
 }
