@@ -11,6 +11,10 @@
 // before its audit line is durable; a crash at any point is finished at the
 // next start. A decrypt pays for one durable write before it answers, the
 // audit line's fsync, in session storage, and for two in token storage.
+// The issuer's part of the audit promise: [EventDecrypt] is emitted
+// synchronously, once the record's last move is queued and visible, and
+// before Decrypt returns; the daemon's observer appends the line and, with
+// audit.fsync = "always", fsyncs it before the answer is written.
 //
 // Within the process, one request owns a key: the issued keys live in a map
 // under the issuer's mutex, and a decrypt claims its key by taking it out of
@@ -37,8 +41,12 @@
 // also why the final move may be lost: a crash between the answer and the
 // store's commit leaves an issued record whose audit trail says it
 // decrypted, followed by the key.lost of reconciliation; the audit line is
-// the authority on what was decrypted. The order inside the process is
-// the map's, and the store is read only to answer with the record's state.
+// the authority on what was decrypted. In session storage no write stops
+// a second decrypt, in the process or after it: the map does, then the
+// object's death. (So the promise holds with audit.fsync = "interval" too,
+// where a decrypt waits for no write at all.) An issued record whose key is
+// neither in the map nor claimed is one whose last move the store failed to
+// commit: it answers [ErrConsumed].
 //
 // Token storage: the key objects survive a crash, and reconciliation adopts
 // the objects of an issued record, so the claim must be durable before the
