@@ -443,17 +443,7 @@ func TestDecryptConcurrent(t *testing.T) {
 // it asks the token.
 func newClaimPausingHarness(t *testing.T) (h *harness, claimed, resume chan struct{}) {
 	t.Helper()
-	claimed, resume = make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	h = newHarness(t, func(c *Config) {
-		c.AfterClaim = func(string) {
-			once.Do(func() {
-				close(claimed)
-				<-resume
-			})
-		}
-	})
-	return h, claimed, resume
+	return pausedClaim(t, hsm.StorageSession, nil)
 }
 
 // TestDecryptRacingClaim orders two decrypts of one key: B reads the record
