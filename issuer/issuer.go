@@ -235,7 +235,7 @@ type Issuer struct {
 
 	mu       sync.Mutex
 	keys     map[string]*hsm.Key // issued, not yet claimed
-	claims   map[string]claim    // keys taken out of keys by their owner
+	claims   map[string]keyClaim // keys taken out of keys by their owner
 	pending  []pendingDestroy    // destroys to retry
 	retrying int                 // pending destroys the reaper is retrying
 	tally    tally               // outstanding keys by holder (quota.go)
@@ -269,7 +269,7 @@ func New(cfg Config) (*Issuer, error) {
 		log:    cfg.Log,
 		pool:   newPool(cfg.PoolSize),
 		keys:   map[string]*hsm.Key{},
-		claims: map[string]claim{},
+		claims: map[string]keyClaim{},
 		kick:   make(chan struct{}, 1),
 	}, nil
 }
@@ -533,9 +533,11 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	// first, which makes this request the key's one owner in the process;
 	// in token storage also durably, before the token sees the ciphertext,
 	// as the objects would survive a crash (see the package doc).
-	if got, ok := is.claim(uniqueID, ErrConsumed); !ok || got != k {
+	// (In token storage the durable claim below is the judge, and the key
+	// need not have come from the map.)
+	if got, ok := is.claimKey(uniqueID, ErrConsumed); !ok || got != k && is.cfg.Storage != hsm.StorageToken {
 		if ok {
-			is.unclaim(uniqueID, got)
+			is.endClaim(uniqueID, true)
 		}
 		return nil, is.raced(ctx, uniqueID)
 	}
@@ -545,10 +547,7 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 			// The token never saw the ciphertext: the key goes back,
 			// unless the record is no longer issued (then it is not ours).
 			var se *store.StateError
-			if errors.As(err, &se) {
-				k = nil
-			}
-			is.unclaim(uniqueID, k)
+			is.endClaim(uniqueID, !errors.As(err, &se))
 			return nil, transitionErr(err)
 		}
 		from = store.Consuming
@@ -576,7 +575,7 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	// or issued without a key (session storage), which the next start-up
 	// marks lost. Get sees it at once, so the claim can end.
 	is.cfg.Store.Settle(uniqueID, from, final, is.cfg.Now())
-	is.unclaim(uniqueID, nil)
+	is.endClaim(uniqueID, false)
 	is.stats.decrypts.Add(1)
 	switch {
 	case derr == nil:
@@ -606,34 +605,38 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	return password, nil
 }
 
-// claim is a key taken out of Issuer.keys by the one request that owns it
-// now: a decrypt, an expiry, a loss.
-type claim struct {
-	why error  // what a decrypt that races the owner answers
-	h   holder // whom the key was issued to, should it go back
+// keyClaim is a key taken out of Issuer.keys by the one request that owns
+// it now: a decrypt, an expiry, a loss.
+type keyClaim struct {
+	why error    // what a decrypt that races the owner answers
+	k   *hsm.Key // the key taken out of the map, if it was there
+	h   holder   // whom it was issued to, should it go back
 }
 
-// claim takes the key of id out of the map of issued keys for the caller,
-// in one step under the lock: the step that makes one request the owner of
-// a key. It returns the key (nil if the map has none), and false if another
-// request holds the claim. A decrypt that races the claim answers why.
-func (is *Issuer) claim(id string, why error) (*hsm.Key, bool) {
+// claimKey takes the key of id out of the map of issued keys for the
+// caller, in one step under the lock: the step that makes one request the
+// owner of a key. It returns the key (nil if the map has none), and false
+// if another request holds the claim. A decrypt that races the claim
+// answers why.
+func (is *Issuer) claimKey(id string, why error) (*hsm.Key, bool) {
 	is.mu.Lock()
 	defer is.mu.Unlock()
 	if _, held := is.claims[id]; held {
 		return nil, false
 	}
-	is.claims[id] = claim{why: why, h: is.tally.holders[id]}
-	return is.untrackLocked(id), true
+	h := is.tally.holders[id]
+	k := is.untrackLocked(id)
+	is.claims[id] = keyClaim{why: why, k: k, h: h}
+	return k, true
 }
 
-// unclaim ends the claim of id. With k, the key first goes back to the map
-// of issued keys, to whom it was issued: its owner did not use it.
-func (is *Issuer) unclaim(id string, k *hsm.Key) {
+// endClaim ends the claim of id. With giveBack, the key it took out of the
+// map goes back first, to whom it was issued: its owner did not use it.
+func (is *Issuer) endClaim(id string, giveBack bool) {
 	is.mu.Lock()
 	defer is.mu.Unlock()
-	if c, held := is.claims[id]; held && k != nil {
-		is.trackLocked(k, c.h, false)
+	if c, held := is.claims[id]; held && giveBack && c.k != nil {
+		is.trackLocked(c.k, c.h, false)
 	}
 	delete(is.claims, id)
 }
@@ -673,7 +676,7 @@ func (is *Issuer) release(ctx context.Context, k *hsm.Key) bool {
 			return false
 		}
 	}
-	is.unclaim(k.ID, k)
+	is.endClaim(k.ID, true)
 	return true
 }
 
@@ -732,15 +735,15 @@ func transitionErr(err error) error {
 // decrypt or a loss holds the key's claim. It returns what a decrypt of the
 // key answers: ErrExpired, or what the record is now.
 func (is *Issuer) expire(ctx context.Context, r store.Record) error {
-	k, ok := is.claim(r.UniqueID, ErrExpired)
+	k, ok := is.claimKey(r.UniqueID, ErrExpired)
 	if !ok {
 		return is.raced(ctx, r.UniqueID)
 	}
 	if _, err := is.cfg.Store.Transition(ctx, r.UniqueID, store.Issued, store.Expired, is.cfg.Now()); err != nil {
-		is.unclaim(r.UniqueID, k)
+		is.endClaim(r.UniqueID, true)
 		return transitionErr(err)
 	}
-	is.unclaim(r.UniqueID, nil)
+	is.endClaim(r.UniqueID, false)
 	is.emit(ctx, Event{Kind: EventExpired, UniqueID: r.UniqueID})
 	if k != nil {
 		is.destroy(ctx, k, ReasonExpired)
@@ -752,15 +755,15 @@ func (is *Issuer) expire(ctx context.Context, r store.Record) error {
 // markLost moves an issued record to lost and forgets its key, unless a
 // decrypt or an expiry holds the key's claim: then its owner finishes it.
 func (is *Issuer) markLost(ctx context.Context, id string) {
-	k, ok := is.claim(id, ErrLost)
+	k, ok := is.claimKey(id, ErrLost)
 	if !ok {
 		return
 	}
 	if _, err := is.cfg.Store.Transition(ctx, id, store.Issued, store.Lost, is.cfg.Now()); err != nil {
-		is.unclaim(id, k) // not issued, or the store failed: the key stays as it was
+		is.endClaim(id, true) // not issued, or the store failed: the key stays as it was
 		return
 	}
-	is.unclaim(id, nil)
+	is.endClaim(id, false)
 	is.emit(ctx, Event{Kind: EventLost, UniqueID: id})
 	if k != nil {
 		is.destroy(ctx, k, ReasonLost) // the objects may still be there in token storage
