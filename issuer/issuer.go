@@ -3,12 +3,71 @@
 // allows, the reaper that destroys keys nobody used, and the reconciliation
 // of token and records at start-up.
 //
-// The order of record transitions and token calls is what makes a key
-// decrypt at most once, ever: a decrypt first moves the record from issued to
-// consuming, durably and as a compare-and-swap, and only then asks the token.
-// Whatever happens after the claim (a crash, a failed destroy), the record is
-// no longer issued, so no later request reaches the key; start-up
-// reconciliation and the reaper destroy what a crash left behind.
+// # The order of a decrypt
+//
+// Three promises rest on the order of record transitions, token calls and
+// the audit line: a key decrypts at most once, ever (under concurrency,
+// across kill -9 at any instant, across restarts); no decrypt is answered
+// before its audit line is durable; a crash at any point is finished at the
+// next start. A decrypt pays for one durable write before it answers, the
+// audit line's fsync, in session storage, and for two in token storage.
+// The issuer's part of the audit promise: [EventDecrypt] is emitted
+// synchronously, once the record's last move is queued and visible, and
+// before Decrypt returns; the daemon's observer appends the line and, with
+// audit.fsync = "always", fsyncs it before the answer is written.
+//
+// Within the process, one request owns a key: the issued keys live in a map
+// under the issuer's mutex, and a decrypt claims its key by taking it out of
+// the map and noting the claim, in one step under that mutex. From then on a
+// concurrent decrypt of the key answers [ErrConsumed], [Issuer.Record]
+// reports the record consuming, and neither the reaper's expiry nor a
+// session's loss touches the key (they claim a key the same way before they
+// move its record). Only the claim's owner gives the key back, when the
+// token never saw the ciphertext ([hsm.ErrUnavailable]), by putting it back
+// in the map; nothing else ever puts a key of an issued record in the map
+// again while the process lives.
+//
+// Session storage (the default): claim in memory, C_Decrypt, destroy, queue
+// the record's move from issued to consumed without waiting for it
+// ([Store.Settle]; [Store.Get] sees it at once), then the decrypt event,
+// whose audit line is fsync'd before the answer goes out: the one durable
+// write. The claim need not be durable before the token call because a
+// session object cannot outlive the process that made it: PKCS#11 destroys
+// it when its session closes, and no other process can reach it meanwhile
+// (a session object is visible to its own application only). So after a
+// crash at any point the record may still say issued, but no object
+// answers to it, and start-up reconciliation, which never adopts an object
+// in session storage, marks it lost: the key cannot decrypt twice. That is
+// also why the final move may be lost: a crash between the answer and the
+// store's commit leaves an issued record whose audit trail says it
+// decrypted, followed by the key.lost of reconciliation; the audit line is
+// the authority on what was decrypted. In session storage no write stops
+// a second decrypt, in the process or after it: the map does, then the
+// object's death. (So the promise holds with audit.fsync = "interval" too,
+// where a decrypt waits for no write at all.) An issued record whose key is
+// neither in the map nor claimed is one whose last move the store failed to
+// commit: it answers [ErrConsumed].
+//
+// Token storage: the key objects survive a crash, and reconciliation adopts
+// the objects of an issued record, so the claim must be durable before the
+// token sees the ciphertext: claim in memory, move the record from issued to
+// consuming in a durable compare-and-swap, C_Decrypt, destroy, queue the
+// move to consumed, audit line, answer. Concurrent decrypts share the claim's
+// commit (the store's group commit) and the audit's fsync. Two durable writes
+// remain, one before the token call and one after it, and cannot be one: the
+// claim must be on disk before C_Decrypt, and the audit line carries the
+// outcome, which exists only after C_Decrypt; an audit line written as the
+// claim would be a second line all the same (and the issuer knows nothing
+// of the audit file, so reconciliation could not read it back). Merging the
+// two files into one log would trade the store's compare-and-swap for a
+// replay of the log at start-up: not worth one fsync per decrypt in the
+// storage that is already the slower one.
+//
+// After the claim, whatever happens (a crash, a failed destroy), no request
+// reaches the key again; the start-up reconciliation and the reaper finish
+// what a crash left: a consuming record becomes consumed and its objects are
+// destroyed (token storage), an issued record whose key died with the
+// process becomes lost (session storage).
 package issuer
 
 import (
@@ -135,8 +194,9 @@ type Config struct {
 
 	// Now is the clock (time.Now).
 	Now func() time.Time
-	// AfterClaim, if set, runs after a decrypt has claimed its record and
-	// before the token decrypts. Tests use it to crash at that instant.
+	// AfterClaim, if set, runs after a decrypt has claimed its key (in
+	// memory; in token storage also in the record, durably) and before the
+	// token decrypts. Tests use it to crash at that instant.
 	AfterClaim func(uniqueID string)
 	// OnEvent, if set, is told of every [Event]: keys generated, issued,
 	// decrypted, expired, lost and destroyed, reaper passes. It is called
@@ -188,6 +248,7 @@ type Issuer struct {
 
 	mu       sync.Mutex
 	keys     map[string]*hsm.Key // issued, not yet claimed
+	claims   map[string]keyClaim // keys taken out of keys by their owner
 	pending  []pendingDestroy    // destroys to retry
 	retrying int                 // pending destroys the reaper is retrying
 	tally    tally               // outstanding keys by holder (quota.go)
@@ -222,11 +283,12 @@ func New(cfg Config) (*Issuer, error) {
 		}
 	}
 	return &Issuer{
-		cfg:  cfg,
-		log:  cfg.Log,
-		pool: newPool(cfg.PoolSize),
-		keys: map[string]*hsm.Key{},
-		kick: make(chan struct{}, 1),
+		cfg:    cfg,
+		log:    cfg.Log,
+		pool:   newPool(cfg.PoolSize),
+		keys:   map[string]*hsm.Key{},
+		claims: map[string]keyClaim{},
+		kick:   make(chan struct{}, 1),
 	}, nil
 }
 
@@ -491,7 +553,9 @@ func (is *Issuer) create(ctx context.Context, rec store.Record, k *hsm.Key, lim 
 	return ErrUnavailable
 }
 
-// Record returns the record of uniqueID, or ErrNotFound.
+// Record returns the record of uniqueID, or ErrNotFound. A record whose key
+// a decrypt has claimed is consuming, even where the store does not say so
+// (session storage claims in memory).
 func (is *Issuer) Record(ctx context.Context, uniqueID string) (store.Record, error) {
 	r, err := is.cfg.Store.Get(ctx, uniqueID)
 	if errors.Is(err, store.ErrNotFound) {
@@ -499,6 +563,14 @@ func (is *Issuer) Record(ctx context.Context, uniqueID string) (store.Record, er
 	}
 	if errors.Is(err, store.ErrUnavailable) {
 		return r, fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
+	}
+	if err == nil && r.State == store.Issued {
+		is.mu.Lock()
+		c, held := is.claims[uniqueID]
+		is.mu.Unlock()
+		if held && c.why == ErrConsumed {
+			r.State = store.Consuming
+		}
 	}
 	return r, err
 }
@@ -544,8 +616,7 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	case rec.State == store.Consuming:
 		return nil, ErrConsumed
 	case !now.Before(rec.ExpiresAt):
-		is.expire(ctx, rec)
-		return nil, ErrExpired
+		return nil, is.expire(ctx, rec)
 	}
 	k, ferr := is.find(ctx, uniqueID)
 	switch {
@@ -572,13 +643,30 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 		return nil, ErrUnavailable
 	}
 
-	// The claim: from here on the key can never decrypt again.
-	if _, err := is.claim(ctx, uniqueID, now); err != nil {
-		return nil, transitionErr(err)
+	// The claim: from here on the key can never decrypt again. In memory
+	// first, which makes this request the key's one owner in the process;
+	// in token storage also durably, before the token sees the ciphertext,
+	// as the objects would survive a crash (see the package doc).
+	// (In token storage the durable claim below is the judge, and the key
+	// need not have come from the map: in a cluster it may be a
+	// neighbour's, found in the token.)
+	if got, ok := is.claimKey(uniqueID, ErrConsumed); !ok || got != k && is.cfg.Storage != hsm.StorageToken {
+		if ok {
+			is.endClaim(uniqueID, true)
+		}
+		return nil, is.raced(ctx, uniqueID)
 	}
-	is.mu.Lock()
-	is.untrackLocked(uniqueID)
-	is.mu.Unlock()
+	from := store.Issued // the state the record's last move starts from
+	if is.cfg.Storage == hsm.StorageToken {
+		if _, err := is.claim(ctx, uniqueID, now); err != nil {
+			// The token never saw the ciphertext: the key goes back,
+			// unless the record is no longer issued (then it is not ours).
+			var se *store.StateError
+			is.endClaim(uniqueID, !errors.As(err, &se))
+			return nil, transitionErr(err)
+		}
+		from = store.Consuming
+	}
 	if is.cfg.AfterClaim != nil {
 		is.cfg.AfterClaim(uniqueID)
 	}
@@ -588,7 +676,7 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	// token's word for it is ErrUnavailable, which it never returns once
 	// C_Decrypt was called; ErrInterrupted wins should both be wrapped.
 	if errors.Is(derr, hsm.ErrUnavailable) && !errors.Is(derr, hsm.ErrInterrupted) &&
-		is.release(ctx, k, holderOf(rec)) {
+		is.release(ctx, k) {
 		return nil, ErrUnavailable
 	}
 	is.destroy(ctx, k, ReasonConsumed)
@@ -596,10 +684,13 @@ func (is *Issuer) DecryptWithPadding(ctx context.Context, uniqueID string, ciphe
 	if errors.Is(derr, hsm.ErrKeyLost) {
 		final = store.Lost
 	}
-	// The answer need not wait for this write to be durable: should it be
-	// lost, the record stays consuming, which no request can pass, and the
-	// next start-up (or the reaper) makes it consumed.
-	is.cfg.Store.Settle(uniqueID, store.Consuming, final, is.cfg.Now())
+	// The answer need not wait for this write to be durable: should a
+	// crash lose it, the record stays consuming (token storage), which no
+	// request can pass and the next start-up or the reaper makes consumed,
+	// or issued without a key (session storage), which the next start-up
+	// marks lost. Get sees it at once, so the claim can end.
+	is.cfg.Store.Settle(uniqueID, from, final, is.cfg.Now())
+	is.endClaim(uniqueID, false)
 	is.stats.decrypts.Add(1)
 	switch {
 	case derr == nil:
@@ -638,36 +729,79 @@ func (is *Issuer) claim(ctx context.Context, id string, now time.Time) (store.Re
 	return is.cfg.Store.Transition(ctx, id, store.Issued, store.Consuming, now)
 }
 
+// keyClaim is a key taken out of Issuer.keys by the one request that owns
+// it now: a decrypt, an expiry, a loss.
+type keyClaim struct {
+	why error    // what a decrypt that races the owner answers
+	k   *hsm.Key // the key taken out of the map, if it was there
+	h   holder   // whom it was issued to, should it go back
+}
+
+// claimKey takes the key of id out of the map of issued keys for the
+// caller, in one step under the lock: the step that makes one request the
+// owner of a key. It returns the key (nil if the map has none), and false
+// if another request holds the claim. A decrypt that races the claim
+// answers why.
+func (is *Issuer) claimKey(id string, why error) (*hsm.Key, bool) {
+	is.mu.Lock()
+	defer is.mu.Unlock()
+	if _, held := is.claims[id]; held {
+		return nil, false
+	}
+	h := is.tally.holders[id]
+	k := is.untrackLocked(id)
+	is.claims[id] = keyClaim{why: why, k: k, h: h}
+	return k, true
+}
+
+// endClaim ends the claim of id. With giveBack, the key it took out of the
+// map goes back first, to whom it was issued: its owner did not use it.
+func (is *Issuer) endClaim(id string, giveBack bool) {
+	is.mu.Lock()
+	defer is.mu.Unlock()
+	if c, held := is.claims[id]; held && giveBack && c.k != nil {
+		is.trackLocked(c.k, c.h, false)
+	}
+	delete(is.claims, id)
+}
+
 // raced says what became of a key that a concurrent request took between
-// this one's read of the record and its look at the map.
+// this one's read of the record and its claim.
 func (is *Issuer) raced(ctx context.Context, uniqueID string) error {
+	is.mu.Lock()
+	c, held := is.claims[uniqueID]
+	_, back := is.keys[uniqueID]
+	is.mu.Unlock()
+	switch {
+	case held:
+		return c.why
+	case back:
+		// Claimed, then given back after a token fault: unused, retry.
+		return ErrUnavailable
+	}
 	rec, err := is.Record(ctx, uniqueID)
 	switch {
 	case err != nil:
 		return err
-	case rec.State == store.Consuming:
+	case rec.State.Active():
+		// No key and no claim: a decrypt took the key, and its record's
+		// last move was lost (the store failed to commit it).
 		return ErrConsumed
-	case rec.State == store.Issued:
-		// Claimed, then given back after a token fault: unused, retry.
-		return ErrUnavailable
 	}
 	return stateErr(rec.State)
 }
 
 // release gives a claimed key back after the token failed before
 // decrypting anything. It reports whether the key is issued again.
-func (is *Issuer) release(ctx context.Context, k *hsm.Key, h holder) bool {
-	is.mu.Lock()
-	is.trackLocked(k, h, false)
-	is.mu.Unlock()
-	_, err := is.cfg.Store.Transition(context.WithoutCancel(ctx), k.ID, store.Consuming, store.Issued, is.cfg.Now())
-	if err == nil {
-		return true
+func (is *Issuer) release(ctx context.Context, k *hsm.Key) bool {
+	if is.cfg.Storage == hsm.StorageToken {
+		_, err := is.cfg.Store.Transition(context.WithoutCancel(ctx), k.ID, store.Consuming, store.Issued, is.cfg.Now())
+		if err != nil {
+			return false
+		}
 	}
-	is.mu.Lock()
-	is.untrackLocked(k.ID)
-	is.mu.Unlock()
-	return false
+	is.endClaim(k.ID, true)
+	return true
 }
 
 // keepOnly zeroes every byte of buf outside sub, a sub-slice of it, so
@@ -724,15 +858,20 @@ func transitionErr(err error) error {
 	return err
 }
 
-// expire moves an issued record to expired and destroys its key.
-func (is *Issuer) expire(ctx context.Context, r store.Record) {
-	if _, err := is.cfg.Store.Transition(ctx, r.UniqueID, store.Issued, store.Expired, is.cfg.Now()); err != nil {
-		return
+// expire moves an issued record to expired and destroys its key, unless a
+// decrypt or a loss holds the key's claim. It returns what a decrypt of the
+// key answers: ErrExpired, or what the record is now.
+func (is *Issuer) expire(ctx context.Context, r store.Record) error {
+	k, ok := is.claimKey(r.UniqueID, ErrExpired)
+	if !ok {
+		return is.raced(ctx, r.UniqueID)
 	}
+	if _, err := is.cfg.Store.Transition(ctx, r.UniqueID, store.Issued, store.Expired, is.cfg.Now()); err != nil {
+		is.endClaim(r.UniqueID, true)
+		return transitionErr(err)
+	}
+	is.endClaim(r.UniqueID, false)
 	is.emit(ctx, Event{Kind: EventExpired, UniqueID: r.UniqueID})
-	is.mu.Lock()
-	k := is.untrackLocked(r.UniqueID)
-	is.mu.Unlock()
 	switch {
 	case k != nil:
 		is.destroy(ctx, k, ReasonExpired)
@@ -742,18 +881,22 @@ func (is *Issuer) expire(ctx context.Context, r store.Record) {
 		is.destroyByID(ctx, r.UniqueID, ReasonExpired)
 	}
 	is.stats.expired.Add(1)
+	return ErrExpired
 }
 
-// markLost moves an issued record to lost and forgets its key. If the
-// record is no longer issued, its key belongs to whoever moved it.
+// markLost moves an issued record to lost and forgets its key, unless a
+// decrypt or an expiry holds the key's claim: then its owner finishes it.
 func (is *Issuer) markLost(ctx context.Context, id string) {
-	if _, err := is.cfg.Store.Transition(ctx, id, store.Issued, store.Lost, is.cfg.Now()); err != nil {
+	k, ok := is.claimKey(id, ErrLost)
+	if !ok {
 		return
 	}
+	if _, err := is.cfg.Store.Transition(ctx, id, store.Issued, store.Lost, is.cfg.Now()); err != nil {
+		is.endClaim(id, true) // not issued, or the store failed: the key stays as it was
+		return
+	}
+	is.endClaim(id, false)
 	is.emit(ctx, Event{Kind: EventLost, UniqueID: id})
-	is.mu.Lock()
-	k := is.untrackLocked(id)
-	is.mu.Unlock()
 	if k != nil {
 		is.destroy(ctx, k, ReasonLost) // the objects may still be there in token storage
 	}
@@ -836,9 +979,13 @@ func (is *Issuer) Reap(ctx context.Context) {
 			is.expire(ctx, r)
 			continue
 		}
-		// Consuming past expiry: a decrypt whose final write failed. In a
-		// cluster its claimant may have been unable to destroy the key.
-		if is.cfg.Cluster == nil || is.destroyByID(ctx, r.UniqueID, ReasonConsumed) {
+		// Consuming past expiry: a decrypt whose final write failed,
+		// unless the decrypt still holds its claim. In a cluster its claimant
+		// may have been unable to destroy the key.
+		is.mu.Lock()
+		_, held := is.claims[r.UniqueID]
+		is.mu.Unlock()
+		if !held && (is.cfg.Cluster == nil || is.destroyByID(ctx, r.UniqueID, ReasonConsumed)) {
 			is.cfg.Store.Transition(ctx, r.UniqueID, store.Consuming, store.Consumed, now)
 		}
 	}

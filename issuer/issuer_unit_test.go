@@ -49,6 +49,16 @@ type watchStore struct {
 	afterGet func(id string) // runs once, after the next Get
 	// beforeTo[s] runs once, before the next transition to state s.
 	beforeTo map[store.State]func()
+	// failTo[s] fails the next transition to state s, once.
+	failTo  map[store.State]error
+	settles [][2]store.State // from, to of each Settle
+}
+
+func (w *watchStore) Settle(id string, from, to store.State, at time.Time) {
+	w.mu.Lock()
+	w.settles = append(w.settles, [2]store.State{from, to})
+	w.mu.Unlock()
+	w.Store.Settle(id, from, to, at)
 }
 
 func (w *watchStore) Get(ctx context.Context, id string) (store.Record, error) {
@@ -68,9 +78,14 @@ func (w *watchStore) Transition(ctx context.Context, id string, from, to store.S
 	w.mu.Lock()
 	fn := w.beforeTo[to]
 	delete(w.beforeTo, to)
+	fail := w.failTo[to]
+	delete(w.failTo, to)
 	w.mu.Unlock()
 	if fn != nil {
 		fn()
+	}
+	if fail != nil {
+		return store.Record{}, fail
 	}
 	return w.Store.Transition(ctx, id, from, to, at)
 }
@@ -429,17 +444,7 @@ func TestDecryptConcurrent(t *testing.T) {
 // it asks the token.
 func newClaimPausingHarness(t *testing.T) (h *harness, claimed, resume chan struct{}) {
 	t.Helper()
-	claimed, resume = make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	h = newHarness(t, func(c *Config) {
-		c.AfterClaim = func(string) {
-			once.Do(func() {
-				close(claimed)
-				<-resume
-			})
-		}
-	})
-	return h, claimed, resume
+	return pausedClaim(t, hsm.StorageSession, nil)
 }
 
 // TestDecryptRacingClaim orders two decrypts of one key: B reads the record
@@ -551,16 +556,25 @@ func TestDecryptRetryAfterRacingRelease(t *testing.T) {
 func TestDecryptUnavailable(t *testing.T) {
 	tests := []struct {
 		name            string
+		storage         hsm.Storage
 		fault           func(f *fakeToken)
 		wantTransitions int64 // by the failed Decrypt
 	}{
 		{
-			name:            "token fails during decrypt",
+			name:            "token fails during decrypt, session storage",
+			storage:         hsm.StorageSession,
+			fault:           func(f *fakeToken) { f.failDecrypt = hsm.ErrUnavailable },
+			wantTransitions: 0, // claimed and given back in memory
+		},
+		{
+			name:            "token fails during decrypt, token storage",
+			storage:         hsm.StorageToken,
 			fault:           func(f *fakeToken) { f.failDecrypt = hsm.ErrUnavailable },
 			wantTransitions: 2, // claim, release
 		},
 		{
 			name:            "token not ready",
+			storage:         hsm.StorageSession,
 			fault:           func(f *fakeToken) { f.ready = false },
 			wantTransitions: 0,
 		},
@@ -568,7 +582,7 @@ func TestDecryptUnavailable(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
-			h := newHarness(t, nil)
+			h := newHarness(t, func(c *Config) { c.Storage = tt.storage })
 			h.start(t)
 			iss := h.apply(t)
 			ct := seal(t, iss.PublicKey, "pw", iss.Salt)

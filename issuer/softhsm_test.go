@@ -35,6 +35,7 @@ type env struct {
 	prefix  string
 	dbPath  string
 	now     atomic.Pointer[time.Time]
+	mod     func(*issuer.Config) // changes the issuer's config at every open
 
 	tok *hsm.Token
 	st  *bolt.Store
@@ -45,9 +46,16 @@ type env struct {
 
 func newEnv(t testing.TB, tk hsmtest.Token, storage hsm.Storage) *env {
 	t.Helper()
+	return newEnvWith(t, tk, storage, nil)
+}
+
+// newEnvWith is newEnv with mod applied to the issuer's config.
+func newEnvWith(t testing.TB, tk hsmtest.Token, storage hsm.Storage, mod func(*issuer.Config)) *env {
+	t.Helper()
 	e := &env{
 		t:       t,
 		token:   tk,
+		mod:     mod,
 		storage: storage,
 		prefix:  tk.Prefix + "it-" + filepath.Base(t.TempDir()) + ":",
 		dbPath:  filepath.Join(t.TempDir(), "records.db"),
@@ -94,7 +102,7 @@ func (e *env) open() {
 	if e.st, err = bolt.Open(e.dbPath, bolt.Options{}); err != nil {
 		t.Fatal(err)
 	}
-	e.is, err = issuer.New(issuer.Config{
+	icfg := issuer.Config{
 		Token:        e.tok,
 		Store:        e.st,
 		Storage:      e.storage,
@@ -106,7 +114,11 @@ func (e *env) open() {
 		ApplyWait:    10 * time.Second,
 		ReapInterval: time.Hour, // tests call Reap themselves
 		Now:          func() time.Time { return *e.now.Load() },
-	})
+	}
+	if e.mod != nil {
+		e.mod(&icfg)
+	}
+	e.is, err = issuer.New(icfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -36,6 +36,10 @@ type Options struct {
 	// faults and to crash at chosen instants (server/daemon/reliability).
 	WrapToken func(issuer.Token) issuer.Token
 	WrapStore func(issuer.Store) issuer.Store
+	// AfterAudit, if set, runs after the daemon has counted and audited
+	// each of the issuer's events (for a decrypt: its line is durable, the
+	// answer not yet written): tests only, to crash at that instant.
+	AfterAudit func(issuer.Event)
 	// ShutdownTimeout bounds the wait for requests in flight (default 10s).
 	ShutdownTimeout time.Duration
 

@@ -150,6 +150,9 @@ func (d *Daemon) onIssuerEvent(ctx context.Context, e issuer.Event) {
 	case issuer.EventDrained:
 		d.ops.drained.Add(int64(e.Count))
 	}
+	if d.opts.AfterAudit != nil {
+		d.opts.AfterAudit(e)
+	}
 }
 
 // outcome names a decrypt's result for the audit trail.

@@ -46,6 +46,11 @@ func childOptions(_ string, _ config.Config) (daemon.Options, error) {
 		AfterClaim: func(string) { f.crash.at("claim") },
 		WrapToken:  func(t issuer.Token) issuer.Token { return &faultToken{Token: t, f: f} },
 		WrapStore:  func(s issuer.Store) issuer.Store { return &faultStore{Store: s, f: f} },
+		AfterAudit: func(e issuer.Event) {
+			if e.Kind == issuer.EventDecrypt {
+				f.crash.at("audited") // the decrypt's audit line is durable, the answer not written
+			}
+		},
 	}, nil
 }
 

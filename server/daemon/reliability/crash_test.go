@@ -57,6 +57,7 @@ var crashPoints = []struct {
 	{"destroy", 3 * time.Millisecond},         // inside the destroy of the two halves
 	{"destroyed", 0},                          // destroyed, record not yet consumed
 	{"settle-consumed", 5 * time.Millisecond}, // around the final, queued commit
+	{"audited", 0},                            // the decrypt's audit line durable, the answer not written
 	{"to-expired", 3 * time.Millisecond},      // inside the reaper's commit
 }
 
