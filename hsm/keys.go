@@ -684,7 +684,9 @@ func (t *Token) probe(ctx context.Context) error {
 }
 
 func (t *Token) mechanisms() (map[uint]bool, error) {
+	t.mod.mu.RLock()
 	ms, err := t.mod.ctx.GetMechanismList(uint(t.slot.Load()))
+	t.mod.mu.RUnlock()
 	if err != nil {
 		return nil, fmt.Errorf("failed to list mechanisms: %w", err)
 	}
