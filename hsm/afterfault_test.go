@@ -118,7 +118,7 @@ func TestFaultAfterDecryptSpendsTheKey(t *testing.T) {
 		for _, p := range []Padding{OAEPSHA1, OAEPSHA256} { // native and raw on SoftHSM
 			t.Run(string(storage)+"/"+string(p), func(t *testing.T) {
 				tok, in := openInjected(t, storage)
-				k, err := tok.Generate(ctx, "after-decrypt")
+				k, err := tok.Generate(ctx, testID("after-decrypt"))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -161,7 +161,7 @@ func TestFailedDecryptThenUnhealthyTokenSpendsTheKey(t *testing.T) {
 			if m := tok.Info().Methods[OAEPSHA1]; m != Native {
 				t.Fatalf("SoftHSM does OAEP-SHA-1 %s; this test needs it native", m)
 			}
-			k, err := tok.Generate(ctx, "bad-then-down")
+			k, err := tok.Generate(ctx, testID("bad-then-down"))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -190,7 +190,7 @@ func TestFailedDecryptThenUnhealthyTokenSpendsTheKey(t *testing.T) {
 func TestFaultAfterFailedDecryptSpendsTheKey(t *testing.T) {
 	ctx := context.Background()
 	tok, in := openInjected(t, StorageToken)
-	k, err := tok.Generate(ctx, "failed-then-fault")
+	k, err := tok.Generate(ctx, testID("failed-then-fault"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,7 +215,7 @@ func TestFaultAfterFailedDecryptSpendsTheKey(t *testing.T) {
 func TestFaultBeforeDecryptIsRetried(t *testing.T) {
 	ctx := context.Background()
 	tok, in := openInjected(t, StorageToken)
-	k, err := tok.Generate(ctx, "before-decrypt")
+	k, err := tok.Generate(ctx, testID("before-decrypt"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -242,7 +242,7 @@ func TestFaultAfterGenerateLeavesNoObject(t *testing.T) {
 		plan func(in *injector)
 	}{
 		{"after C_GenerateKeyPair", func(in *injector) { in.failNext(OpGenerateKeyPair, deviceError) }},
-		{"after reading the public key, destroys failing", func(in *injector) {
+		{"after reading the public key with destroys failing", func(in *injector) {
 			in.failNext(OpGetAttributeValue, deviceError)
 			in.failNext(OpDestroyObject, deviceError, deviceError)
 		}},
@@ -253,9 +253,9 @@ func TestFaultAfterGenerateLeavesNoObject(t *testing.T) {
 			t.Run(string(storage)+"/"+tt.name, func(t *testing.T) {
 				tok, in := openInjected(t, storage)
 				tt.plan(in)
-				k, err := tok.Generate(ctx, "gen")
+				k, err := tok.Generate(ctx, testID("gen"))
 				in.reset()
-				n := listIDs(t, tok)["gen"]
+				n := listIDs(t, tok)[testID("gen")]
 				switch {
 				case err == nil && n != 2:
 					t.Errorf("Generate succeeded and the token holds %d objects under its id, want 2", n)
@@ -288,14 +288,14 @@ func TestGenerateOrphansAreSweptByCheck(t *testing.T) {
 	tok, in := openInjected(t, StorageToken)
 	in.failNext(OpGenerateKeyPair, deviceError)
 	in.failNext(OpFindObjectsInit, deviceError, deviceError)
-	if k, err := tok.Generate(ctx, "orphan"); err == nil {
+	if k, err := tok.Generate(ctx, testID("orphan")); err == nil {
 		t.Fatalf("Generate = %v, nil; want an error (the clean-up failed)", k.ID)
 	}
 	in.reset()
 	if err := tok.Check(ctx); err != nil {
 		t.Fatalf("Check: %v", err)
 	}
-	if n := listIDs(t, tok)["orphan"]; n != 0 {
+	if n := listIDs(t, tok)[testID("orphan")]; n != 0 {
 		t.Errorf("after Check the token holds %d objects of the failed generation, want 0", n)
 	}
 }
@@ -307,7 +307,7 @@ func TestFaultAfterDestroyLeavesNoObject(t *testing.T) {
 	for _, storage := range storages {
 		t.Run(string(storage), func(t *testing.T) {
 			tok, in := openInjected(t, storage)
-			k, err := tok.Generate(ctx, "after-destroy")
+			k, err := tok.Generate(ctx, testID("after-destroy"))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -336,7 +336,7 @@ func TestFaultAfterDestroyLeavesNoObject(t *testing.T) {
 func TestDecryptAbandonedWaitingForASession(t *testing.T) {
 	ctx := context.Background()
 	tok, in := openInjected(t, StorageToken)
-	k, err := tok.Generate(ctx, "abandoned")
+	k, err := tok.Generate(ctx, testID("abandoned"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -370,7 +370,7 @@ func TestFailurePathsCostTheSameTokenCalls(t *testing.T) {
 			tok, in := openInjected(t, StorageSession)
 			calls := map[string]int{}
 			for _, name := range []string{"good", "bad padding"} {
-				k, err := tok.Generate(ctx, "cost")
+				k, err := tok.Generate(ctx, testID("cost"))
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -19,7 +19,7 @@ func TestCrypto11ReadsBackTokenKey(t *testing.T) {
 	ctx := context.Background()
 	st := softToken(t)
 	tok := openToken(t, StorageToken)
-	k, err := tok.Generate(ctx, "crypto11")
+	k, err := tok.Generate(ctx, testID("crypto11"))
 	if err != nil {
 		t.Fatal(err)
 	}

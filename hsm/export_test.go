@@ -93,6 +93,10 @@ func (im *Imported) Destroy(ctx context.Context) error {
 	return im.tok.Destroy(ctx, &Key{ID: im.id, Public: im.pub, priv: im.priv, owner: im.owner})
 }
 
+// Fits reports whether the token takes keys of bits bits for padding p by
+// method m: nil, or an error wrapping ErrKeySize.
+func (t *Token) Fits(p Padding, m Method, bits int) error { return t.fits(p, m, bits) }
+
 // SetMethod makes the Token do p by method m from now on, so that tests
 // can drive the raw path (CKM_RSA_X_509 and rsapad) for a padding the token
 // does natively. Not safe while other goroutines use the Token.

@@ -10,6 +10,13 @@
 // with the session that created it, so the Token reports the keys a dead
 // session took with it through [Config.OnLost].
 //
+// A crash inside C_GenerateKeyPair can leave, on a token that makes objects
+// in steps (SoftHSM's file store), a token object with no label, no id and
+// no key, which no label search finds. [Token.SweepHalfMade] finds those
+// and, only on a token stated to be keyissuer's alone
+// ([Config.SweepHalfMade]), destroys them once they cannot be anyone's
+// object in the making: halfmade.go argues why that is safe.
+//
 // github.com/miekg/pkcs11 is used directly rather than crypto11: crypto11's
 // session pool keeps handing out dead sessions after a token fault, it
 // cannot keep a session open for the lifetime of the session objects made in
@@ -53,7 +60,7 @@ type Config struct {
 	TokenSerial string  // ...or by serial number (exactly one of the two)
 	PIN         string  // the user PIN; never logged
 	Storage     Storage // session (default) or token
-	LabelPrefix string  // CKA_LABEL and CKA_ID prefix of keyissuer's objects
+	LabelPrefix string  // CKA_LABEL and CKA_ID prefix of keyissuer's objects ([CheckLabelPrefix])
 	KeyBits     int     // RSA modulus size: 2048 (default), 3072 or 4096
 	Sessions    int     // sessions kept open (default 8)
 	// Paddings the daemon will decrypt with; each is probed at Open to
@@ -72,6 +79,16 @@ type Config struct {
 	// on with the error it returns. A test makes a call fail after the
 	// token did its work, which a wrapper around the Token cannot.
 	AfterCall func(op Op, keyID string, err error) error
+
+	// SweepHalfMade states that the token (the partition) is keyissuer's
+	// alone, so that key objects a crash left half-made, which carry no
+	// label and no id, may be destroyed: see [Token.SweepHalfMade]. Off,
+	// they are only counted and logged.
+	SweepHalfMade bool
+	// HalfMadeGrace is how long an object must stay half-made before it
+	// is destroyed: longer than any other process on the token may take
+	// to make one (default a minute).
+	HalfMadeGrace time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -93,6 +110,9 @@ func (c *Config) setDefaults() {
 	if c.OnLost == nil {
 		c.OnLost = func([]string) {}
 	}
+	if c.HalfMadeGrace == 0 {
+		c.HalfMadeGrace = time.Minute
+	}
 }
 
 func (c *Config) validate() error {
@@ -105,6 +125,9 @@ func (c *Config) validate() error {
 		return fmt.Errorf("unknown storage %q (want session or token)", c.Storage)
 	case c.Sessions < 2:
 		return fmt.Errorf("sessions = %d, want at least 2", c.Sessions)
+	}
+	if err := CheckLabelPrefix(c.LabelPrefix); err != nil {
+		return err
 	}
 	if !validKeyBits(c.KeyBits) {
 		return fmt.Errorf("key size %d bits not allowed (want 2048, 3072 or 4096)", c.KeyBits)
@@ -132,6 +155,7 @@ type Info struct {
 	Storage                            Storage
 	KeyBits                            int
 	Methods                            map[Padding]Method // how each padding is done
+	Signing                            SignMethod         // how responses are signed; "" if the token cannot
 }
 
 // Token is an open, logged-in PKCS#11 token. It is safe for concurrent use.
@@ -140,6 +164,8 @@ type Token struct {
 	mod  *module
 	slot atomic.Uint64 // the token's slot; changes only in a reset
 	info Info
+	// mechs is what the token said of its mechanisms at Open.
+	mechs map[uint]mechInfo
 
 	idle chan *session // sessions not in use; len == cfg.Sessions when all idle
 
@@ -162,6 +188,8 @@ type Token struct {
 	// orphans are ids under which a failed generation may have left
 	// objects that could not be destroyed at once; Check destroys them.
 	orphans map[string]struct{} // guarded by mu
+
+	half halfMade // half-made objects and this process's generations (halfmade.go)
 }
 
 // session is one PKCS#11 session. At most one goroutine uses it at a time.
@@ -232,6 +260,9 @@ func (t *Token) init(ctx context.Context) error {
 			return err
 		}
 		t.idle <- s
+	}
+	if err := t.probeMechanisms(); err != nil {
+		return err
 	}
 	return t.probe(ctx)
 }
@@ -577,6 +608,9 @@ func (t *Token) Check(ctx context.Context) error {
 	if err := t.sweepOrphans(ctx); err != nil {
 		errs = append(errs, err)
 	}
+	if err := t.sweepHalfMadeDue(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
@@ -646,6 +680,11 @@ type module struct {
 var (
 	modulesMu sync.Mutex
 	modules   = map[string]*module{}
+	// loaded keeps every library ever loaded, by path, for the life of
+	// the process: finalised when its last Token closes, never unloaded.
+	// openCryptoki 3.8 crashes in C_Initialize when loaded a second time
+	// into a process where SoftHSM has run.
+	loaded = map[string]*pkcs11.Ctx{}
 )
 
 func openModule(path string) (*module, error) {
@@ -655,13 +694,15 @@ func openModule(path string) (*module, error) {
 		m.refs++
 		return m, nil
 	}
-	ctx := pkcs11.New(path)
+	ctx := loaded[path]
 	if ctx == nil {
-		return nil, fmt.Errorf("failed to load PKCS#11 module %s", path)
+		if ctx = pkcs11.New(path); ctx == nil {
+			return nil, fmt.Errorf("failed to load PKCS#11 module %s", path)
+		}
+		loaded[path] = ctx
 	}
 	err := ctx.Initialize()
 	if err != nil && !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
-		ctx.Destroy()
 		return nil, fmt.Errorf("failed to initialise PKCS#11 module %s: %w", path, err)
 	}
 	m := &module{path: path, ctx: ctx, refs: 1, ours: err == nil}
@@ -700,5 +741,4 @@ func (m *module) release() {
 	if m.ours {
 		m.ctx.Finalize()
 	}
-	m.ctx.Destroy()
 }

@@ -24,13 +24,19 @@ func softToken(t testing.TB) hsmtest.Token { return hsmtest.Shared(t) }
 
 func openToken(t testing.TB, storage Storage, mutate ...func(*Config)) *Token {
 	t.Helper()
-	st := softToken(t)
+	return openTokenOn(t, softToken(t), storage, mutate...)
+}
+
+// openTokenOn opens st for the test, its objects under a label prefix of
+// the test's own.
+func openTokenOn(t testing.TB, st hsmtest.Token, storage Storage, mutate ...func(*Config)) *Token {
+	t.Helper()
 	cfg := Config{
 		Module:      st.Module,
 		TokenLabel:  st.Label,
 		PIN:         st.PIN,
 		Storage:     storage,
-		LabelPrefix: "t-" + strings.NewReplacer("/", "-", " ", "-").Replace(t.Name()) + ":",
+		LabelPrefix: st.Prefix + "t-" + strings.NewReplacer("/", "-", " ", "-").Replace(t.Name()) + ":",
 		Sessions:    4,
 		Paddings:    Paddings(),
 		Log:         slog.New(slog.DiscardHandler),
@@ -61,12 +67,14 @@ func listIDs(t testing.TB, tok *Token) map[string]int {
 
 var storages = []Storage{StorageSession, StorageToken}
 
-func TestGeneratedKeyAttributes(t *testing.T) {
+func TestGeneratedKeyAttributes(t *testing.T) { hsmtest.ForEach(t, testGeneratedKeyAttributes) }
+
+func testGeneratedKeyAttributes(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
 	for _, storage := range storages {
 		t.Run(string(storage), func(t *testing.T) {
-			tok := openToken(t, storage)
-			k, err := tok.Generate(ctx, "attrs")
+			tok := openTokenOn(t, tk, storage)
+			k, err := tok.Generate(ctx, testID("attrs"))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -78,7 +86,7 @@ func TestGeneratedKeyAttributes(t *testing.T) {
 				t.Errorf("PublicDER does not parse to Public: %v", err)
 			}
 			wantToken := storage == StorageToken
-			label := []byte(tok.cfg.LabelPrefix + "attrs")
+			label := []byte(tok.cfg.LabelPrefix + testID("attrs"))
 			privWant := map[uint]any{
 				pkcs11.CKA_TOKEN: wantToken, pkcs11.CKA_PRIVATE: true,
 				pkcs11.CKA_SENSITIVE: true, pkcs11.CKA_ALWAYS_SENSITIVE: true,
@@ -137,14 +145,18 @@ func checkAttrs(t *testing.T, tok *Token, s *session, h pkcs11.ObjectHandle, wan
 }
 
 func TestDecryptEachPaddingOnceThenDestroy(t *testing.T) {
+	hsmtest.ForEach(t, testDecryptEachPaddingOnceThenDestroy)
+}
+
+func testDecryptEachPaddingOnceThenDestroy(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
 	for _, storage := range storages {
 		t.Run(string(storage), func(t *testing.T) {
-			tok := openToken(t, storage)
+			tok := openTokenOn(t, tk, storage)
 			t.Logf("methods: %v", tok.Info().Methods)
 			for _, p := range Paddings() {
 				t.Run(string(p), func(t *testing.T) {
-					id := "dec-" + string(p)
+					id := testID("dec-" + string(p))
 					k, err := tok.Generate(ctx, id)
 					if err != nil {
 						t.Fatal(err)
@@ -180,10 +192,14 @@ func TestDecryptEachPaddingOnceThenDestroy(t *testing.T) {
 }
 
 func TestDecryptRejectsBadCiphertexts(t *testing.T) {
+	hsmtest.ForEach(t, testDecryptRejectsBadCiphertexts)
+}
+
+func testDecryptRejectsBadCiphertexts(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	tok := openToken(t, StorageSession)
+	tok := openTokenOn(t, tk, StorageSession)
 	for _, p := range Paddings() {
-		other, err := tok.Generate(ctx, "other-"+string(p))
+		other, err := tok.Generate(ctx, testID("other-"+string(p)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -206,7 +222,7 @@ func TestDecryptRejectsBadCiphertexts(t *testing.T) {
 		}
 		for _, tt := range tests {
 			t.Run(string(p)+"/"+tt.name, func(t *testing.T) {
-				k, err := tok.Generate(ctx, "bad")
+				k, err := tok.Generate(ctx, testID("bad"))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -223,15 +239,19 @@ func TestDecryptRejectsBadCiphertexts(t *testing.T) {
 // A session that dies takes its session objects with it: the Token must
 // notice, report the keys lost, and give out a working session again.
 func TestDeadSessionReportsItsKeysLost(t *testing.T) {
+	hsmtest.ForEach(t, testDeadSessionReportsItsKeysLost)
+}
+
+func testDeadSessionReportsItsKeysLost(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
 	var (
 		mu   sync.Mutex
 		lost []string
 	)
-	tok := openToken(t, StorageSession, func(c *Config) {
+	tok := openTokenOn(t, tk, StorageSession, func(c *Config) {
 		c.OnLost = func(ids []string) { mu.Lock(); lost = append(lost, ids...); mu.Unlock() }
 	})
-	k, err := tok.Generate(ctx, "doomed")
+	k, err := tok.Generate(ctx, testID("doomed"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -241,7 +261,7 @@ func TestDeadSessionReportsItsKeysLost(t *testing.T) {
 		t.Errorf("Check did not recover the session: %v", err)
 	}
 	mu.Lock()
-	if len(lost) != 1 || lost[0] != "doomed" {
+	if len(lost) != 1 || lost[0] != testID("doomed") {
 		t.Errorf("lost = %v, want [doomed]", lost)
 	}
 	mu.Unlock()
@@ -256,7 +276,7 @@ func TestDeadSessionReportsItsKeysLost(t *testing.T) {
 		t.Errorf("Destroy of a lost key: %v", err)
 	}
 	// The Token replaced the session and works.
-	k2, err := tok.Generate(ctx, "after")
+	k2, err := tok.Generate(ctx, testID("after"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -269,10 +289,12 @@ func TestDeadSessionReportsItsKeysLost(t *testing.T) {
 // After a token reset every session is dead. Each call replaces the dead
 // session it drew and retries once, so callers see no error, and the key
 // (a token object) still decrypts once.
-func TestDeadSessionsAreReplaced(t *testing.T) {
+func TestDeadSessionsAreReplaced(t *testing.T) { hsmtest.ForEach(t, testDeadSessionsAreReplaced) }
+
+func testDeadSessionsAreReplaced(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	tok := openToken(t, StorageToken)
-	k, err := tok.Generate(ctx, "retry")
+	tok := openTokenOn(t, tk, StorageToken)
+	k, err := tok.Generate(ctx, testID("retry"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +336,7 @@ func TestDownTokenFailsFast(t *testing.T) {
 	tok.down, tok.retryAt = true, time.Now().Add(time.Hour)
 	tok.mu.Unlock()
 	start := time.Now()
-	_, err := tok.Generate(ctx, "x")
+	_, err := tok.Generate(ctx, testID("x"))
 	if !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("Generate while down: %v, want ErrUnavailable", err)
 	}
@@ -327,31 +349,33 @@ func TestDownTokenFailsFast(t *testing.T) {
 	tok.mu.Lock()
 	tok.retryAt = time.Now()
 	tok.mu.Unlock()
-	k, err := tok.Generate(ctx, "x")
+	k, err := tok.Generate(ctx, testID("x"))
 	if err != nil {
 		t.Fatalf("Generate after the backoff: %v", err)
 	}
 	tok.Destroy(ctx, k)
 }
 
-func TestListAdoptTokenObjects(t *testing.T) {
+func TestListAdoptTokenObjects(t *testing.T) { hsmtest.ForEach(t, testListAdoptTokenObjects) }
+
+func testListAdoptTokenObjects(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	tok := openToken(t, StorageToken)
-	k, err := tok.Generate(ctx, "kept")
+	tok := openTokenOn(t, tk, StorageToken)
+	k, err := tok.Generate(ctx, testID("kept"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	tok.Close()
 
 	// A new Token, as after a restart, finds and adopts the pair.
-	tok2 := openToken(t, StorageToken)
+	tok2 := openTokenOn(t, tk, StorageToken)
 	objs, err := tok2.List(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var mine []Object
 	for _, o := range objs {
-		if o.ID == "kept" {
+		if o.ID == testID("kept") {
 			mine = append(mine, o)
 			if !o.Token {
 				t.Error("object is not a token object")
@@ -383,7 +407,7 @@ func TestListAdoptTokenObjects(t *testing.T) {
 func TestListIgnoresOtherPrefixes(t *testing.T) {
 	ctx := context.Background()
 	a := openToken(t, StorageToken, func(c *Config) { c.LabelPrefix = "list-a:" })
-	ka, err := a.Generate(ctx, "x")
+	ka, err := a.Generate(ctx, testID("x"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -431,15 +455,19 @@ func TestOpenErrors(t *testing.T) {
 }
 
 func TestConcurrentGenerateDecryptDestroy(t *testing.T) {
+	hsmtest.ForEach(t, testConcurrentGenerateDecryptDestroy)
+}
+
+func testConcurrentGenerateDecryptDestroy(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	tok := openToken(t, StorageSession)
+	tok := openTokenOn(t, tk, StorageSession)
 	var wg sync.WaitGroup
 	errs := make(chan error, 8)
 	for i := range 8 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			k, err := tok.Generate(ctx, "c"+string(rune('a'+i)))
+			k, err := tok.Generate(ctx, testID("c"+string(rune('a'+i))))
 			if err != nil {
 				errs <- err
 				return
@@ -485,7 +513,7 @@ func TestTokenOutageAndRecovery(t *testing.T) {
 		t.Run(string(storage), func(t *testing.T) {
 			ctx := context.Background()
 			tok := openToken(t, storage)
-			k, err := tok.Generate(ctx, "outage")
+			k, err := tok.Generate(ctx, testID("outage"))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -501,7 +529,7 @@ func TestTokenOutageAndRecovery(t *testing.T) {
 			if _, err := tok.Decrypt(ctx, k, OAEPSHA256, ct); !errors.Is(err, ErrUnavailable) {
 				t.Errorf("Decrypt during the outage: %v, want ErrUnavailable", err)
 			}
-			if _, err := tok.Generate(ctx, "during"); !errors.Is(err, ErrUnavailable) {
+			if _, err := tok.Generate(ctx, testID("during")); !errors.Is(err, ErrUnavailable) {
 				t.Errorf("Generate during the outage: %v, want ErrUnavailable", err)
 			}
 
@@ -525,7 +553,7 @@ func TestTokenOutageAndRecovery(t *testing.T) {
 			if err := tok.Destroy(ctx, k); err != nil {
 				t.Fatal(err)
 			}
-			k2, err := tok.Generate(ctx, "after")
+			k2, err := tok.Generate(ctx, testID("after"))
 			if err != nil {
 				t.Fatalf("Generate after recovery: %v", err)
 			}
@@ -543,7 +571,7 @@ func TestTokenOutageAndRecovery(t *testing.T) {
 func TestOutageFoundByACall(t *testing.T) {
 	ctx := context.Background()
 	tok := openToken(t, StorageToken)
-	k, err := tok.Generate(ctx, "call")
+	k, err := tok.Generate(ctx, testID("call"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -89,7 +89,9 @@ func KeyTemplates(token bool, label []byte, bits int) (pub, priv []*pkcs11.Attri
 	return pub, priv
 }
 
-// Generate makes a new key pair in the token for id. The private half is
+// Generate makes a new key pair in the token for id, which must be a
+// well-formed key id ([ValidKeyID]): List finds no other, and an object
+// List cannot find would never be reconciled. The private half is
 // sensitive, never extractable and can only decrypt.
 //
 // C_GenerateKeyPair is never simply tried again: a fault after it leaves
@@ -100,11 +102,11 @@ func KeyTemplates(token bool, label []byte, bits int) (pub, priv []*pkcs11.Attri
 // destroyed at once (the token is down) are remembered, and Check destroys
 // them once it answers.
 func (t *Token) Generate(ctx context.Context, id string) (*Key, error) {
-	if id == "" {
-		return nil, errors.New("empty key id")
+	if !ValidKeyID(id) {
+		return nil, fmt.Errorf("key id %q is not %d characters of A-Z, a-z, 0-9", id, KeyIDLen)
 	}
 	for try := 0; ; try++ {
-		k, made, err := t.generate(ctx, id)
+		k, made, err := t.generate(ctx, id, t.cfg.Storage == StorageToken)
 		if err == nil {
 			return k, nil
 		}
@@ -125,17 +127,18 @@ func (t *Token) Generate(ctx context.Context, id string) (*Key, error) {
 	}
 }
 
-// generate makes one attempt at a key pair. made reports whether
-// C_GenerateKeyPair was called, so that the token may hold objects under
-// id's label whatever err says.
-func (t *Token) generate(ctx context.Context, id string) (k *Key, made bool, err error) {
-	token := t.cfg.Storage == StorageToken
+// generate makes one attempt at a key pair labelled id, as a token object
+// if token is set. made reports whether C_GenerateKeyPair was called, so
+// that the token may hold objects under id's label whatever err says.
+func (t *Token) generate(ctx context.Context, id string, token bool) (k *Key, made bool, err error) {
 	pubTmpl, privTmpl := KeyTemplates(token, t.label(id), t.cfg.KeyBits)
 	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)}
 	err = t.do(ctx, func(s *session) error {
 		s.commit()
 		made = true
+		end := t.half.beginGeneration() // its objects are half-made a while
 		pub, priv, err := t.mod.ctx.GenerateKeyPair(s.h, mech, pubTmpl, privTmpl)
+		end()
 		if err = t.after(OpGenerateKeyPair, id, err); err != nil {
 			return err
 		}
@@ -246,6 +249,9 @@ func (t *Token) Decrypt(ctx context.Context, k *Key, p Padding, ciphertext []byt
 	}
 	if len(ciphertext) != k.Size() {
 		return nil, ErrDecrypt
+	}
+	if err := t.fits(p, method, k.Public.N.BitLen()); err != nil {
+		return nil, err
 	}
 	if !k.Alive() {
 		return nil, ErrKeyLost
@@ -523,10 +529,12 @@ type Object struct {
 	handle  pkcs11.ObjectHandle
 }
 
-// List finds every key object under the configured label prefix that this
-// process can see: token objects, and its own session objects. It searches
-// the token, so it is slow with many objects; it is meant for start-up
-// reconciliation and for tests, never for the hot path.
+// List finds every key object of the configured label prefix that this
+// process can see: token objects, and its own session objects. An object is
+// one only if its CKA_LABEL is exactly the prefix and a key id
+// ([ParseLabel]) and its CKA_ID is the same; any other is never touched.
+// It searches the token, so it is slow with many objects; it is meant for
+// start-up reconciliation and for tests, never for the hot path.
 func (t *Token) List(ctx context.Context) ([]Object, error) {
 	var objs []Object
 	err := t.do(ctx, func(s *session) error {
@@ -537,15 +545,16 @@ func (t *Token) List(ctx context.Context) ([]Object, error) {
 				return err
 			}
 			for _, h := range hs {
-				attrs, err := t.labelAndToken(s, h)
+				attrs, err := t.listAttrs(s, h)
 				if err != nil {
 					if isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
 						continue // destroyed meanwhile
 					}
 					return err
 				}
-				id, ok := strings.CutPrefix(string(attrs[0].Value), t.cfg.LabelPrefix)
-				if !ok {
+				label := string(attrs[0].Value)
+				id, ok := ParseLabel(t.cfg.LabelPrefix, label)
+				if !ok || string(attrs[2].Value) != label {
 					continue // not ours: never touched
 				}
 				objs = append(objs, Object{
@@ -567,12 +576,12 @@ func (t *Token) List(ctx context.Context) ([]Object, error) {
 	return objs, nil
 }
 
-// labelAndToken reads an object's CKA_LABEL and CKA_TOKEN. The module reads
+// listAttrs reads an object's CKA_LABEL, CKA_TOKEN and CKA_ID. The module reads
 // an attribute in two calls, its length and then its value; an object that
 // another process (another daemon on the token, pkcs11-tool) is creating
 // meanwhile can grow in between, which SoftHSM answers with
 // CKR_BUFFER_TOO_SMALL: the read is tried again.
-func (t *Token) labelAndToken(s *session, h pkcs11.ObjectHandle) ([]*pkcs11.Attribute, error) {
+func (t *Token) listAttrs(s *session, h pkcs11.ObjectHandle) ([]*pkcs11.Attribute, error) {
 	var (
 		attrs []*pkcs11.Attribute
 		err   error
@@ -584,6 +593,7 @@ func (t *Token) labelAndToken(s *session, h pkcs11.ObjectHandle) ([]*pkcs11.Attr
 		attrs, err = t.mod.ctx.GetAttributeValue(s.h, h, []*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
 			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
 		})
 		if !isRV(err, pkcs11.CKR_BUFFER_TOO_SMALL) {
 			break
@@ -644,33 +654,43 @@ func (t *Token) probe(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	saved := t.cfg.Storage
-	t.cfg.Storage = StorageSession
-	k, err := t.Generate(ctx, "probe")
-	t.cfg.Storage = saved
+	// A session object under a label that is no key id: List never
+	// reports it, and it dies with its session whatever happens.
+	k, _, err := t.generate(ctx, "probe", false)
 	if err != nil {
 		return err
 	}
 	defer t.Destroy(context.WithoutCancel(ctx), k)
 
 	for _, p := range t.cfg.Paddings {
-		msg := []byte("keyissuer probe")
-		ct, err := encrypt(k.Public, p, msg)
-		if err != nil {
-			return err
+		cts := make([][]byte, len(probeMessages))
+		for i, msg := range probeMessages {
+			if cts[i], err = encrypt(k.Public, p, msg); err != nil {
+				return err
+			}
 		}
 		var tried []string
 		for _, m := range []Method{Native, Raw} {
 			if !mechs[p.mechanism(m)[0].Mechanism] {
 				continue
 			}
-			var got []byte
+			if err := t.fits(p, m, t.cfg.KeyBits); err != nil {
+				tried = append(tried, fmt.Sprintf("%s: %v", m, err))
+				continue
+			}
 			err := t.do(ctx, func(s *session) error {
-				var err error
-				got, err = t.decrypt(s, k.ID, k.priv, p, m, k.Size(), ct)
-				return err
+				for i, ct := range cts {
+					got, err := t.decrypt(s, k.ID, k.priv, p, m, k.Size(), ct)
+					if err != nil {
+						return err
+					}
+					if string(got) != string(probeMessages[i]) {
+						return fmt.Errorf("a message of %d bytes came back as %d bytes", len(probeMessages[i]), len(got))
+					}
+				}
+				return nil
 			})
-			if err == nil && string(got) == string(msg) {
+			if err == nil {
 				t.info.Methods[p] = m
 				break
 			}

@@ -21,7 +21,7 @@ import (
 func TestDestroyDuringOutageIsRetried(t *testing.T) {
 	ctx := context.Background()
 	tok := openToken(t, StorageToken)
-	k, err := tok.Generate(ctx, "doomed")
+	k, err := tok.Generate(ctx, testID("doomed"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -36,7 +36,7 @@ func TestDestroyDuringOutageIsRetried(t *testing.T) {
 	}
 	restore()
 	waitReady(t, tok)
-	if n := listIDs(t, tok)["doomed"]; n != 2 {
+	if n := listIDs(t, tok)[testID("doomed")]; n != 2 {
 		t.Fatalf("after recovery the key has %d objects, want 2 (the destroy failed)", n)
 	}
 	// The key was handed to Destroy: it never decrypts again.
@@ -46,7 +46,7 @@ func TestDestroyDuringOutageIsRetried(t *testing.T) {
 	if err := tok.Destroy(ctx, k); err != nil {
 		t.Fatalf("Destroy after recovery: %v", err)
 	}
-	if n := listIDs(t, tok)["doomed"]; n != 0 {
+	if n := listIDs(t, tok)[testID("doomed")]; n != 0 {
 		t.Errorf("after the retried destroy the key has %d objects, want 0", n)
 	}
 }
@@ -56,7 +56,7 @@ func TestDestroyDuringOutageIsRetried(t *testing.T) {
 func TestListAndDestroyObjectDuringOutage(t *testing.T) {
 	ctx := context.Background()
 	tok := openToken(t, StorageToken)
-	k, err := tok.Generate(ctx, "listed")
+	k, err := tok.Generate(ctx, testID("listed"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +78,7 @@ func TestListAndDestroyObjectDuringOutage(t *testing.T) {
 	}
 	restore()
 	waitReady(t, tok)
-	if n := listIDs(t, tok)["listed"]; n != 2 {
+	if n := listIDs(t, tok)[testID("listed")]; n != 2 {
 		t.Errorf("after recovery: %d objects, want 2", n)
 	}
 	if err := tok.Destroy(ctx, k); err != nil {

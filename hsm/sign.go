@@ -8,8 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/miekg/pkcs11"
 )
@@ -24,27 +26,74 @@ import (
 // Token tolerates it); a second pool of sessions would also escape the
 // Token's fault handling. The private key's handle is found once and kept;
 // the hot path never searches the token.
+//
+// Not every token offers CKM_SHA256_RSA_PKCS (openCryptoki's soft token
+// 3.8 does not). Open chooses a [SignMethod]: that mechanism when the token
+// offers it for signing, or else SHA-256 in keyissuer and CKM_RSA_PKCS over
+// the DER DigestInfo, which is the very same RSASSA-PKCS1-v1_5 signature
+// (RFC 8017, section 9.2), so whoever verifies sees no difference.
+
+// SignMethod says how the token makes a response signature.
+type SignMethod string
+
+const (
+	// SignSHA256RSA is CKM_SHA256_RSA_PKCS: the token hashes and signs.
+	SignSHA256RSA SignMethod = "sha256-rsa-pkcs"
+	// SignDigestInfo is SHA-256 computed by keyissuer and CKM_RSA_PKCS in
+	// the token over the DigestInfo, for tokens without the former.
+	SignDigestInfo SignMethod = "rsa-pkcs-digestinfo"
+)
+
+// sha256DigestInfo is the DER prefix of a SHA-256 DigestInfo (RFC 8017,
+// section 9.2, note 1); the 32-byte digest follows it.
+var sha256DigestInfo = []byte{0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
+	0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20}
+
+// chooseSignMethod picks the signing method from the token's mechanisms;
+// "" means the token can do neither.
+func chooseSignMethod(infos map[uint]mechInfo) SignMethod {
+	for _, c := range []struct {
+		mech uint
+		m    SignMethod
+	}{{pkcs11.CKM_SHA256_RSA_PKCS, SignSHA256RSA}, {pkcs11.CKM_RSA_PKCS, SignDigestInfo}} {
+		if mi, ok := infos[c.mech]; ok && mi.flags&pkcs11.CKF_SIGN != 0 {
+			return c.m
+		}
+	}
+	return ""
+}
 
 // ErrNoSigningKey means the token holds no private key under the label.
 var ErrNoSigningKey = errors.New("no signing key under that label in the token")
 
 // Signer signs with the token's RSA key pair under one label, with
-// RSASSA-PKCS1-v1_5 over SHA-256 (CKM_SHA256_RSA_PKCS). It is safe for
-// concurrent use.
+// RSASSA-PKCS1-v1_5 over SHA-256, made by the token's [SignMethod]. It is
+// safe for concurrent use.
 type Signer struct {
-	t     *Token
-	label string
-	pub   *rsa.PublicKey
+	t      *Token
+	label  string
+	pub    *rsa.PublicKey
+	method SignMethod
 
 	mu   sync.Mutex
 	priv pkcs11.ObjectHandle
+
+	signs atomic.Uint64 // C_SignInit/C_Sign pairs issued
 }
+
+// Signs is how many signatures the token was asked for (each C_Sign, the
+// start-up check and retries included): what a caller could make the
+// token spend.
+func (s *Signer) Signs() uint64 { return s.signs.Load() }
 
 // Public is the signing key's public half.
 func (s *Signer) Public() *rsa.PublicKey { return s.pub }
 
 // Label is the key's CKA_LABEL.
 func (s *Signer) Label() string { return s.label }
+
+// Method is how the token makes the signatures.
+func (s *Signer) Method() SignMethod { return s.method }
 
 // Signer finds the private key labelled label (a token object, RSA, with
 // CKA_SIGN) and checks that it signs. It fails with ErrNoSigningKey when
@@ -55,7 +104,10 @@ func (t *Token) Signer(ctx context.Context, label string) (*Signer, error) {
 	if err := t.checkSigningLabel(label); err != nil {
 		return nil, err
 	}
-	s := &Signer{t: t, label: label}
+	if err := t.canSign(); err != nil {
+		return nil, err
+	}
+	s := &Signer{t: t, label: label, method: t.info.Signing}
 	err := t.do(ctx, func(ss *session) error {
 		h, pub, err := t.findSigningKey(ss, label)
 		if err != nil {
@@ -88,6 +140,10 @@ func (t *Token) CreateSigningKey(ctx context.Context, label string, bits int) (s
 	}
 	if !validKeyBits(bits) {
 		return nil, false, fmt.Errorf("key size %d bits not allowed (want 2048, 3072 or 4096)", bits)
+	}
+	// Before a key is made that could never sign.
+	if err := t.canSign(); err != nil {
+		return nil, false, err
 	}
 	s, err = t.Signer(ctx, label)
 	if !errors.Is(err, ErrNoSigningKey) {
@@ -134,6 +190,15 @@ func (t *Token) CreateSigningKey(ctx context.Context, label string, bits int) (s
 	}
 	s, err = t.Signer(ctx, label)
 	return s, err == nil, err
+}
+
+// canSign fails when the token offers no mechanism to sign with.
+func (t *Token) canSign() error {
+	if t.info.Signing == "" {
+		return fmt.Errorf("token %q offers neither CKM_SHA256_RSA_PKCS nor CKM_RSA_PKCS for signing, "+
+			"so it cannot sign responses", t.info.Label)
+	}
+	return nil
 }
 
 func (t *Token) checkSigningLabel(label string) error {
@@ -199,7 +264,8 @@ func (s *Signer) Sign(ctx context.Context, msg []byte) ([]byte, error) {
 			if h, err = s.handle(ss, attempt > 0); err != nil {
 				return err
 			}
-			sig, err = s.t.sign(ss, h, msg)
+			s.signs.Add(1)
+			sig, err = s.t.sign(ss, h, s.method, msg, digest[:])
 			if err == nil {
 				if rsa.VerifyPKCS1v15(s.pub, crypto.SHA256, digest[:], sig) == nil {
 					return nil
@@ -237,10 +303,15 @@ func (s *Signer) handle(ss *session, refresh bool) (pkcs11.ObjectHandle, error) 
 	return h, nil
 }
 
-func (t *Token) sign(ss *session, h pkcs11.ObjectHandle, msg []byte) ([]byte, error) {
-	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_SHA256_RSA_PKCS, nil)}
-	if err := t.mod.ctx.SignInit(ss.h, mech, h); err != nil {
+// sign makes the RSASSA-PKCS1-v1_5 SHA-256 signature of msg, whose
+// SHA-256 is digest, by method m.
+func (t *Token) sign(ss *session, h pkcs11.ObjectHandle, m SignMethod, msg, digest []byte) ([]byte, error) {
+	mech, data := uint(pkcs11.CKM_SHA256_RSA_PKCS), msg
+	if m == SignDigestInfo {
+		mech, data = pkcs11.CKM_RSA_PKCS, append(slices.Clip(sha256DigestInfo), digest...)
+	}
+	if err := t.mod.ctx.SignInit(ss.h, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, h); err != nil {
 		return nil, err
 	}
-	return t.mod.ctx.Sign(ss.h, msg)
+	return t.mod.ctx.Sign(ss.h, data)
 }

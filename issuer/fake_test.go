@@ -258,6 +258,11 @@ func (f *fakeToken) Adopt(ctx context.Context, objs []hsm.Object) (*hsm.Key, err
 
 func (f *fakeToken) Check(ctx context.Context) error { return nil }
 
+// SweepHalfMade: the fake makes every object whole.
+func (f *fakeToken) SweepHalfMade(ctx context.Context) (hsm.HalfMadeSweep, error) {
+	return hsm.HalfMadeSweep{}, nil
+}
+
 func (f *fakeToken) Ready() bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()

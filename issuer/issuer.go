@@ -52,6 +52,11 @@ type Token interface {
 	List(ctx context.Context) ([]hsm.Object, error)
 	DestroyObject(ctx context.Context, o hsm.Object) error
 	Adopt(ctx context.Context, objs []hsm.Object) (*hsm.Key, error)
+	// SweepHalfMade looks for key objects a crash left half-made (no
+	// label, no id, no key: beyond List) and, on a token dedicated to
+	// keyissuer, destroys them: see [hsm.Token.SweepHalfMade].
+	// Reconciliation calls it; Check goes on with it afterwards.
+	SweepHalfMade(ctx context.Context) (hsm.HalfMadeSweep, error)
 	// Check finds dead sessions; Ready says whether the token is up.
 	Check(ctx context.Context) error
 	Ready() bool
@@ -232,26 +237,33 @@ func (is *Issuer) KeysLost(ids []string) {
 // storage the key objects survive: an issued record whose two halves are
 // present is adopted and can still decrypt; any other object under the
 // prefix is destroyed, and records whose key is missing become lost.
+//
+// The token is searched in either mode: a daemon switched from token to
+// session storage finds the token objects of its token-storage runs, which
+// are leftovers now. Their records are finished as above, then the objects
+// destroyed.
 func (is *Issuer) Reconcile(ctx context.Context) error {
 	recs, err := is.cfg.Store.Active(ctx, time.Unix(0, math.MaxInt64), 0)
 	if err != nil {
 		return err
 	}
+	list, err := is.cfg.Token.List(ctx)
+	if err != nil {
+		return err
+	}
+	adopt := is.cfg.Storage == hsm.StorageToken
 	objs := map[string][]hsm.Object{}
-	if is.cfg.Storage == hsm.StorageToken {
-		list, err := is.cfg.Token.List(ctx)
-		if err != nil {
-			return err
+	for _, o := range list {
+		if !adopt && !o.Token {
+			continue // a session object of this process: not a leftover
 		}
-		for _, o := range list {
-			objs[o.ID] = append(objs[o.ID], o)
-		}
+		objs[o.ID] = append(objs[o.ID], o)
 	}
 	now := is.cfg.Now()
 	var adopted, lost, consumed, destroyed int
 	for _, r := range recs {
 		if r.State == store.Issued {
-			if os, ok := objs[r.UniqueID]; ok {
+			if os, ok := objs[r.UniqueID]; ok && adopt {
 				k, err := is.cfg.Token.Adopt(ctx, os)
 				if err == nil {
 					delete(objs, r.UniqueID)
@@ -287,11 +299,46 @@ func (is *Issuer) Reconcile(ctx context.Context) error {
 		}
 		is.emit(ctx, Event{Kind: EventDestroyed, UniqueID: id, Reason: ReasonReconciled})
 	}
+	// In either mode, as for the labelled leftovers: a token-storage run's
+	// crash may have left them.
+	halfMade := is.reconcileHalfMade(ctx)
 	is.log.Info("reconciled token and records", "storage", is.cfg.Storage,
-		"adopted", adopted, "lost", lost, "consumed", consumed, "objects_destroyed", destroyed)
+		"adopted", adopted, "lost", lost, "consumed", consumed, "objects_destroyed", destroyed,
+		"half_made_destroyed", halfMade.Destroyed, "half_made_left", halfMade.Waiting)
 	is.emit(ctx, Event{Kind: EventReconciled, Reconciled: ReconcileCounts{
 		Adopted: adopted, Lost: lost, Consumed: consumed, Destroyed: destroyed}})
 	return nil
+}
+
+// reconcileHalfMadeWait is the longest start-up waits for half-made objects
+// to be seen long enough to go; with a longer grace, the token's periodic
+// checks destroy them later.
+const reconcileHalfMadeWait = 10 * time.Second
+
+// reconcileHalfMade looks for half-made key objects, and looks again once
+// the first ones may go if that is soon, so that a lone daemon whose grace
+// is short starts with none. A failure is logged, not fatal: the token's
+// checks look again.
+func (is *Issuer) reconcileHalfMade(ctx context.Context) hsm.HalfMadeSweep {
+	var total hsm.HalfMadeSweep
+	for look := 0; look < 3; look++ {
+		res, err := is.cfg.Token.SweepHalfMade(ctx)
+		if err != nil {
+			is.log.Warn("failed to clear half-made key objects at start-up; the token's checks will try again", "err", err)
+		}
+		total.Found = max(total.Found, res.Found)
+		total.Destroyed += res.Destroyed
+		total.Waiting, total.NextDue = res.Waiting, res.NextDue
+		if err != nil || res.Waiting == 0 || res.NextDue == 0 || res.NextDue > reconcileHalfMadeWait {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return total
+		case <-time.After(res.NextDue):
+		}
+	}
+	return total
 }
 
 // Run fills the pool and runs the reaper until ctx is done. Call Reconcile
@@ -332,7 +379,7 @@ type Issued struct {
 }
 
 const (
-	uniqueIDLen = 32
+	uniqueIDLen = hsm.KeyIDLen // the token lists only well-formed ids
 	saltLen     = 12
 )
 

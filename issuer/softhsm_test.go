@@ -18,7 +18,8 @@ import (
 	"github.com/keyissuer/keyissuer/issuer/store"
 )
 
-// Integration tests: the issuer on a real SoftHSM token and a real store.
+// Integration tests: the issuer on a real token and a real store, each run
+// on SoftHSM and on openCryptoki's soft token (subtests named by token).
 
 func TestMain(m *testing.M) { hsmtest.Main(m) }
 
@@ -26,6 +27,7 @@ func TestMain(m *testing.M) { hsmtest.Main(m) }
 // token and store file, as a restarted daemon would.
 type env struct {
 	t       testing.TB
+	token   hsmtest.Token
 	storage hsm.Storage
 	prefix  string
 	dbPath  string
@@ -34,18 +36,26 @@ type env struct {
 	tok *hsm.Token
 	st  *store.Bolt
 	is  *issuer.Issuer
+
+	tokenConfig func(*hsm.Config) // if set, changes the Token's config at open
 }
 
-func newEnv(t testing.TB, storage hsm.Storage) *env {
+func newEnv(t testing.TB, tk hsmtest.Token, storage hsm.Storage) *env {
 	t.Helper()
 	e := &env{
 		t:       t,
+		token:   tk,
 		storage: storage,
-		prefix:  "it-" + filepath.Base(t.TempDir()) + ":",
+		prefix:  tk.Prefix + "it-" + filepath.Base(t.TempDir()) + ":",
 		dbPath:  filepath.Join(t.TempDir(), "records.db"),
 	}
 	now := time.Now()
 	e.now.Store(&now)
+	if tk.Kind == hsmtest.OpenCryptoki {
+		// The machine's token: keys still issued when the test ends (token
+		// storage) must not outlive it. Registered first, runs last.
+		t.Cleanup(func() { hsmtest.DestroyObjects(t, tk, e.prefix) })
+	}
 	e.open()
 	t.Cleanup(e.close)
 	return e
@@ -54,10 +64,10 @@ func newEnv(t testing.TB, storage hsm.Storage) *env {
 func (e *env) open() {
 	t := e.t
 	t.Helper()
-	softTok := hsmtest.Shared(t)
+	softTok := e.token
 	var err error
 	var is atomic.Pointer[issuer.Issuer]
-	e.tok, err = hsm.Open(context.Background(), hsm.Config{
+	cfg := hsm.Config{
 		Module:      softTok.Module,
 		TokenLabel:  softTok.Label,
 		PIN:         softTok.PIN,
@@ -70,7 +80,11 @@ func (e *env) open() {
 				i.KeysLost(ids)
 			}
 		},
-	})
+	}
+	if e.tokenConfig != nil {
+		e.tokenConfig(&cfg)
+	}
+	e.tok, err = hsm.Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatalf("hsm.Open: %v", err)
 	}
@@ -175,11 +189,13 @@ func apply(t testing.TB, e *env) issuer.Issued {
 
 var storages = []hsm.Storage{hsm.StorageSession, hsm.StorageToken}
 
-func TestApplyDecryptDestroy(t *testing.T) {
+func TestApplyDecryptDestroy(t *testing.T) { hsmtest.ForEach(t, testApplyDecryptDestroy) }
+
+func testApplyDecryptDestroy(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
 	for _, storage := range storages {
 		t.Run(string(storage), func(t *testing.T) {
-			e := newEnv(t, storage)
+			e := newEnv(t, tk, storage)
 			stop := e.run()
 			defer stop()
 			iss := apply(t, e)
@@ -204,8 +220,12 @@ func TestApplyDecryptDestroy(t *testing.T) {
 }
 
 func TestFailedDecryptsDestroyTheKey(t *testing.T) {
+	hsmtest.ForEach(t, testFailedDecryptsDestroyTheKey)
+}
+
+func testFailedDecryptsDestroyTheKey(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	e := newEnv(t, hsm.StorageSession)
+	e := newEnv(t, tk, hsm.StorageSession)
 	stop := e.run()
 	defer stop()
 	tests := []struct {
@@ -252,11 +272,13 @@ func TestFailedDecryptsDestroyTheKey(t *testing.T) {
 	})
 }
 
-func TestConcurrentDecryptsOfOneKey(t *testing.T) {
+func TestConcurrentDecryptsOfOneKey(t *testing.T) { hsmtest.ForEach(t, testConcurrentDecryptsOfOneKey) }
+
+func testConcurrentDecryptsOfOneKey(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
 	for _, storage := range storages {
 		t.Run(string(storage), func(t *testing.T) {
-			e := newEnv(t, storage)
+			e := newEnv(t, tk, storage)
 			stop := e.run()
 			defer stop()
 			for round := range 3 {
@@ -296,9 +318,11 @@ func TestConcurrentDecryptsOfOneKey(t *testing.T) {
 	}
 }
 
-func TestExpiry(t *testing.T) {
+func TestExpiry(t *testing.T) { hsmtest.ForEach(t, testExpiry) }
+
+func testExpiry(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	e := newEnv(t, hsm.StorageToken)
+	e := newEnv(t, tk, hsm.StorageToken)
 	stop := e.run()
 	defer stop()
 	reaped := apply(t, e)
@@ -326,9 +350,11 @@ func TestExpiry(t *testing.T) {
 // Token storage: keys survive a crash. After the restart, the issued key
 // still decrypts once, the pool's orphans and a claimed key's objects are
 // destroyed, and nothing is left over.
-func TestRestartTokenStorage(t *testing.T) {
+func TestRestartTokenStorage(t *testing.T) { hsmtest.ForEach(t, testRestartTokenStorage) }
+
+func testRestartTokenStorage(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	e := newEnv(t, hsm.StorageToken)
+	e := newEnv(t, tk, hsm.StorageToken)
 	stop := e.run()
 	kept := apply(t, e)
 	claimed := apply(t, e)
@@ -365,9 +391,11 @@ func TestRestartTokenStorage(t *testing.T) {
 
 // Session storage: keys die with the process, so a restart marks the
 // records of unused keys lost.
-func TestRestartSessionStorage(t *testing.T) {
+func TestRestartSessionStorage(t *testing.T) { hsmtest.ForEach(t, testRestartSessionStorage) }
+
+func testRestartSessionStorage(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	e := newEnv(t, hsm.StorageSession)
+	e := newEnv(t, tk, hsm.StorageSession)
 	stop := e.run()
 	iss := apply(t, e)
 	stop()
@@ -397,9 +425,11 @@ func TestRestartSessionStorage(t *testing.T) {
 
 // A session that dies takes its keys along; the issuer marks their records
 // lost rather than failing later.
-func TestSessionDeathMarksKeysLost(t *testing.T) {
+func TestSessionDeathMarksKeysLost(t *testing.T) { hsmtest.ForEach(t, testSessionDeathMarksKeysLost) }
+
+func testSessionDeathMarksKeysLost(t *testing.T, tk hsmtest.Token) {
 	ctx := context.Background()
-	e := newEnv(t, hsm.StorageSession)
+	e := newEnv(t, tk, hsm.StorageSession)
 	stop := e.run()
 	defer stop()
 	iss := apply(t, e)
@@ -422,8 +452,10 @@ func TestSessionDeathMarksKeysLost(t *testing.T) {
 
 // Stopping destroys the pool: no objects outlive the daemon in token
 // storage except issued keys.
-func TestStopDrainsPool(t *testing.T) {
-	e := newEnv(t, hsm.StorageToken)
+func TestStopDrainsPool(t *testing.T) { hsmtest.ForEach(t, testStopDrainsPool) }
+
+func testStopDrainsPool(t *testing.T, tk hsmtest.Token) {
+	e := newEnv(t, tk, hsm.StorageToken)
 	stop := e.run()
 	iss := apply(t, e)
 	deadline := time.Now().Add(20 * time.Second)

@@ -83,7 +83,9 @@ func (c *apiClient) requests(ctx context.Context, n int) ([]signedRequest, error
 // A body the API refuses with PARAM_ILLEGAL before it takes a key: it opens
 // and warms connections without spending the pool.
 func (c *apiClient) rejected() (signedRequest, error) {
-	return c.sign([]byte(`{"customerId": 21}`))
+	// A body of its own: two signed in one millisecond would otherwise be
+	// one request twice.
+	return c.sign(fmt.Appendf(nil, `{"customerId": 21, "warm": "%d"}`, c.seq.Add(1)))
 }
 
 type applyResponse struct {
@@ -175,14 +177,18 @@ func (d *daemon) applyNow(ctx context.Context) (issuedKey, error) {
 }
 
 // warmConnections opens n keep-alive connections to url with requests
-// refused before any key is taken.
+// refused before any key is taken. Each is signed afresh: keyissuerd
+// accepts a signed request once (REPEAT_REQUEST).
 func (c *apiClient) warmConnections(ctx context.Context, hc *http.Client, url string, n int) error {
-	sr, err := c.rejected()
-	if err != nil {
-		return err
+	srs := make([]signedRequest, n)
+	for i := range srs {
+		var err error
+		if srs[i], err = c.rejected(); err != nil {
+			return err
+		}
 	}
-	countedRun(ctx, n, n, func(ctx context.Context, _, _ int) error {
-		_, _, _, err := c.post(ctx, hc, url, sr)
+	countedRun(ctx, n, n, func(ctx context.Context, _, i int) error {
+		_, _, _, err := c.post(ctx, hc, url, srs[i])
 		return err
 	})
 	return nil

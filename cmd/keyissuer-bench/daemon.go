@@ -132,6 +132,10 @@ rate = 1000000.0
 burst = 10000000
 max_outstanding = 10000000
 max_outstanding_per_customer = 1000
+address_rate = 1000000.0
+address_burst = 10000000
+unverified_rate = 1000000.0
+unverified_burst = 10000000
 
 [[clients]]
 id = %q

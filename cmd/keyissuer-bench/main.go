@@ -73,7 +73,7 @@ func main() {
 	bareResponse := flag.String("bare-response", "", "internal: the bare handler's canned response")
 	scale := flag.Float64("scale", envScale(), "scale of every window, run and pool (default $BENCH_SCALE or 1)")
 	runs := flag.Int("runs", 3, "runs of each side-by-side comparison")
-	rowsFlag := flag.String("rows", "1,2,3,4,5,6", "rows of the table to measure")
+	rowsFlag := flag.String("rows", "1,2,3,4,5,6,7", "rows of the table to measure")
 	out := flag.String("out", "bench-results", "directory of the JSON results, logs and profiles")
 	daemonBin := flag.String("keyissuerd", "bin/keyissuerd", "the keyissuerd binary to measure")
 	pprofBin := flag.String("keyissuerd-pprof", "", "a keyissuerd built with -tags pprof: adds a profile pass")
@@ -191,6 +191,7 @@ func run(ctx context.Context, o options) (*results, error) {
 		{want["2"] || want["4"], func() { b.rowApply(ctx, want["4"]) }},
 		{want["3"], func() { b.rowDecrypt(ctx) }},
 		{want["5"], func() { b.rowBigStore(ctx) }},
+		{want["7"], func() { b.rowTokens(ctx) }},
 		{true, func() { b.profilePass(ctx) }},
 	} {
 		if err := ctx.Err(); err != nil {

@@ -52,12 +52,9 @@ func applyCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	var verifier *rsa.PublicKey
 	if *serverKey != "" {
-		b, err := os.ReadFile(*serverKey)
-		if err != nil {
-			return fmt.Errorf("apply: -server-key: %w", err)
-		}
-		if verifier, err = apisig.ParsePublicKey(string(b)); err != nil {
-			return fmt.Errorf("apply: -server-key %s: %w", *serverKey, err)
+		var err error
+		if verifier, err = readPublicKey("apply: -server-key", *serverKey); err != nil {
+			return err
 		}
 	}
 	u, err := url.Parse(*endpoint)
@@ -91,7 +88,13 @@ func applyCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	unsignedRefusal := false
 	switch {
+	case verifier != nil && resp.Header.Get(apisig.HeaderSignature) == "":
+		// keyissuer signs only the answers to requests that authenticated
+		// (as the wallet SDKs, which check a signature only when there is
+		// one): an unsigned answer is believed only as a refusal.
+		unsignedRefusal = true
 	case verifier != nil:
 		// Checked before anything of the answer is believed.
 		if err := apisig.VerifyResponse(resp.Header, u.EscapedPath(), raw, verifier); err != nil {
@@ -110,9 +113,30 @@ func applyCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return fmt.Errorf("apply: unexpected answer (HTTP %d): %w", resp.StatusCode, err)
 	}
 	if out.Result.ResultStatus != "S" {
-		return fmt.Errorf("apply: %s/%s: %s", out.Result.ResultCode, out.Result.ResultStatus, out.Result.ResultMessage)
+		unsigned := ""
+		if unsignedRefusal {
+			unsigned = " (unsigned: the request did not authenticate)"
+		}
+		return fmt.Errorf("apply: %s/%s: %s%s", out.Result.ResultCode, out.Result.ResultStatus, out.Result.ResultMessage, unsigned)
+	}
+	if unsignedRefusal {
+		return fmt.Errorf("apply: the answer says %s but is not signed: not believed", out.Result.ResultCode)
 	}
 	return printJSON(stdout, out.PublicKeyInfo)
+}
+
+// readPublicKey reads an RSA public key file, PEM or base64 DER, as
+// `keyissuer signing-key` prints it; what names the flag in errors.
+func readPublicKey(what, path string) (*rsa.PublicKey, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	pub, err := apisig.ParsePublicKey(string(b))
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", what, path, err)
+	}
+	return pub, nil
 }
 
 // signingKeyCmd is `keyissuer signing-key`: print, and with -create first

@@ -112,11 +112,15 @@ func TestApply(t *testing.T) {
 	}
 }
 
-// TestSigningKey makes the response-signing key in a SoftHSM token with
+// TestSigningKey makes the response-signing key in a token with
 // `keyissuer signing-key -create`, prints it again, and finds it through a
-// daemon config file.
-func TestSigningKey(t *testing.T) {
-	st := hsmtest.Shared(t)
+// daemon config file; on SoftHSM and on openCryptoki, which signs by the
+// DigestInfo fallback.
+func TestSigningKey(t *testing.T) { hsmtest.ForEach(t, testSigningKey) }
+
+func testSigningKey(t *testing.T, st hsmtest.Token) {
+	label := st.Prefix + "cli-test-signing"
+	t.Cleanup(func() { hsmtest.DestroyObjects(t, st, label) })
 	dir := t.TempDir()
 	pinFile := filepath.Join(dir, "user.pin")
 	if err := os.WriteFile(pinFile, []byte(st.PIN+"\n"), 0o600); err != nil {
@@ -128,7 +132,7 @@ func TestSigningKey(t *testing.T) {
 		err := run(ctx, "signing-key", args, nil, &out)
 		return out.String(), err
 	}
-	flags := []string{"-module", st.Module, "-token-label", st.Label, "-pin-file", pinFile, "-label", "cli-test-signing"}
+	flags := []string{"-module", st.Module, "-token-label", st.Label, "-pin-file", pinFile, "-label", label}
 	if _, err := signingKey(flags...); err == nil || !strings.Contains(err.Error(), "-create") {
 		t.Fatalf("signing-key before -create = %v, want a hint to -create", err)
 	}
@@ -153,8 +157,8 @@ func TestSigningKey(t *testing.T) {
 	}
 
 	cfgPath := filepath.Join(dir, "keyissuerd.toml")
-	os.WriteFile(cfgPath, []byte(fmt.Sprintf("[token]\nmodule = %q\nlabel = %q\npin_file = \"user.pin\"\n[api]\nsigning_key_label = \"cli-test-signing\"\n",
-		st.Module, st.Label)), 0o600)
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf("[token]\nmodule = %q\nlabel = %q\npin_file = \"user.pin\"\n[api]\nsigning_key_label = %q\n",
+		st.Module, st.Label, label)), 0o600)
 	fromConfig, err := signingKey("-config", cfgPath)
 	if err != nil || fromConfig != created {
 		t.Errorf("signing-key -config = %q, %v; want the created key", fromConfig, err)
@@ -164,7 +168,7 @@ func TestSigningKey(t *testing.T) {
 	}
 	// The key signs, inside the token; its public half verifies.
 	msg := []byte("POST /x\nM1.1.{}")
-	sig := signWithToken(t, st, msg)
+	sig := signWithToken(t, st, label, msg)
 	if err := apisig.Verify(pub, msg, sig); err != nil {
 		t.Errorf("the key's signature does not verify: %v", err)
 	}
@@ -173,7 +177,7 @@ func TestSigningKey(t *testing.T) {
 	}
 }
 
-func signWithToken(t *testing.T, st hsmtest.Token, msg []byte) []byte {
+func signWithToken(t *testing.T, st hsmtest.Token, label string, msg []byte) []byte {
 	t.Helper()
 	ctx := context.Background()
 	tok, err := hsm.Open(ctx, hsm.Config{Module: st.Module, TokenLabel: st.Label, PIN: st.PIN, Sessions: 2})
@@ -181,7 +185,7 @@ func signWithToken(t *testing.T, st hsmtest.Token, msg []byte) []byte {
 		t.Fatal(err)
 	}
 	defer tok.Close()
-	s, err := tok.Signer(ctx, "cli-test-signing")
+	s, err := tok.Signer(ctx, label)
 	if err != nil {
 		t.Fatal(err)
 	}

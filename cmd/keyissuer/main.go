@@ -12,7 +12,7 @@
 //	keyissuer key     [-socket PATH] -unique-id ID
 //	keyissuer health  [-socket PATH]
 //	keyissuer status  [-admin URL] [-json]
-//	keyissuer audit verify FILE...
+//	keyissuer audit verify [-key FILE] [-log FILE] FILE...
 //	keyissuer dev-tls [-dir .dev-tls]
 //	keyissuer version
 package main
@@ -55,7 +55,7 @@ const usage = `keyissuer: the keyissuerd client
   keyissuer key     [-socket PATH] -unique-id ID        a key's state
   keyissuer health  [-socket PATH]                      the daemon's health
   keyissuer status  [-admin URL] [-json]                the daemon's status (admin listener)
-  keyissuer audit verify FILE...                        check the audit trail's chain (oldest file first)
+  keyissuer audit verify [-key F] [-log F] FILE...      check the audit trail's chain and signed checkpoints (oldest file first)
   keyissuer dev-tls [-dir .dev-tls]                     a development CA and a server certificate for 127.0.0.1
                                                         and localhost (make dev-tls); never for production
   keyissuer version

@@ -4,7 +4,9 @@ package main
 // verify.
 
 import (
+	"bytes"
 	"context"
+	"crypto/rsa"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -80,6 +82,11 @@ func printStatus(w io.Writer, s admin.Status, now time.Time) {
 	row("token", "%s, label %q, serial %s, %s %s", up, s.Token.Label, s.Token.Serial, s.Token.Manufacturer, s.Token.Model)
 	row("", "faults %d, recoveries %d", s.Token.Faults, s.Token.Recoveries)
 	row("storage", "%s, RSA-%d, paddings %s", s.Token.Storage, s.Token.KeyBits, strings.Join(paddings, ", "))
+	signing := "answers unsigned"
+	if s.Token.Signing != "" {
+		signing = s.Token.Signing
+	}
+	row("signing", "%s", signing)
 	row("pool", "%d/%d ready, %d generated (%.3fs each in the token), %d failed", s.Pool.Ready, s.Pool.Target,
 		s.Pool.Generated, s.Pool.AvgGenerateSec, s.Pool.GenerateErrors)
 	row("keys", "%d outstanding, %d destroys pending", s.Keys.Outstanding, s.Keys.PendingDestroys)
@@ -106,14 +113,28 @@ func printStatus(w io.Writer, s admin.Status, now time.Time) {
 	tw.Flush()
 }
 
-// auditCmd runs `keyissuer audit verify FILE...`.
+// auditCmd runs `keyissuer audit verify [-key FILE] FILE...`.
 func auditCmd(args []string, stdout io.Writer) error {
+	const usage = "usage: keyissuer audit verify [-key FILE] [-log FILE] FILE... (oldest first, after rotation)"
 	if len(args) == 0 || args[0] != "verify" {
-		return errors.New("usage: keyissuer audit verify FILE... (oldest first, after rotation)")
+		return errors.New(usage)
 	}
-	files := args[1:]
+	fs := flag.NewFlagSet("keyissuer audit verify", flag.ContinueOnError)
+	keyFile := fs.String("key", "", "the response-signing public key (PEM or base64 `file`, from `keyissuer signing-key`): check the signed checkpoints")
+	logFile := fs.String("log", "", "keyissuerd's JSON log (`file`, e.g. journalctl -o cat): check the trail against the checkpoints copied there")
+	if err := fs.Parse(args[1:]); err != nil {
+		return err
+	}
+	files := fs.Args()
 	if len(files) == 0 {
-		return errors.New("audit verify: name the trail's file(s), oldest first")
+		return errors.New("audit verify: name the trail's file(s), oldest first; " + usage)
+	}
+	var pub *rsa.PublicKey
+	if *keyFile != "" {
+		var err error
+		if pub, err = readPublicKey("audit verify: -key", *keyFile); err != nil {
+			return err
+		}
 	}
 	var prev *audit.Chain
 	for _, name := range files {
@@ -135,7 +156,78 @@ func auditCmd(args []string, stdout io.Writer) error {
 			from = "head " + c.Start + " of an earlier file"
 		}
 		fmt.Fprintf(stdout, "%s: ok, %d lines, seq %d-%d, chained from %s; head %s\n", name, c.Lines, c.FirstSeq, c.LastSeq, from, c.Head)
+		if err := printCoverage(stdout, name, c, pub); err != nil {
+			return err
+		}
 		prev = &c
 	}
+	if *logFile != "" {
+		return compareLog(stdout, *logFile, files, pub)
+	}
+	return nil
+}
+
+// compareLog checks the trail's files against the checkpoints in the
+// daemon's log: what the file alone cannot show, a cut before its last
+// checkpoint.
+func compareLog(w io.Writer, logFile string, files []string, pub *rsa.PublicKey) error {
+	b, err := os.ReadFile(logFile)
+	if err != nil {
+		return fmt.Errorf("audit verify: -log: %w", err)
+	}
+	var logged []audit.Logged
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		var m struct {
+			Msg       string `json:"msg"`
+			Seq       uint64 `json:"seq"`
+			Head      string `json:"head"`
+			Signature string `json:"signature"`
+			KeyID     string `json:"key_id"`
+		}
+		if json.Unmarshal(line, &m) == nil && m.Msg == "audit checkpoint" {
+			logged = append(logged, audit.Logged{Seq: m.Seq, Head: m.Head, Signature: m.Signature, KeyID: m.KeyID})
+		}
+	}
+	var rs []io.Reader
+	for _, name := range files {
+		f, err := os.Open(name)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		rs = append(rs, f)
+	}
+	checked, skipped, err := audit.CompareLogged(io.MultiReader(rs...), logged, pub)
+	if err != nil {
+		return fmt.Errorf("BROKEN against %s: %w", logFile, err)
+	}
+	fmt.Fprintf(w, "%s: %d logged checkpoints match the trail (%d of older files skipped)\n", logFile, checked, skipped)
+	if len(logged) == 0 {
+		fmt.Fprintf(w, "%s: WARNING: no \"audit checkpoint\" line in it\n", logFile)
+	}
+	return nil
+}
+
+// printCoverage reports how far the signed checkpoints cover a file.
+func printCoverage(w io.Writer, name string, c audit.Chain, pub *rsa.PublicKey) error {
+	const caveat = "a cut there leaves no trace in the file; compare with the \"audit checkpoint\" lines in keyissuerd's log, which also show a cut before the last checkpoint"
+	switch {
+	case len(c.Checkpoints) == 0:
+		fmt.Fprintf(w, "%s: NOT COVERED: no signed checkpoint; all %d lines could be cut off the end unseen\n", name, c.Lines)
+		return nil
+	case pub == nil:
+		fmt.Fprintf(w, "%s: %d checkpoints, signatures NOT checked: give -key (the response-signing public key, `keyissuer signing-key`)\n", name, len(c.Checkpoints))
+		return nil
+	}
+	cov, err := audit.VerifyCheckpoints(c, pub)
+	if err != nil {
+		return fmt.Errorf("%s: BROKEN: %w", name, err)
+	}
+	fmt.Fprintf(w, "%s: covered through seq %d by %d signed checkpoints", name, cov.Through, cov.Checkpoints)
+	if cov.Uncovered > 0 {
+		fmt.Fprintf(w, "; NOT COVERED: the %d lines after it (seq %d-%d, the last checkpoint's own line included): %s",
+			cov.Uncovered, cov.Through+1, c.LastSeq, caveat)
+	}
+	fmt.Fprintln(w)
 	return nil
 }

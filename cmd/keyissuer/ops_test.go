@@ -3,7 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -88,5 +95,86 @@ func TestStatus(t *testing.T) {
 	out.Reset()
 	if err := run(context.Background(), "status", []string{"-admin", srv.URL, "-json"}, nil, &out); err != nil || !strings.Contains(out.String(), `"version": "v9"`) {
 		t.Errorf("status -json: %v\n%s", err, out.String())
+	}
+}
+
+func TestAuditVerifyCheckpoints(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "audit.jsonl")
+	var keys [2]*rsa.PrivateKey
+	var pems [2]string
+	for i := range keys {
+		k, err := rsa.GenerateKey(rand.Reader, 2048)
+		if err != nil {
+			t.Fatal(err)
+		}
+		der, _ := x509.MarshalPKIXPublicKey(&k.PublicKey)
+		keys[i], pems[i] = k, filepath.Join(dir, fmt.Sprintf("pub%d.pem", i))
+		os.WriteFile(pems[i], pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o600)
+	}
+	sign := func(msg []byte) ([]byte, error) {
+		d := sha256.Sum256(msg)
+		return rsa.SignPKCS1v15(nil, keys[0], crypto.SHA256, d[:])
+	}
+	l, err := audit.Open(path, audit.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Record(audit.Event{Type: audit.KeyIssued, UniqueID: "A"})
+	if _, ok, err := l.Checkpoint(sign, audit.KeyID(&keys[0].PublicKey)); !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	l.Record(audit.Event{Type: audit.KeyDestroyed, UniqueID: "A", Reason: "consumed"})
+	l.Close()
+	// A second trail whose checkpoint is in the log, then cut before it.
+	cutPath := filepath.Join(dir, "cut.jsonl")
+	lc, err := audit.Open(cutPath, audit.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc.Record(audit.Event{Type: audit.KeyIssued, UniqueID: "A"})
+	lc.Record(audit.Event{Type: audit.KeyIssued, UniqueID: "B"})
+	e, _, err := lc.Checkpoint(sign, audit.KeyID(&keys[0].PublicKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc.Close()
+	logPath := filepath.Join(dir, "keyissuerd.log")
+	logLine, _ := json.Marshal(map[string]any{"msg": "audit checkpoint", "seq": e.CheckpointSeq, "head": e.CheckpointHead,
+		"signature": e.Signature, "key_id": e.KeyID})
+	os.WriteFile(logPath, append([]byte(`{"msg":"serving"}`+"\n"), append(logLine, '\n')...), 0o600)
+	full, _ := os.ReadFile(cutPath)
+	intact := filepath.Join(dir, "intact.jsonl")
+	os.WriteFile(intact, full, 0o600)
+	os.WriteFile(cutPath, full[:bytes.IndexByte(full, '\n')+1], 0o600)
+
+	ctx := context.Background()
+	for _, tt := range []struct {
+		name    string
+		args    []string
+		want    string
+		wantErr string
+	}{
+		{name: "with the key", args: []string{"verify", "-key", pems[0], path},
+			want: "covered through seq 1 by 1 signed checkpoints; NOT COVERED: the 2 lines after it (seq 2-3"},
+		{name: "without a key", args: []string{"verify", path}, want: "1 checkpoints, signatures NOT checked"},
+		{name: "another key", args: []string{"verify", "-key", pems[1], path}, wantErr: "BROKEN: line 2: checkpoint signed by key"},
+		{name: "against the log", args: []string{"verify", "-key", pems[0], "-log", logPath, intact}, want: "1 logged checkpoints match the trail"},
+		{name: "cut, against the log", args: []string{"verify", "-key", pems[0], "-log", logPath, cutPath}, wantErr: "lines were cut off the end"},
+		{name: "cut, without the log", args: []string{"verify", "-key", pems[0], cutPath}, want: "NOT COVERED: no signed checkpoint"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var out bytes.Buffer
+			err := run(ctx, "audit", tt.args, nil, &out)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || !strings.Contains(out.String(), tt.want) {
+				t.Errorf("output %q, %v; want %q", out.String(), err, tt.want)
+			}
+		})
 	}
 }

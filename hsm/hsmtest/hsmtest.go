@@ -76,6 +76,9 @@ var (
 // developer's token. It does not need SoftHSM to be installed: only
 // [NewToken] does, so tests that need no token still run without it.
 func Main(m *testing.M) {
+	if kind := os.Getenv(halfMadeEnv); kind != "" {
+		os.Exit(halfMadeChild(kind)) // a child of LeaveHalfMade
+	}
 	os.Exit(run(m))
 }
 
@@ -98,7 +101,25 @@ func run(m *testing.M) int {
 	mu.Lock()
 	confPath = conf
 	mu.Unlock()
-	return m.Run()
+	code := m.Run()
+	mu.Lock()
+	used := ockUsed
+	mu.Unlock()
+	if used {
+		// Token objects on openCryptoki outlive the binary: none may be
+		// left behind.
+		n, err := sweepOpenCryptoki()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "hsmtest: FAIL: failed to clean openCryptoki's soft token: %v\n", err)
+			code = max(code, 1)
+		}
+		if n > 0 {
+			// A leak: the run fails, so that it is seen.
+			fmt.Fprintf(os.Stderr, "hsmtest: FAIL: tests left %d objects under %q on openCryptoki's soft token (destroyed now)\n", n, ockPrefix)
+			code = max(code, 1)
+		}
+	}
+	return code
 }
 
 // writeConfig writes a SoftHSM2 configuration keeping its tokens in
@@ -119,12 +140,18 @@ func writeConfig(dir string) (string, error) {
 	return conf, nil
 }
 
-// Token describes an initialised SoftHSM test token.
+// Token describes an initialised test token.
 type Token struct {
-	Module string // path of libsofthsm2.so
+	Kind   Kind   // which implementation
+	Module string // path of the PKCS#11 module
 	Label  string
-	PIN    string // user PIN: a test fixture, random per token
+	PIN    string // user PIN: a test fixture
 	SOPIN  string
+	// Prefix must start the label of every object a test makes on the
+	// token: "" on SoftHSM, whose tokens are the binary's own; unique to
+	// the binary on openCryptoki, whose one soft token every test binary
+	// of the machine shares.
+	Prefix string
 }
 
 // NewToken initialises a fresh token with a unique label ("test-" and 16
@@ -158,7 +185,7 @@ func NewToken(t testing.TB) Token {
 	if err != nil {
 		t.Fatal("hsmtest: softhsm2-util not found: " + installHint)
 	}
-	tok := Token{Module: mod, Label: "test-" + randomHex(8), PIN: rand.Text(), SOPIN: rand.Text()}
+	tok := Token{Kind: SoftHSM, Module: mod, Label: "test-" + randomHex(8), PIN: rand.Text(), SOPIN: rand.Text()}
 	cmd := exec.Command(util, "--init-token", "--free", "--label", tok.Label,
 		"--so-pin", tok.SOPIN, "--pin", tok.PIN)
 	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+confPath)
@@ -232,11 +259,15 @@ func MoveTokenDir(t testing.TB) (restore func()) {
 // if set (taken as is), else the first of Debian's paths that exists
 // (/usr/lib/softhsm/libsofthsm2.so, then
 // /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so), else "".
-func Module() string {
-	if p := os.Getenv("SOFTHSM2_MODULE"); p != "" {
+func Module() string { return findModule("SOFTHSM2_MODULE", modulePaths) }
+
+// findModule returns $env if set, else the first of paths that exists,
+// else "".
+func findModule(env string, paths []string) string {
+	if p := os.Getenv(env); p != "" {
 		return p
 	}
-	for _, p := range modulePaths {
+	for _, p := range paths {
 		if _, err := os.Stat(p); err == nil {
 			return p
 		}

@@ -188,3 +188,32 @@ func (f *fatalTB) Fatalf(format string, args ...any) {
 	f.msg = fmt.Sprintf(format, args...)
 	runtime.Goexit()
 }
+
+// TestOpenCryptoki: the soft token is set up (idempotently: a second
+// binary finds it ready) and a user logs in with the fixture PIN.
+func TestOpenCryptoki(t *testing.T) {
+	tok := OpenCryptokiToken(t)
+	if tok.Kind != OpenCryptoki || tok.Prefix == "" {
+		t.Fatalf("token %+v: want kind opencryptoki and a prefix", tok)
+	}
+	// Set-up again, as another test binary would.
+	again, skip, err := setupOpenCryptoki()
+	if err != nil || skip != "" || again.Label != tok.Label {
+		t.Fatalf("second set-up = %+v, %q, %v", again, skip, err)
+	}
+	p := initModule(t, tok.Module)
+	slots := slotsByLabel(t, p)
+	slot, ok := slots[tok.Label]
+	if !ok {
+		t.Fatalf("token %q not found; tokens: %v", tok.Label, slots)
+	}
+	s, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.CloseSession(s)
+	if err := p.Login(s, pkcs11.CKU_USER, tok.PIN); err != nil {
+		t.Fatalf("Login: %v", err)
+	}
+	p.Logout(s)
+}

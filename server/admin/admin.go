@@ -53,8 +53,12 @@ type Token struct {
 	Storage      string            `json:"storage"`
 	KeyBits      int               `json:"keyBits"`
 	Paddings     map[string]string `json:"paddings"` // padding → how the token does it
-	Faults       uint64            `json:"faults"`   // times found down
-	Recoveries   uint64            `json:"recoveries"`
+	// Signing is how the token signs answers: sha256-rsa-pkcs
+	// (CKM_SHA256_RSA_PKCS), rsa-pkcs-digestinfo (SHA-256 in keyissuer,
+	// CKM_RSA_PKCS in the token), or "" when answers are not signed.
+	Signing    string `json:"signing"`
+	Faults     uint64 `json:"faults"` // times found down
+	Recoveries uint64 `json:"recoveries"`
 }
 
 // Pool describes the key pool.

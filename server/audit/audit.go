@@ -3,9 +3,16 @@
 // destroyed, a request refused, a configuration reloaded, a token fault).
 //
 // Every line carries a sequence number and the SHA-256 of the line before
-// it, so [Verify] finds any line that was edited, inserted or removed,
-// except at the very end of the chain: anchor the head (GET /v1/status on
-// the admin listener reports it) somewhere the host cannot rewrite.
+// it, so [Verify] finds any line that was edited, inserted or removed, but
+// not lines cut off the end: a file cut short, and continued by a restart,
+// is a valid chain. Against that, the daemon writes signed checkpoints
+// ([Log.Checkpoint], an [AuditCheckpoint] line: the sequence number and
+// hash of a line, signed with the token's response-signing key) at
+// start-up, periodically and at shutdown, and logs a copy of each;
+// [VerifyCheckpoints] says how far a file is covered. Lines after the last
+// checkpoint can still be cut unseen, as can a tail with checkpoints in it,
+// unless the logged copies (or the head anchored elsewhere: GET /v1/status
+// on the admin listener) are compared with the file.
 //
 // A line never holds a secret: events are typed, with fields for
 // identifiers, outcomes and reasons only; no PIN, salt, password,
@@ -15,6 +22,7 @@ package audit
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -40,10 +48,12 @@ const (
 	KeyLost            = "key.lost"             // UniqueID: the token lost it
 	Reconciled         = "store.reconciled"     // Counts
 	RequestRefused     = "request.refused"      // API, Code, Remote or PeerUID/PID
+	RefusalSummary     = "request.refusals"     // Counts by reason over Detail's interval; Offenders
 	ConfigReloaded     = "config.reloaded"      // Detail: what changed
 	ConfigReloadFailed = "config.reload_failed" // Detail: why; the old config stays
 	TokenDown          = "token.down"           // Detail: the fault
 	TokenUp            = "token.up"             // the token answers again
+	AuditCheckpoint    = "audit.checkpoint"     // CheckpointSeq, CheckpointHead, Signature, KeyID
 )
 
 // Event is one security event. Set Type and the fields that apply.
@@ -51,10 +61,10 @@ type Event struct {
 	Type       string         `json:"event"`
 	UniqueID   string         `json:"unique_id,omitempty"`
 	CustomerID string         `json:"customer_id,omitempty"`
-	ClientID   string         `json:"client_id,omitempty"`
-	API        string         `json:"api,omitempty"`    // apply, decrypt, ...
-	Remote     string         `json:"remote,omitempty"` // TCP peer of the public API
-	Peer       *Peer          `json:"peer,omitempty"`   // Unix-socket peer, when known
+	ClientID   string         `json:"client_id,omitempty"` // a client that proved who it is
+	API        string         `json:"api,omitempty"`       // apply, decrypt, ...
+	Remote     string         `json:"remote,omitempty"`    // TCP peer of the public API
+	Peer       *Peer          `json:"peer,omitempty"`      // Unix-socket peer, when known
 	Outcome    string         `json:"outcome,omitempty"`
 	Code       string         `json:"code,omitempty"` // wire result code of a refusal
 	Reason     string         `json:"reason,omitempty"`
@@ -62,6 +72,29 @@ type Event struct {
 	Count      *int           `json:"count,omitempty"`
 	Counts     map[string]int `json:"counts,omitempty"`
 	Detail     string         `json:"detail,omitempty"` // never a secret
+	Offenders  []Offender     `json:"offenders,omitempty"`
+
+	// A checkpoint: the line of sequence CheckpointSeq has the hash
+	// CheckpointHead, signed (standard base64 of RSASSA-PKCS1-v1_5 SHA-256
+	// over [CheckpointMessage]) by the key whose SubjectPublicKeyInfo has
+	// the SHA-256 KeyID (hex).
+	CheckpointSeq  uint64 `json:"checkpoint_seq,omitempty"`
+	CheckpointHead string `json:"checkpoint_head,omitempty"`
+	Signature      string `json:"signature,omitempty"`
+	KeyID          string `json:"key_id,omitempty"`
+}
+
+// CheckpointMessage is what a checkpoint signs: line seq of the trail has
+// hash head.
+func CheckpointMessage(seq uint64, head string) []byte {
+	return fmt.Appendf(nil, "keyissuer audit checkpoint\nseq %d\nhead %s\n", seq, head)
+}
+
+// Offender is a source of refused requests in a [RefusalSummary].
+type Offender struct {
+	Remote             string `json:"remote"` // the address, without the port
+	ClientIDUnverified string `json:"client_id_unverified,omitempty"`
+	Count              int    `json:"count"`
 }
 
 // Peer is the process at the other end of the decrypt socket.
@@ -112,12 +145,14 @@ type Log struct {
 	opts Options
 
 	// syncMu orders fsyncs (and a reopen) after mu's writes.
-	syncMu sync.Mutex
-	mu     sync.Mutex
-	f      *os.File
-	seq    uint64 // last sequence number written
-	head   string // hash of the last line written
-	closed bool
+	syncMu   sync.Mutex
+	mu       sync.Mutex
+	f        *os.File
+	seq      uint64 // last sequence number written
+	head     string // hash of the last line written
+	lastType string // event of the last line written
+	gen      uint64 // files opened: Reopen adds one
+	closed   bool
 
 	written atomic.Uint64 // seq of the last line written to f
 	synced  atomic.Uint64 // seq of the last line known on disk
@@ -210,6 +245,7 @@ func (l *Log) resume(f *os.File) error {
 	}
 	l.seq = ln.Seq
 	l.head = hashLine(last)
+	l.lastType = ln.Type
 	return nil
 }
 
@@ -241,11 +277,19 @@ func (l *Log) Append(e Event) error {
 }
 
 // write appends e to the file and returns its sequence number.
-func (l *Log) write(e Event) (uint64, error) {
+func (l *Log) write(e Event) (uint64, error) { return l.writeIf(e, nil) }
+
+// writeIf is write if cond, called with l.mu held, is nil or true; else it
+// writes nothing and returns 0.
+func (l *Log) writeIf(e Event, cond func() bool) (uint64, error) {
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
 		return 0, ErrClosed
+	}
+	if cond != nil && !cond() {
+		l.mu.Unlock()
+		return 0, nil
 	}
 	ln := line{Seq: l.seq + 1, Time: l.opts.Now().UTC(), Event: e, Prev: l.head}
 	b, err := json.Marshal(ln)
@@ -257,7 +301,7 @@ func (l *Log) write(e Event) (uint64, error) {
 		l.mu.Unlock()
 		return 0, fmt.Errorf("failed to write audit event %s: %w", e.Type, err)
 	}
-	l.seq, l.head = ln.Seq, hashLine(b)
+	l.seq, l.head, l.lastType = ln.Seq, hashLine(b), e.Type
 	l.written.Store(ln.Seq)
 	l.mu.Unlock()
 	return ln.Seq, nil
@@ -296,6 +340,50 @@ func (l *Log) syncLoop() {
 	}
 }
 
+// MaxCheckpointLag bounds how many lines may come between a checkpoint and
+// the line it covers, in the same file: [Verify] looks that far back.
+const MaxCheckpointLag = 1024
+
+// Checkpoint signs the current head with sign and appends it as an
+// [AuditCheckpoint] line, with keyID. It writes nothing, and returns ok
+// false, when the trail is empty or its last line is a checkpoint already.
+// The signature is made without holding up other writers; if the file was
+// reopened meanwhile, or MaxCheckpointLag lines were written, it signs
+// again.
+func (l *Log) Checkpoint(sign func(msg []byte) ([]byte, error), keyID string) (e Event, ok bool, err error) {
+	for range 3 {
+		l.mu.Lock()
+		if l.closed {
+			l.mu.Unlock()
+			return Event{}, false, ErrClosed
+		}
+		if l.lastType == AuditCheckpoint || l.seq == 0 {
+			l.mu.Unlock()
+			return Event{}, false, nil
+		}
+		seq, head, gen := l.seq, l.head, l.gen
+		l.mu.Unlock()
+		sig, err := sign(CheckpointMessage(seq, head))
+		if err != nil {
+			return Event{}, false, fmt.Errorf("failed to sign an audit checkpoint: %w", err)
+		}
+		e = Event{Type: AuditCheckpoint, CheckpointSeq: seq, CheckpointHead: head,
+			Signature: base64.StdEncoding.EncodeToString(sig), KeyID: keyID}
+		n, err := l.writeIf(e, func() bool { return l.gen == gen && l.seq-seq < MaxCheckpointLag })
+		if err != nil {
+			return Event{}, false, err
+		}
+		if n == 0 {
+			continue
+		}
+		if l.opts.Sync == SyncAlways {
+			return e, true, l.syncTo(n)
+		}
+		return e, true, nil
+	}
+	return Event{}, false, errors.New("failed to write an audit checkpoint: the trail moved on three times while it was signed")
+}
+
 // Head is the sequence number and hash of the last line written: the value
 // to anchor elsewhere.
 func (l *Log) Head() (seq uint64, hash string) {
@@ -324,6 +412,7 @@ func (l *Log) Reopen() error {
 		l.f.Sync()
 		l.f.Close()
 		l.f = f
+		l.gen++
 		l.synced.Store(l.written.Load())
 	}
 	l.mu.Unlock()

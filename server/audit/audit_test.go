@@ -247,10 +247,25 @@ func FuzzVerify(f *testing.F) {
 	b, _ := os.ReadFile(path)
 	f.Add(b)
 	f.Add([]byte("{}\n"))
+	key := checkpointKeys()[0]
+	l = openLog(f, path, SyncNever)
+	if _, _, err := l.Checkpoint(signer(key), KeyID(&key.PublicKey)); err != nil {
+		f.Fatal(err)
+	}
+	record(f, l, sample[0])
+	l.Close()
+	b, _ = os.ReadFile(path)
+	f.Add(b)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		c, err := Verify(bytes.NewReader(in))
 		if err == nil && (c.Lines == 0 || c.LastSeq < c.FirstSeq) {
 			t.Errorf("accepted %q as %+v", in, c)
+		}
+		if err == nil {
+			cov, err := VerifyCheckpoints(c, &key.PublicKey)
+			if err == nil && (cov.Through > c.LastSeq || cov.Checkpoints > len(c.Checkpoints)) {
+				t.Errorf("coverage %+v of %+v", cov, c)
+			}
 		}
 	})
 }

@@ -31,6 +31,21 @@ type Limits struct {
 	MaxOutstanding int `toml:"max_outstanding"`
 	// MaxOutstandingPerCustomer caps them per customerId (default 10).
 	MaxOutstandingPerCustomer int `toml:"max_outstanding_per_customer"`
+
+	// Before authentication (server/publicapi.Gate): every request, even
+	// junk, first takes a token from its source address's bucket,
+	// AddressRate per second and AddressBurst at once (defaults 200 and
+	// twice the rate); and, unless a signed request from that address
+	// verified within the last hour, from the bucket all such addresses
+	// share, UnverifiedRate and UnverifiedBurst (defaults 100 and twice the
+	// rate). Addresses bounds how many addresses are remembered (default
+	// 10000; the idle longest, unverified first, are forgotten). A refusal
+	// costs no signature, no audit line of its own and no RSA verify.
+	AddressRate     float64 `toml:"address_rate"`
+	AddressBurst    int     `toml:"address_burst"`
+	UnverifiedRate  float64 `toml:"unverified_rate"`
+	UnverifiedBurst int     `toml:"unverified_burst"`
+	Addresses       int     `toml:"addresses"`
 }
 
 // Client is a merchant application registered to call applyPublicKey: a
@@ -98,6 +113,21 @@ func (c *Config) setAccessDefaults() {
 	if l.MaxOutstandingPerCustomer == 0 {
 		l.MaxOutstandingPerCustomer = 10
 	}
+	if l.AddressRate == 0 {
+		l.AddressRate = 200
+	}
+	if l.AddressBurst == 0 {
+		l.AddressBurst = burstFor(l.AddressRate)
+	}
+	if l.UnverifiedRate == 0 {
+		l.UnverifiedRate = 100
+	}
+	if l.UnverifiedBurst == 0 {
+		l.UnverifiedBurst = burstFor(l.UnverifiedRate)
+	}
+	if l.Addresses == 0 {
+		l.Addresses = 10000
+	}
 	for i := range c.Clients {
 		cl := &c.Clients[i]
 		if cl.Rate == 0 {
@@ -145,6 +175,15 @@ func (c *Config) validateAccess() error {
 	if err := validRate("limits", c.Limits.Rate, c.Limits.Burst); err != nil {
 		return err
 	}
+	if err := validRateNamed("limits.address_rate", "limits.address_burst", c.Limits.AddressRate, c.Limits.AddressBurst); err != nil {
+		return err
+	}
+	if err := validRateNamed("limits.unverified_rate", "limits.unverified_burst", c.Limits.UnverifiedRate, c.Limits.UnverifiedBurst); err != nil {
+		return err
+	}
+	if n := c.Limits.Addresses; n < 1 || n > 10_000_000 {
+		return bad("limits.addresses", "%d is not between 1 and 10000000", n)
+	}
 	switch l := c.Limits; {
 	case l.MaxOutstanding < 1 || l.MaxOutstanding > 10_000_000:
 		return bad("limits.max_outstanding", "%d is not between 1 and 10000000", l.MaxOutstanding)
@@ -179,11 +218,15 @@ func (c *Config) validateAccess() error {
 }
 
 func validRate(field string, rate float64, burst int) error {
+	return validRateNamed(field+".rate", field+".burst", rate, burst)
+}
+
+func validRateNamed(rateField, burstField string, rate float64, burst int) error {
 	switch {
 	case math.IsNaN(rate) || rate <= 0 || rate > 1e6:
-		return fmt.Errorf("%s.rate: %v is not between 0 and 1000000 requests per second", field, rate)
+		return fmt.Errorf("%s: %v is not between 0 and 1000000 requests per second", rateField, rate)
 	case burst < 1 || burst > 1e7:
-		return fmt.Errorf("%s.burst: %d is not between 1 and 10000000", field, burst)
+		return fmt.Errorf("%s: %d is not between 1 and 10000000", burstField, burst)
 	}
 	return nil
 }

@@ -60,12 +60,25 @@ type Token struct {
 	// the daemon stops) or "token" (token objects, kept across restarts).
 	Storage string `toml:"storage"`
 	// LabelPrefix starts the CKA_LABEL and CKA_ID of every key object
-	// keyissuer makes; objects without it are never touched. Give each
-	// daemon sharing a token its own prefix. Default "keyissuer:".
+	// keyissuer makes: A-Z, a-z, 0-9, '.', '_', '-' and ':', ending with
+	// ':'. An object is keyissuer's only if its label is exactly the
+	// prefix and a uniqueId, so "keyissuer:" never touches the objects of
+	// "keyissuer:host-b:". Give each daemon sharing a token its own
+	// prefix. Default "keyissuer:".
 	LabelPrefix string `toml:"label_prefix"`
 	// Sessions is how many PKCS#11 sessions to keep open (default 8; at
 	// least pool.generators + 1).
 	Sessions int `toml:"sessions"`
+	// Dedicated states that the token (the partition) is keyissuer's
+	// alone. Only then are key objects that a crash left half-made (no
+	// label, no id, no key; SoftHSM in token storage) destroyed; otherwise
+	// they are logged and left. Default false. See OPERATIONS.md.
+	Dedicated bool `toml:"dedicated"`
+	// HalfMadeGrace is how long an object must stay half-made before a
+	// dedicated token's sweep destroys it: longer than any other process
+	// on the token takes to make an object (default 1m). A daemon alone on
+	// its token may set it as short as 1ms.
+	HalfMadeGrace time.Duration `toml:"half_made_grace"`
 }
 
 // Keys sets the keys' size, padding and life.
@@ -246,6 +259,7 @@ func (c *Config) SetDefaults() {
 	str(&c.Token.Storage, string(hsm.StorageSession))
 	str(&c.Token.LabelPrefix, "keyissuer:")
 	num(&c.Token.Sessions, 8)
+	dur(&c.Token.HalfMadeGrace, time.Minute)
 	num(&c.Keys.Bits, 2048)
 	c.setDecryptDefaults()
 	dur(&c.Keys.TTL, 10*time.Minute)
@@ -316,6 +330,9 @@ func (c *Config) Validate() error {
 	case t.Sessions > 256:
 		return bad("token.sessions", "%d is more than 256", t.Sessions)
 	}
+	if err := hsm.CheckLabelPrefix(t.LabelPrefix); err != nil {
+		return bad("token.label_prefix", "%v", err)
+	}
 	if err := c.validateDecrypt(); err != nil {
 		return err
 	}
@@ -328,6 +345,7 @@ func (c *Config) Validate() error {
 		field    string
 		v, least time.Duration
 	}{
+		{"token.half_made_grace", c.Token.HalfMadeGrace, time.Millisecond},
 		{"keys.ttl", c.Keys.TTL, 10 * time.Second},
 		{"keys.retention", c.Keys.Retention, time.Minute},
 		{"keys.reap_interval", c.Keys.ReapInterval, 100 * time.Millisecond},

@@ -381,6 +381,8 @@ func TestLoadErrors(t *testing.T) {
 		{"plain PIN with allow_plain_pin false", "[token]\nlabel = \"t\"\npin = \"" + plainPIN + "\"\nallow_plain_pin = false\n", "token.pin"},
 		{"storage disk", base + "storage = \"disk\"\n", "token.storage"},
 		{"empty label_prefix is the default, 33 characters is too long", base + "label_prefix = \"" + strings.Repeat("p", 33) + "\"\n", "token.label_prefix"},
+		{"label_prefix without the ':' delimiter", base + "label_prefix = \"keyissuer\"\n", "token.label_prefix"},
+		{"label_prefix with a space", base + "label_prefix = \"key issuer:\"\n", "token.label_prefix"},
 		{"sessions below generators + 1", base + "sessions = 4\n[pool]\ngenerators = 4\n", "token.sessions"},
 		{"sessions below the default generators + 1", base + "sessions = 2\n", "token.sessions"},
 		{"too many sessions", base + "sessions = 257\n", "token.sessions"},

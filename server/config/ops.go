@@ -31,6 +31,16 @@ type Audit struct {
 	Fsync string `toml:"fsync"`
 	// FsyncInterval is the period of fsync = "interval" (default 1s).
 	FsyncInterval time.Duration `toml:"fsync_interval"`
+	// SummaryInterval is how often refused applyPublicKey requests are
+	// summarised in one audit line and one log line, counts by reason
+	// (default 1m; at least 1s). Refusals of verified clients by the
+	// blocklist or a quota get a line each, as they happen.
+	SummaryInterval time.Duration `toml:"summary_interval"`
+	// CheckpointInterval is how often the head of the trail is signed with
+	// the response-signing key (api.signing_key_label) into an
+	// audit.checkpoint line, copied to the log; also at start-up and at
+	// shutdown (default 5m; 1s to 24h). Without a signing key, none.
+	CheckpointInterval time.Duration `toml:"checkpoint_interval"`
 }
 
 func (c *Config) setOpsDefaults() {
@@ -45,6 +55,12 @@ func (c *Config) setOpsDefaults() {
 	}
 	if c.Audit.FsyncInterval == 0 {
 		c.Audit.FsyncInterval = time.Second
+	}
+	if c.Audit.SummaryInterval == 0 {
+		c.Audit.SummaryInterval = time.Minute
+	}
+	if c.Audit.CheckpointInterval == 0 {
+		c.Audit.CheckpointInterval = 5 * time.Minute
 	}
 }
 
@@ -73,6 +89,12 @@ func (c *Config) validateOps() error {
 	}
 	if c.Audit.FsyncInterval < 10*time.Millisecond {
 		return bad("audit.fsync_interval", "%s is below the minimum 10ms", c.Audit.FsyncInterval)
+	}
+	if c.Audit.SummaryInterval < time.Second {
+		return bad("audit.summary_interval", "%s is below the minimum 1s", c.Audit.SummaryInterval)
+	}
+	if ci := c.Audit.CheckpointInterval; ci < time.Second || ci > 24*time.Hour {
+		return bad("audit.checkpoint_interval", "%s is not between 1s and 24h", ci)
 	}
 	return nil
 }

@@ -24,6 +24,8 @@ type access struct {
 	signer    *hsm.Signer     // nil: answers unsigned
 	blocklist *blocklist.List // nil: none
 	clients   []publicapi.Client
+	gate      *publicapi.Gate              // the limits before authentication; kept across reloads
+	replay    *publicapi.MemoryReplayGuard // signatures accepted; kept across reloads
 }
 
 // openAccess finds the response-signing key, loads the blocklist and parses
@@ -40,10 +42,11 @@ func (d *Daemon) openAccess(ctx context.Context) error {
 			return fmt.Errorf("api.signing_key_label: %w", err)
 		}
 		d.access.signer = s
+		d.ops.metrics.Signatures(s.Signs)
 		der, _ := x509.MarshalPKIXPublicKey(s.Public())
 		sum := sha256.Sum256(der)
 		d.log.Info("response-signing key", "label", label, "key_version", cfg.SigningKeyVersion,
-			"bits", s.Public().N.BitLen(), "spki_sha256", hex.EncodeToString(sum[:]))
+			"bits", s.Public().N.BitLen(), "method", s.Method(), "spki_sha256", hex.EncodeToString(sum[:]))
 	} else {
 		d.log.Warn("api.signing_key_label is empty: answers are not signed, and the wallet SDKs will reject them")
 	}
@@ -60,6 +63,13 @@ func (d *Daemon) openAccess(ctx context.Context) error {
 		return err
 	}
 	d.access.clients = clients
+	l := d.cfg.Limits
+	d.access.gate = publicapi.NewGate(publicapi.GateConfig{
+		AddressRate: rate.Limit(l.AddressRate), AddressBurst: l.AddressBurst,
+		UnverifiedRate: rate.Limit(l.UnverifiedRate), UnverifiedBurst: l.UnverifiedBurst,
+		Addresses: l.Addresses,
+	})
+	d.access.replay = publicapi.NewMemoryReplayGuard(d.replayCapacity(d.cfg), nil)
 	if cfg.AllowUnsigned {
 		d.log.Warn("api.allow_unsigned is true: applyPublicKey accepts requests without a signature, " +
 			"so anyone who reaches api.listen can take keys; for local development only")
@@ -114,7 +124,27 @@ func (d *Daemon) publicHandler() http.Handler {
 		Rate:             rate.Limit(l.Rate),
 		Burst:            l.Burst,
 		Limits:           issuer.Limits{Total: l.MaxOutstanding, Customer: l.MaxOutstandingPerCustomer},
+		Gate:             d.access.gate,
+		Replay:           d.access.replay,
+		OnRefused:        d.onRefused,
 	})
+}
+
+// maxReplayEntries caps the replay cache: about 100 bytes an entry.
+const maxReplayEntries = 2_000_000
+
+// replayCapacity sizes the replay cache from the global rate limit and the
+// clock skew, up to maxReplayEntries. Sized so, it is never full; capped,
+// a full cache refuses signed applies (UNKNOWN_EXCEPTION, retry) until
+// entries expire, rather than forget one and allow its replay.
+func (d *Daemon) replayCapacity(cfg config.Config) int {
+	n := publicapi.ReplayCapacity(cfg.Limits.Rate, cfg.Limits.Burst, cfg.API.ClockSkew)
+	if n > maxReplayEntries {
+		d.log.Warn("the replay cache is capped below what limits.rate and api.clock_skew allow: past the cap, signed applies are refused until entries expire",
+			"needed", n, "cap", maxReplayEntries)
+		return maxReplayEntries
+	}
+	return n
 }
 
 // watchBlocklist reloads the blocklist when its file changes, until ctx is

@@ -11,12 +11,10 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
-	"golang.org/x/sys/unix"
 
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer"
@@ -125,6 +123,9 @@ func (d *Daemon) open(ctx context.Context) error {
 		KeyBits:     cfg.Keys.Bits,
 		Sessions:    cfg.Token.Sessions,
 		Paddings:    cfg.Paddings(),
+		// Key objects a crash left half-made: see OPERATIONS.md.
+		SweepHalfMade: cfg.Token.Dedicated,
+		HalfMadeGrace: cfg.Token.HalfMadeGrace,
 		OnLost: func(ids []string) {
 			if i := is.Load(); i != nil {
 				i.KeysLost(ids)
@@ -144,7 +145,7 @@ func (d *Daemon) open(ctx context.Context) error {
 	}
 	d.log.Info("token open", "label", info.Label, "serial", info.Serial, "model", info.Model,
 		"manufacturer", info.Manufacturer, "storage", info.Storage, "key_bits", info.KeyBits,
-		"padding_default", cfg.Keys.Paddings[0], slog.Group("paddings", methods...),
+		"padding_default", cfg.Keys.Paddings[0], slog.Group("paddings", methods...), "signing", info.Signing,
 		"layout", cfg.Keys.Layout)
 	d.started()
 
@@ -291,6 +292,7 @@ func (d *Daemon) close() {
 			ln.Close()
 		}
 	}
+	d.sealAudit() // signed while the token is open
 	if d.token != nil {
 		d.token.Close()
 	}
@@ -301,52 +303,4 @@ func (d *Daemon) close() {
 	if d.sockMade {
 		os.Remove(d.cfg.Decrypt.Socket)
 	}
-}
-
-// ListenUnix listens on a Unix socket at path with the given mode and, if
-// gid is not -1, group. It refuses to start when a live server answers
-// there, removes only a stale socket file, and never removes anything that
-// is not a socket. A directory it has to create gets mode 0750 and the same
-// group, so that the group can reach the socket.
-func ListenUnix(path string, mode os.FileMode, gid int) (net.Listener, error) {
-	dir := filepath.Dir(path)
-	if _, err := os.Stat(dir); os.IsNotExist(err) {
-		if err := os.MkdirAll(dir, 0o750); err != nil {
-			return nil, fmt.Errorf("failed to create socket directory: %w", err)
-		}
-		if err := os.Chown(dir, -1, gid); err != nil {
-			return nil, fmt.Errorf("failed to give socket directory %s group %d: %w", dir, gid, err)
-		}
-	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("decrypt.socket %s exists and is not a socket; refusing to remove it", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("decrypt.socket %s: another server is answering there", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("failed to remove stale socket %s: %w", path, err)
-		}
-	}
-	// The socket is born with the umask's permissions: keep them closed
-	// until the chmod below.
-	old := unix.Umask(0o177)
-	ln, err := net.Listen("unix", path)
-	unix.Umask(old)
-	if err != nil {
-		return nil, fmt.Errorf("failed to listen on decrypt.socket %s: %w", path, err)
-	}
-	ln.(*net.UnixListener).SetUnlinkOnClose(false) // close() removes it, after the token is closed
-	if err := os.Chown(path, -1, gid); err != nil {
-		ln.Close()
-		os.Remove(path)
-		return nil, fmt.Errorf("failed to give %s group %d (keyissuerd must be root or a member): %w", path, gid, err)
-	}
-	if err := os.Chmod(path, mode); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("failed to set mode of %s: %w", path, err)
-	}
-	return ln, nil
 }

@@ -70,7 +70,12 @@ func childOptions(path string, cfg config.Config) (daemon.Options, error) {
 // setup writes a config for a daemon on the package's SoftHSM token.
 func setup(t *testing.T, storage string) (cfgPath string, prefix string) {
 	t.Helper()
-	softTok := hsmtest.Shared(t)
+	return setupOn(t, hsmtest.Shared(t), storage)
+}
+
+// setupOn writes a config for a daemon on softTok.
+func setupOn(t *testing.T, softTok hsmtest.Token, storage string) (cfgPath string, prefix string) {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "kid") // short: socket paths are limited to 108 bytes
 	if err != nil {
 		t.Fatal(err)
@@ -80,7 +85,7 @@ func setup(t *testing.T, storage string) (cfgPath string, prefix string) {
 	if err := os.WriteFile(pinFile, []byte(softTok.PIN+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	prefix = "e2e-" + filepath.Base(dir) + ":"
+	prefix = softTok.Prefix + "e2e-" + filepath.Base(dir) + ":"
 	cfg := fmt.Sprintf(`
 [token]
 module = %q
@@ -99,6 +104,9 @@ apply_wait = "20s"
 path = "data/keyissuer.db"
 [api]
 listen = "127.0.0.1:0"
+# Above pool.apply_wait: an apply that waits for a key on a loaded machine
+# must not meet the server's write timeout (an EOF to the client).
+write_timeout = "30s"
 allow_unsigned = true
 [decrypt]
 socket = "run/decrypt.sock"
@@ -283,7 +291,12 @@ func encryptFor(t *testing.T, k publicKeyInfo, password string) []byte {
 // process: for token storage, once the daemon is gone.
 func tokenObjects(t *testing.T, prefix string) map[string]int {
 	t.Helper()
-	softTok := hsmtest.Shared(t)
+	return tokenObjectsOn(t, hsmtest.Shared(t), prefix)
+}
+
+// tokenObjectsOn is tokenObjects on softTok.
+func tokenObjectsOn(t *testing.T, softTok hsmtest.Token, prefix string) map[string]int {
+	t.Helper()
 	tok, err := hsm.Open(context.Background(), hsm.Config{
 		Module: softTok.Module, TokenLabel: softTok.Label, PIN: softTok.PIN,
 		Storage: hsm.StorageToken, LabelPrefix: prefix, Sessions: 2,
@@ -303,11 +316,13 @@ func tokenObjects(t *testing.T, prefix string) map[string]int {
 	return ids
 }
 
-func TestEndToEnd(t *testing.T) {
+// TestEndToEnd runs on each token (subtests named by token, then storage).
+func TestEndToEnd(t *testing.T) { hsmtest.ForEach(t, testEndToEnd) }
+
+func testEndToEnd(t *testing.T, softTok hsmtest.Token) {
 	for _, storage := range []string{"session", "token"} {
 		t.Run(storage, func(t *testing.T) {
-			cfgPath, prefix := setup(t, storage)
-			softTok := hsmtest.Shared(t)
+			cfgPath, prefix := setupOn(t, softTok, storage)
 			c := start(t, cfgPath)
 			fi, err := os.Stat(c.socket)
 			if err != nil || fi.Mode().Perm() != 0o600 || fi.Mode()&os.ModeSocket == 0 {
@@ -366,7 +381,7 @@ func TestEndToEnd(t *testing.T) {
 				t.Errorf("no start-up log of the token:\n%s", logs)
 			}
 			if storage == "token" {
-				if objs := tokenObjects(t, prefix); len(objs) != 0 {
+				if objs := tokenObjectsOn(t, softTok, prefix); len(objs) != 0 {
 					t.Errorf("objects left in the token after stop: %v", objs)
 				}
 			}

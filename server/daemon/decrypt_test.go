@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/hsm"
+	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 )
 
 // The decrypt side end to end: who may call the socket, and what every
@@ -32,7 +33,13 @@ import (
 // and decrypt added to its [keys] and [decrypt] tables.
 func decryptConfig(t *testing.T, keys, decrypt string) string {
 	t.Helper()
-	cfgPath, _ := setup(t, "session")
+	return decryptConfigOn(t, hsmtest.Shared(t), keys, decrypt)
+}
+
+// decryptConfigOn is decryptConfig on tok.
+func decryptConfigOn(t *testing.T, tok hsmtest.Token, keys, decrypt string) string {
+	t.Helper()
+	cfgPath, _ := setupOn(t, tok, "session")
 	cfg := mustRead(t, cfgPath)
 	for _, table := range []struct{ header, add string }{{"[keys]\n", keys}, {"[decrypt]\n", decrypt}} {
 		if !strings.Contains(cfg, "\n"+table.header) {
@@ -220,13 +227,7 @@ func peerClient(sock string) int {
 // whose socket is group-accessible: the file's mode and group let them
 // connect, and the peer check decides. Needs root, to switch uids.
 func TestSocketPeerCredentials(t *testing.T) {
-	if os.Geteuid() != 0 {
-		msg := "connecting as other users needs root"
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg + ", and CI runs as root")
-		}
-		t.Skip(msg)
-	}
+	requireRoot(t, "connecting as other users needs root")
 	const (
 		sockGroup  = 64100 // the socket file's group
 		allowedUID = 64101

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
-	"regexp"
 	"strings"
 	"time"
 
@@ -20,8 +19,10 @@ const (
 )
 
 // instrument wraps a listener's handler: it times each request, reads the
-// wire result code the client saw, counts both, audits refusals, and puts
-// the caller's address in the request's context for the issuer's events.
+// wire result code the client saw, counts both, audits the socket's
+// refusals, and puts the caller's address in the request's context for the
+// issuer's events. The public API reports its refusals itself
+// (onRefused), as it alone knows whether the caller proved who it is.
 // It reads only what the client reads: result codes from the public API's
 // bodies, error codes from the socket's error bodies; never a decrypted
 // password (a 200 from the socket is not read).
@@ -35,24 +36,13 @@ func (d *Daemon) instrument(listener string, h http.Handler) http.Handler {
 			ctx = context.WithValue(ctx, remoteKey{}, r.RemoteAddr)
 		}
 		h.ServeHTTP(rw, r.WithContext(ctx))
-		code, status := rw.code()
+		code, _ := rw.code()
 		d.ops.metrics.Request(api, code, time.Since(start))
-		if refused(listener, code, status) {
-			e := audit.Event{Type: audit.RequestRefused, API: api, Code: code}
-			if listener == listenerPublic {
-				e.Remote = r.RemoteAddr
-				if id := r.Header.Get("Client-Id"); clientIDRE.MatchString(id) {
-					e.ClientID = id
-				}
-			} else {
-				e.Peer = peerFrom(ctx)
-			}
-			d.record(e)
+		if listener == listenerSocket && refused(code) {
+			d.record(audit.Event{Type: audit.RequestRefused, API: api, Code: code, Peer: peerFrom(ctx)})
 		}
 	})
 }
-
-var clientIDRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
 func apiOf(listener, path string) string {
 	if listener == listenerPublic {
@@ -72,20 +62,10 @@ func apiOf(listener, path string) string {
 	return metrics.APIOther
 }
 
-// refused says whether an answer turned a caller away for who it is or how
-// much it asks (signature, client, quota, blocklist, peer credentials), as
-// opposed to a success, a malformed request or a retryable failure.
-func refused(listener, code, status string) bool {
-	if listener == listenerSocket {
-		return code == "FORBIDDEN"
-	}
-	switch code {
-	case publicapi.CodeSuccess, publicapi.CodeUnknown, "OTHER",
-		publicapi.CodeParamIllegal, publicapi.CodeMethod, publicapi.CodeMediaType, publicapi.CodeInvalidAPI:
-		return false
-	}
-	return true
-}
+// refused says whether a socket answer turned a caller away for who it is
+// (peer credentials), as opposed to a success, a malformed request or a
+// retryable failure.
+func refused(code string) bool { return code == "FORBIDDEN" }
 
 // sniffBytes bounds what is kept of a body to read its code.
 const sniffBytes = 8 << 10

@@ -8,7 +8,6 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/keyissuer/keyissuer/server/audit"
@@ -17,8 +16,10 @@ import (
 	"github.com/keyissuer/keyissuer/server/publicapi"
 )
 
-// Refusals are audited with who was refused; malformed requests and
-// successes are not; a decrypted password is never read.
+// The socket's refusals are audited with who was refused; malformed
+// requests and successes are not; the public API's answers are not audited
+// here (it reports its refusals itself: onRefused); a decrypted password is
+// never read.
 func TestInstrumentAuditsRefusals(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "audit.jsonl")
 	lg, err := audit.Open(path, audit.Options{Sync: audit.SyncNever})
@@ -36,9 +37,9 @@ func TestInstrumentAuditsRefusals(t *testing.T) {
 		body     string
 		refused  bool
 	}{
-		{"signature", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"INVALID_SIGNATURE","resultStatus":"F","resultMessage":"x"}}`, true},
-		{"quota", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"REQUEST_TRAFFIC_EXCEED_LIMIT","resultStatus":"U","resultMessage":"x"}}`, true},
-		{"blocked", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"USER_STATUS_ABNORMAL","resultStatus":"F","resultMessage":"x"}}`, true},
+		{"signature", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"INVALID_SIGNATURE","resultStatus":"F","resultMessage":"x"}}`, false},
+		{"quota", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"REQUEST_TRAFFIC_EXCEED_LIMIT","resultStatus":"U","resultMessage":"x"}}`, false},
+		{"blocked", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"USER_STATUS_ABNORMAL","resultStatus":"F","resultMessage":"x"}}`, false},
 		{"param", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"PARAM_ILLEGAL","resultStatus":"F","resultMessage":"x"}}`, false},
 		{"retry", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"UNKNOWN_EXCEPTION","resultStatus":"U","resultMessage":"x"}}`, false},
 		{"success", listenerPublic, publicapi.ApplyPath, 200, `{"result":{"resultCode":"SUCCESS","resultStatus":"S","resultMessage":"x"}}`, false},
@@ -73,12 +74,10 @@ func TestInstrumentAuditsRefusals(t *testing.T) {
 		t.Error("a password reached the audit trail")
 	}
 	lines := bytes.Split(bytes.TrimSpace(b), []byte("\n"))
-	var first, last map[string]any
-	json.Unmarshal(lines[0], &first)
+	var last map[string]any
 	json.Unmarshal(lines[len(lines)-1], &last)
-	if first["event"] != audit.RequestRefused || first["code"] != "INVALID_SIGNATURE" || first["client_id"] != "MERCHANT_1" ||
-		!strings.HasPrefix(first["remote"].(string), "192.0.2.1:") || first["api"] != "apply" {
-		t.Errorf("public refusal line %v", first)
+	if len(lines) != 1 {
+		t.Errorf("%d audit lines, want the socket's one", len(lines))
 	}
 	if peer, _ := last["peer"].(map[string]any); last["code"] != "FORBIDDEN" || peer["uid"] != float64(1001) || peer["pid"] != float64(77) {
 		t.Errorf("socket refusal line %v", last)

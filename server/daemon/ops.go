@@ -27,6 +27,7 @@ import (
 	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/metrics"
 	"github.com/keyissuer/keyissuer/server/peercred"
+	"github.com/keyissuer/keyissuer/server/publicapi"
 )
 
 // ops is the daemon's operational state.
@@ -40,7 +41,8 @@ type ops struct {
 	lastReap atomic.Int64 // Unix nanoseconds of the last reaper pass
 	drained  atomic.Int64 // pooled keys destroyed at shutdown
 
-	public swapHandler // applyPublicKey, rebuilt by a reload of the access rules
+	public   swapHandler // applyPublicKey, rebuilt by a reload of the access rules
+	refusals *refusals   // applyPublicKey's refusals since the last summary (refusals.go)
 
 	mu        sync.Mutex // guards the reload state below and d.cfg's reloadable parts
 	reloadAt  time.Time
@@ -51,7 +53,7 @@ type ops struct {
 // openOps binds the admin listener and opens the audit trail. Call it after
 // the other listeners are bound and before the token is opened.
 func (d *Daemon) openOps() error {
-	o := &ops{started: time.Now(), version: buildVersion()}
+	o := &ops{started: time.Now(), version: buildVersion(), refusals: newRefusals()}
 	d.ops = o
 	var err error
 	if o.adminLn, err = net.Listen("tcp", d.cfg.Admin.Listen); err != nil {
@@ -65,6 +67,7 @@ func (d *Daemon) openOps() error {
 		return fmt.Errorf("audit.path: %w", err)
 	}
 	o.metrics = metrics.New(issuerStats{d}, tokenState{d}, o.version)
+	o.metrics.RefusalReasons(publicapi.Reasons)
 	return nil
 }
 
@@ -252,6 +255,9 @@ func (d *Daemon) Status(ctx context.Context) admin.Status {
 		Reaper:    admin.Reaper{Interval: d.cfg.Keys.ReapInterval.String()},
 		Listeners: admin.Listeners{API: d.APIAddr(), Decrypt: d.cfg.Decrypt.Socket, Admin: d.AdminAddr()},
 	}
+	if d.access.signer != nil {
+		st.Token.Signing = string(d.access.signer.Method())
+	}
 	if s.Generated > 0 {
 		st.Pool.AvgGenerateSec = math.Round(s.GenerateTime.Seconds()/float64(s.Generated)*1000) / 1000
 	}
@@ -303,6 +309,11 @@ func (d *Daemon) runOps(ctx context.Context) {
 		}
 	})
 	wg.Go(func() { d.warmUp(ctx) })
+	wg.Go(func() { every(ctx, d.cfg.Audit.SummaryInterval, d.summariseRefusals) })
+	wg.Go(func() {
+		d.checkpoint("start")
+		every(ctx, d.cfg.Audit.CheckpointInterval, func() { d.checkpoint("periodic") })
+	})
 	notify("READY=1")
 	<-ctx.Done()
 	notify("STOPPING=1")
@@ -311,6 +322,20 @@ func (d *Daemon) runOps(ctx context.Context) {
 	srv.Shutdown(sctx)
 	wg.Wait()
 	d.ops.adminLn = nil
+}
+
+// every calls fn every interval until ctx is done.
+func every(ctx context.Context, interval time.Duration, fn func()) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			fn()
+		}
+	}
 }
 
 // watchToken writes token.down and token.up audit lines from the token's
@@ -338,8 +363,22 @@ func (d *Daemon) watchToken(ctx context.Context) {
 	}
 }
 
-// closeOps writes the last audit line and closes the trail; after the
+// sealAudit writes the last audit lines and signs the head: before the
 // token is closed.
+func (d *Daemon) sealAudit() {
+	if d.ops == nil || d.ops.audit == nil {
+		return
+	}
+	d.summariseRefusals()
+	if d.issuer != nil {
+		n := int(d.ops.drained.Load())
+		d.record(audit.Event{Type: audit.DaemonStopped, Count: &n, Detail: "pooled keys destroyed: count"})
+	}
+	d.checkpoint("shutdown")
+}
+
+// closeOps closes the admin listener and the audit trail; after the token
+// is closed.
 func (d *Daemon) closeOps() {
 	if d.ops == nil {
 		return
@@ -348,11 +387,32 @@ func (d *Daemon) closeOps() {
 		d.ops.adminLn.Close()
 	}
 	if d.ops.audit != nil {
-		if d.issuer != nil {
-			n := int(d.ops.drained.Load())
-			d.record(audit.Event{Type: audit.DaemonStopped, Count: &n, Detail: "pooled keys destroyed: count"})
-		}
 		d.ops.audit.Close()
+	}
+}
+
+// checkpointTimeout bounds the token's signature of a checkpoint.
+const checkpointTimeout = 10 * time.Second
+
+// checkpoint signs the audit trail's head with the response-signing key
+// into an audit.checkpoint line, and logs a copy: the copy outside the file
+// is what shows a cut of the file's tail. Nothing without a signing key, or
+// when the last line is a checkpoint already.
+func (d *Daemon) checkpoint(why string) {
+	s := d.access.signer
+	if s == nil || d.ops == nil || d.ops.audit == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), checkpointTimeout)
+	defer cancel()
+	e, ok, err := d.ops.audit.Checkpoint(func(msg []byte) ([]byte, error) { return s.Sign(ctx, msg) }, audit.KeyID(s.Public()))
+	d.ops.metrics.AuditWrite(err)
+	switch {
+	case err != nil:
+		d.log.Error("failed to write an audit checkpoint", "why", why, "err", err)
+	case ok:
+		d.log.Info("audit checkpoint", "why", why, "path", d.ops.audit.Path(), "seq", e.CheckpointSeq,
+			"head", e.CheckpointHead, "signature", e.Signature, "key_id", e.KeyID)
 	}
 }
 
@@ -419,6 +479,7 @@ func (d *Daemon) Reload(cfg config.Config) error {
 		d.cfg.Clients, d.cfg.Limits = cfg.Clients, cfg.Limits
 		d.cfg.API.AllowUnsigned, d.cfg.API.ClockSkew = cfg.API.AllowUnsigned, cfg.API.ClockSkew
 		d.access.clients = clients
+		d.access.replay.SetMax(d.replayCapacity(d.cfg))
 		d.ops.public.set(d.publicHandler())
 		if cfg.API.AllowUnsigned {
 			d.log.Warn("api.allow_unsigned is true: applyPublicKey accepts requests without a signature")

@@ -162,8 +162,17 @@ func inProcess(t *testing.T, storage string, now func() time.Time) (*daemon.Daem
 	}
 	cfg.Keys.ReapInterval = 100 * time.Millisecond
 	cfg.API.AllowUnsigned = true
+	d, stop := runDaemon(t, cfg, daemon.Options{Log: slog.New(slog.DiscardHandler), Now: now})
+	return d, cfg, stop
+}
+
+// runDaemon runs a daemon on cfg in the test process and returns it with
+// the function that stops it and returns Run's error (called at cleanup
+// too).
+func runDaemon(t *testing.T, cfg config.Config, opts daemon.Options) (*daemon.Daemon, func() error) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	d, err := daemon.New(ctx, cfg, daemon.Options{Log: slog.New(slog.DiscardHandler), Now: now})
+	d, err := daemon.New(ctx, cfg, opts)
 	if err != nil {
 		cancel()
 		t.Fatal(err)
@@ -184,7 +193,7 @@ func inProcess(t *testing.T, storage string, now func() time.Time) (*daemon.Daem
 		return runErr
 	}
 	t.Cleanup(func() { stop() })
-	return d, cfg, stop
+	return d, stop
 }
 
 // The scripted sequence of the issue: apply, decrypt, a second decrypt, a

@@ -304,16 +304,10 @@ func (h *Handler) health(w http.ResponseWriter, r *http.Request) {
 }
 
 // ValidUniqueID checks the shape of a uniqueId: 32 characters of
-// [A-Za-z0-9].
+// [A-Za-z0-9] ([hsm.ValidKeyID]).
 func ValidUniqueID(id string) error {
-	if len(id) != 32 {
+	if !hsm.ValidKeyID(id) {
 		return errors.New("uniqueId must be 32 characters of A-Z, a-z, 0-9")
-	}
-	for i := 0; i < len(id); i++ {
-		c := id[i]
-		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9') {
-			return errors.New("uniqueId must be 32 characters of A-Z, a-z, 0-9")
-		}
 	}
 	return nil
 }

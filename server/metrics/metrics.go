@@ -63,6 +63,7 @@ type Metrics struct {
 	commitSeconds   *prometheus.HistogramVec
 	auditEvents     *prometheus.CounterVec
 	reloads         *prometheus.CounterVec
+	refusals        *prometheus.CounterVec
 }
 
 // New registers every metric. is and tok are read at each scrape.
@@ -98,6 +99,8 @@ func New(is Issuer, tok Token, version string) *Metrics {
 			"Audit trail writes, by result (ok or error).", "result"),
 		reloads: f.counterVec("config_reloads_total",
 			"SIGHUP configuration reloads, by result (ok or refused).", "result"),
+		refusals: f.counterVec("apply_refusals_total",
+			"Refused applyPublicKey requests, by reason (a fixed set; gate_* before authentication).", "reason"),
 	}
 	for _, c := range []string{"ok", "refused"} {
 		m.reloads.WithLabelValues(c)
@@ -216,6 +219,26 @@ func (m *Metrics) Request(api, code string, d time.Duration) {
 	case APIDecrypt:
 		m.decrypts.WithLabelValues(code).Inc()
 	}
+}
+
+// Refused counts a refused applyPublicKey request by its reason, one of a
+// fixed set.
+func (m *Metrics) Refused(reason string) { m.refusals.WithLabelValues(reason).Inc() }
+
+// RefusalReasons makes the refusal counter of each reason exist at zero, so
+// that a rate over it has a series from the start.
+func (m *Metrics) RefusalReasons(reasons []string) {
+	for _, r := range reasons {
+		m.refusals.WithLabelValues(r)
+	}
+}
+
+// Signatures registers keyissuer_token_signatures_total, read from fn at
+// each scrape: the signatures the token was asked for.
+func (m *Metrics) Signatures(fn func() uint64) {
+	factory{m.reg}.counterFunc("token_signatures_total",
+		"Signatures the token was asked for with the response-signing key (C_Sign calls).",
+		func() float64 { return float64(fn()) })
 }
 
 // AuditWrite counts an audit trail write.

@@ -6,9 +6,12 @@
 //
 // Requests are signed by registered clients and answers are signed by
 // keyissuer, in the family's message header (package [apisig]). A request
-// goes through, in order: path, method and media type; the body's size;
-// the client and its signature; the rate limits; the body's fields; the
-// blocklist; the outstanding-key quotas; and only then the issuer.
+// goes through, in order: the [Gate] (limits before authentication); path,
+// method and media type; the body's size; the client and its signature;
+// the rate limits; the [ReplayGuard]; the body's fields; the blocklist;
+// the outstanding-key quotas; and only then the issuer. Only the answers
+// to requests that got past the replay check are signed: nobody can make
+// the token sign without a fresh request signed by a client.
 package publicapi
 
 import (
@@ -100,6 +103,10 @@ const (
 	CodeMethod             = "METHOD_NOT_SUPPORTED"
 	CodeMediaType          = "MEDIA_TYPE_NOT_ACCEPTABLE"
 	CodeInvalidAPI         = "INVALID_API"
+	// CodeRepeatRequest answers a signed request whose signature was
+	// accepted before, within the clock-skew window: a replay, or a
+	// retry that was not signed afresh.
+	CodeRepeatRequest = "REPEAT_REQUEST"
 
 	maxCustomerIDLength = 32
 )
@@ -147,8 +154,58 @@ type Config struct {
 	// per-client cap is each Client's MaxOutstanding.
 	Limits issuer.Limits
 
+	// Gate, if set, limits every request before it is authenticated
+	// (see [Gate]); share one across the handlers of reloads.
+	Gate *Gate
+	// OnRefused, if set, is told of every refused request, synchronously:
+	// for metrics and the audit trail.
+	OnRefused func(r *http.Request, f Refusal)
+	// Replay remembers the signatures of accepted requests for the
+	// clock-skew window, so that each is accepted once; nil: no replay
+	// check. Share one across the handlers of reloads (and, in a cluster,
+	// across the instances).
+	Replay ReplayGuard
+
 	Now func() time.Time // the clock (time.Now)
 }
+
+// Refusal describes a refused request to [Config.OnRefused].
+type Refusal struct {
+	Code   string // the wire result code
+	Reason string // one of the Reason constants: a fixed set
+	// ClientID is the request's Client-Id header when well formed; it is
+	// who sent the request only when Verified.
+	ClientID string
+	// Verified says the request's signature verified (or, with
+	// AllowUnsigned, that it was let in without one), it passed the rate
+	// limits and it was not a replay: it comes from the client. Answers to
+	// verified requests are signed; the others are not.
+	Verified bool
+}
+
+// Reasons of refusals. Those before [ReasonRateLimit] come before or
+// during authentication.
+const (
+	ReasonGateAddress      = "gate_address"    // the source address's pre-authentication bucket
+	ReasonGateUnverified   = "gate_unverified" // the pre-authentication bucket of unverified addresses
+	ReasonInvalidAPI       = "invalid_api"     // unknown path
+	ReasonMethod           = "method"          // not POST
+	ReasonMediaType        = "media_type"      // not application/json
+	ReasonMalformed        = "malformed"       // an unreadable or oversized body, a bad Request-Time
+	ReasonInvalidClient    = "invalid_client"
+	ReasonInvalidSignature = "invalid_signature"
+	ReasonRateLimit        = "rate_limit" // the client's or the global bucket
+	ReasonReplay           = "replay"     // a signature accepted before
+	ReasonReplayCheck      = "replay_check_failed"
+	ReasonParam            = "param" // a bad body field
+	ReasonBlocklist        = "blocklist"
+	ReasonQuota            = "quota" // an outstanding-key cap
+)
+
+// Reasons lists every Reason constant, for metrics.
+var Reasons = []string{ReasonGateAddress, ReasonGateUnverified, ReasonInvalidAPI, ReasonMethod, ReasonMediaType,
+	ReasonMalformed, ReasonInvalidClient, ReasonInvalidSignature, ReasonRateLimit, ReasonReplay, ReasonReplayCheck, ReasonParam,
+	ReasonBlocklist, ReasonQuota}
 
 // Handler serves /ams/api/ and /ams/sandbox/api/.
 type Handler struct {
@@ -202,16 +259,28 @@ func New(cfg Config) *Handler {
 type outcome struct {
 	http              int
 	code, status, msg string
+	reason            string // a Reason constant
 	allow             string // the Allow header, for 405
 	logMsg            string // why, for the log; never a secret
 	logLevel          slog.Level
 }
 
-func fail(code, status, msg string) *outcome {
-	return &outcome{http: http.StatusOK, code: code, status: status, msg: msg}
+func fail(code, status, reason, msg string) *outcome {
+	return &outcome{http: http.StatusOK, code: code, status: status, reason: reason, msg: msg}
 }
 
-// ServeHTTP answers one request, signed.
+// state is what ServeHTTP learns of a request on the way.
+type state struct {
+	// verified: the request passed authentication, the rate limits and
+	// the replay check, so its answer is signed. Nothing is signed for a
+	// caller who did not prove who it is: a token signature costs a
+	// session of the token, which a flood of junk (or of replays) must not
+	// be able to spend.
+	verified bool
+}
+
+// ServeHTTP answers one request; signed when the request was verified
+// (see state).
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The answer names the caller's Client-Id when it is well formed: the
 	// wallet SDKs check the response signature with their own.
@@ -219,6 +288,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if ids := r.Header.Values(apisig.HeaderClientID); len(ids) == 1 && apisig.ValidClientID(ids[0]) {
 		clientID = ids[0]
 	}
+	var st state
 	defer func() {
 		// A bug must not leave the caller without an answer. Retrying
 		// would meet the same bug: PROCESS_FAIL, not UNKNOWN_EXCEPTION.
@@ -227,56 +297,97 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				panic(p)
 			}
 			h.log.Error("applyPublicKey panicked", "panic", p, "stack", string(debug.Stack()))
-			h.reply(w, r, clientID, http.StatusOK, Response{Result: Result{ResultCode: CodeProcessFail, ResultStatus: "F", ResultMessage: "internal error"}})
+			h.reply(w, r, clientID, st.verified, http.StatusOK, Response{Result: Result{ResultCode: CodeProcessFail, ResultStatus: "F", ResultMessage: "internal error"}})
 		}
 	}()
-	resp, o := h.serve(w, r)
+	resp, o := h.serve(w, r, &st)
 	if o != nil {
 		if o.allow != "" {
 			w.Header().Set("Allow", o.allow)
 		}
 		if o.logMsg != "" {
+			idKey := "client_id"
+			if !st.verified {
+				idKey = "client_id_unverified"
+			}
 			h.log.Log(r.Context(), o.logLevel, "applyPublicKey refused", "code", o.code, "reason", o.logMsg,
-				"client_id", clientID, "remote", r.RemoteAddr)
+				idKey, clientID, "remote", r.RemoteAddr)
+		}
+		if o.reason != "" && h.cfg.OnRefused != nil {
+			h.cfg.OnRefused(r, Refusal{Code: o.code, Reason: o.reason, ClientID: clientID, Verified: st.verified})
 		}
 		resp = Response{Result: Result{ResultCode: o.code, ResultStatus: o.status, ResultMessage: o.msg}}
-		h.reply(w, r, clientID, o.http, resp)
+		h.reply(w, r, clientID, st.verified, o.http, resp)
 		return
 	}
-	h.reply(w, r, clientID, http.StatusOK, resp)
+	h.reply(w, r, clientID, st.verified, http.StatusOK, resp)
 }
 
-func (h *Handler) serve(w http.ResponseWriter, r *http.Request) (Response, *outcome) {
+func (h *Handler) serve(w http.ResponseWriter, r *http.Request, st *state) (Response, *outcome) {
+	if g := h.cfg.Gate; g != nil {
+		switch g.Allow(r.RemoteAddr) {
+		case GateAddress:
+			return Response{}, fail(CodeTrafficLimit, "U", ReasonGateAddress, "too many requests from this address; retry later")
+		case GateUnverified:
+			return Response{}, fail(CodeTrafficLimit, "U", ReasonGateUnverified, "too many requests; retry later")
+		}
+	}
 	if r.URL.Path != ApplyPath && r.URL.Path != SandboxApplyPath {
-		return Response{}, &outcome{http: http.StatusNotFound, code: CodeInvalidAPI, status: "F", msg: "no such API: " + printable(r.URL.Path)}
+		return Response{}, &outcome{http: http.StatusNotFound, code: CodeInvalidAPI, status: "F", reason: ReasonInvalidAPI, msg: "no such API: " + printable(r.URL.Path)}
 	}
 	if r.Method != http.MethodPost {
-		return Response{}, &outcome{http: http.StatusMethodNotAllowed, code: CodeMethod, status: "F", msg: "use POST", allow: http.MethodPost}
+		return Response{}, &outcome{http: http.StatusMethodNotAllowed, code: CodeMethod, status: "F", reason: ReasonMethod, msg: "use POST", allow: http.MethodPost}
 	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
-		return Response{}, &outcome{http: http.StatusUnsupportedMediaType, code: CodeMediaType, status: "F", msg: "Content-Type must be application/json"}
+		return Response{}, &outcome{http: http.StatusUnsupportedMediaType, code: CodeMediaType, status: "F", reason: ReasonMediaType, msg: "Content-Type must be application/json"}
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.cfg.MaxBody))
 	if err != nil {
 		if tooBig := (*http.MaxBytesError)(nil); errors.As(err, &tooBig) {
-			return Response{}, fail(CodeParamIllegal, "F", "the body is larger than the limit")
+			return Response{}, fail(CodeParamIllegal, "F", ReasonMalformed, "the body is larger than the limit")
 		}
-		return Response{}, fail(CodeParamIllegal, "F", "the body could not be read")
+		return Response{}, fail(CodeParamIllegal, "F", ReasonMalformed, "the body could not be read")
 	}
-	cl, o := h.authenticate(r, body)
+	a, o := h.authenticate(r, body)
 	if o != nil {
 		return Response{}, o
 	}
-	if !h.allow(cl) {
-		return Response{}, &outcome{http: http.StatusOK, code: CodeTrafficLimit, status: "U",
+	cl := a.client
+	undo, ok := h.allow(cl)
+	if !ok {
+		return Response{}, &outcome{http: http.StatusOK, code: CodeTrafficLimit, status: "U", reason: ReasonRateLimit,
 			msg: "too many requests; retry later", logMsg: "rate limit", logLevel: slog.LevelDebug}
+	}
+	// Recorded only past the rate limits, so that no more signatures are
+	// remembered than the limits let through; a replay gives its tokens
+	// back, so that replaying a client's request does not use up its rate.
+	if a.signed && h.cfg.Replay != nil {
+		first, err := h.cfg.Replay.FirstUse(r.Context(), replayDigest(cl.ID, a.sig), a.time.Add(h.cfg.ClockSkew))
+		if err != nil {
+			undo()
+			h.log.Error("the replay check failed", "err", err)
+			return Response{}, fail(CodeUnknown, "U", ReasonReplayCheck, "the request could not be checked; retry shortly")
+		}
+		if !first {
+			undo()
+			// U, not F: two requests with the same body signed in the
+			// same millisecond have the same signature, and the second
+			// must be free to retry, signed afresh.
+			return Response{}, &outcome{http: http.StatusOK, code: CodeRepeatRequest, status: "U", reason: ReasonReplay,
+				msg:    "this signed request was accepted before; retry signed afresh, with a new Request-Time",
+				logMsg: "replayed signature", logLevel: slog.LevelDebug}
+		}
+	}
+	st.verified = true
+	if a.signed && h.cfg.Gate != nil {
+		h.cfg.Gate.Verified(r.RemoteAddr)
 	}
 	req, err := parseApply(body)
 	if err != nil {
-		return Response{}, fail(CodeParamIllegal, "F", err.Error())
+		return Response{}, fail(CodeParamIllegal, "F", ReasonParam, err.Error())
 	}
 	if req.customerID != "" && h.cfg.Blocklist != nil && h.cfg.Blocklist.Contains(req.customerID) {
-		return Response{}, &outcome{http: http.StatusOK, code: CodeUserStatusAbnormal, status: "F",
+		return Response{}, &outcome{http: http.StatusOK, code: CodeUserStatusAbnormal, status: "F", reason: ReasonBlocklist,
 			msg: "the customer's status is abnormal", logMsg: "blocklisted customer " + req.customerID, logLevel: slog.LevelInfo}
 	}
 	lim := h.cfg.Limits
@@ -299,51 +410,59 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request) (Response, *outc
 	}, nil
 }
 
+// auth is who authenticate found.
+type auth struct {
+	client *client // nil: anonymous (AllowUnsigned)
+	signed bool    // the signature below verified
+	sig    []byte
+	time   time.Time // the Request-Time
+}
+
 // authenticate finds the caller: a registered, enabled client whose
-// signature verifies; or, with AllowUnsigned and no Signature header, the
-// client its Client-Id names, or nobody (nil) without one.
-func (h *Handler) authenticate(r *http.Request, body []byte) (*client, *outcome) {
+// signature verifies (signed); or, with AllowUnsigned and no Signature
+// header, the client its Client-Id names, or nobody (nil) without one.
+func (h *Handler) authenticate(r *http.Request, body []byte) (auth, *outcome) {
 	// The caller gets the reason; the log only at debug level, so that a
 	// flood of bad requests cannot flood it.
 	invalidClient := func(msg string) *outcome {
-		return &outcome{http: http.StatusOK, code: CodeInvalidClient, status: "F", msg: msg, logMsg: msg, logLevel: slog.LevelDebug}
+		return &outcome{http: http.StatusOK, code: CodeInvalidClient, status: "F", reason: ReasonInvalidClient, msg: msg, logMsg: msg, logLevel: slog.LevelDebug}
 	}
 	invalidSig := func(msg string) *outcome {
-		return &outcome{http: http.StatusOK, code: CodeInvalidSignature, status: "F", msg: msg, logMsg: msg, logLevel: slog.LevelDebug}
+		return &outcome{http: http.StatusOK, code: CodeInvalidSignature, status: "F", reason: ReasonInvalidSignature, msg: msg, logMsg: msg, logLevel: slog.LevelDebug}
 	}
 	ids := r.Header.Values(apisig.HeaderClientID)
 	sigs := r.Header.Values(apisig.HeaderSignature)
 	if len(sigs) == 0 && h.cfg.AllowUnsigned && len(ids) == 0 {
-		return nil, nil
+		return auth{}, nil
 	}
 
 	switch len(ids) {
 	case 0:
-		return nil, invalidClient("the Client-Id header is missing")
+		return auth{}, invalidClient("the Client-Id header is missing")
 	case 1:
 	default:
-		return nil, invalidClient("more than one Client-Id header")
+		return auth{}, invalidClient("more than one Client-Id header")
 	}
 	id, err := apisig.ParseClientID(ids[0])
 	if err != nil {
-		return nil, invalidClient(err.Error())
+		return auth{}, invalidClient(err.Error())
 	}
 	cl := h.clients[id]
 	switch {
 	case cl == nil:
-		return nil, invalidClient("unknown Client-Id")
+		return auth{}, invalidClient("unknown Client-Id")
 	case cl.Disabled:
-		return nil, invalidClient("the client is disabled")
+		return auth{}, invalidClient("the client is disabled")
 	case len(sigs) == 0 && h.cfg.AllowUnsigned:
-		return cl, nil
+		return auth{client: cl}, nil
 	case len(sigs) == 0:
-		return nil, invalidSig("the Signature header is missing")
+		return auth{}, invalidSig("the Signature header is missing")
 	case len(sigs) > 1:
-		return nil, invalidSig("more than one Signature header")
+		return auth{}, invalidSig("more than one Signature header")
 	}
 	sig, err := apisig.ParseSignature(sigs[0])
 	if err != nil {
-		return nil, invalidSig(err.Error())
+		return auth{}, invalidSig(err.Error())
 	}
 	version := sig.KeyVersion
 	if version == 0 {
@@ -351,55 +470,62 @@ func (h *Handler) authenticate(r *http.Request, body []byte) (*client, *outcome)
 	}
 	pub := cl.Keys[version]
 	if pub == nil {
-		return nil, invalidSig(fmt.Sprintf("no key of keyVersion %d is registered for the client", version))
+		return auth{}, invalidSig(fmt.Sprintf("no key of keyVersion %d is registered for the client", version))
 	}
 
 	times := r.Header.Values(apisig.HeaderRequestTime)
 	switch len(times) {
 	case 0:
-		return nil, fail(CodeParamIllegal, "F", "the Request-Time header is missing")
+		return auth{}, fail(CodeParamIllegal, "F", ReasonMalformed, "the Request-Time header is missing")
 	case 1:
 	default:
-		return nil, fail(CodeParamIllegal, "F", "more than one Request-Time header")
+		return auth{}, fail(CodeParamIllegal, "F", ReasonMalformed, "more than one Request-Time header")
 	}
 	t, err := apisig.ParseRequestTime(times[0])
 	if err != nil {
-		return nil, fail(CodeParamIllegal, "F", err.Error())
+		return auth{}, fail(CodeParamIllegal, "F", ReasonMalformed, err.Error())
 	}
 	if skew := h.cfg.Now().Sub(t).Abs(); skew > h.cfg.ClockSkew {
-		return nil, invalidSig(fmt.Sprintf("the Request-Time is %s away from the server's clock, more than the %s allowed; check the clock",
+		return auth{}, invalidSig(fmt.Sprintf("the Request-Time is %s away from the server's clock, more than the %s allowed; check the clock",
 			skew.Round(time.Second), h.cfg.ClockSkew))
 	}
 	content := apisig.Content(http.MethodPost, r.URL.EscapedPath(), ids[0], times[0], body)
 	if err := apisig.Verify(pub, content, sig.Value); err != nil {
-		return nil, invalidSig(fmt.Sprintf("the signature does not verify with the client's key of keyVersion %d", version))
+		return auth{}, invalidSig(fmt.Sprintf("the signature does not verify with the client's key of keyVersion %d", version))
 	}
-	return cl, nil
+	return auth{client: cl, signed: true, sig: sig.Value, time: t}, nil
 }
 
 // allow takes a token from the client's bucket and the global one, or from
-// neither.
-func (h *Handler) allow(cl *client) bool {
+// neither; undo gives them back.
+func (h *Handler) allow(cl *client) (undo func(), ok bool) {
 	now := h.cfg.Now()
-	var rc *rate.Reservation
-	if cl != nil && cl.limiter != nil {
-		rc = cl.limiter.ReserveN(now, 1)
-		if !rc.OK() || rc.DelayFrom(now) > 0 {
-			rc.CancelAt(now)
-			return false
+	var rs []*rate.Reservation
+	undo = func() {
+		for _, r := range rs {
+			r.CancelAt(now)
 		}
 	}
-	if h.global != nil {
-		rg := h.global.ReserveN(now, 1)
-		if !rg.OK() || rg.DelayFrom(now) > 0 {
-			rg.CancelAt(now)
-			if rc != nil {
-				rc.CancelAt(now)
-			}
-			return false
+	for _, l := range []*rate.Limiter{cl.limiterOrNil(), h.global} {
+		if l == nil {
+			continue
 		}
+		r := l.ReserveN(now, 1)
+		if !r.OK() || r.DelayFrom(now) > 0 {
+			r.CancelAt(now)
+			undo()
+			return nil, false
+		}
+		rs = append(rs, r)
 	}
-	return true
+	return undo, true
+}
+
+func (c *client) limiterOrNil() *rate.Limiter {
+	if c == nil {
+		return nil
+	}
+	return c.limiter
 }
 
 // mapError is the one place issuer errors become result codes. The cause
@@ -416,21 +542,24 @@ func (h *Handler) mapError(err error) *outcome {
 			msg = "the customer holds too many outstanding keys; retry once some are used or expire"
 		}
 		h.log.Debug("applyPublicKey refused", "code", CodeTrafficLimit, "reason", err)
-		return fail(CodeTrafficLimit, "U", msg)
+		return fail(CodeTrafficLimit, "U", ReasonQuota, msg)
 	case errors.Is(err, issuer.ErrPoolEmpty):
-		return fail(CodeUnknown, "U", "no key is ready; retry shortly")
+		return fail(CodeUnknown, "U", "", "no key is ready; retry shortly")
 	case errors.Is(err, issuer.ErrUnavailable):
-		return fail(CodeUnknown, "U", "the key service is temporarily unavailable; retry shortly")
+		return fail(CodeUnknown, "U", "", "the key service is temporarily unavailable; retry shortly")
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		return fail(CodeUnknown, "U", "the request was cancelled; retry")
+		return fail(CodeUnknown, "U", "", "the request was cancelled; retry")
 	}
 	h.log.Error("apply failed", "err", err)
-	return fail(CodeUnknown, "U", "internal error; retry shortly")
+	return fail(CodeUnknown, "U", "", "internal error; retry shortly")
 }
 
-// reply writes resp, signed when there is a Signer: Client-Id,
-// Response-Time and Signature over "<method> <path>\n<Client-Id>.<Response-Time>.<body>".
-func (h *Handler) reply(w http.ResponseWriter, r *http.Request, clientID string, httpStatus int, resp Response) {
+// reply writes resp, with Client-Id and Response-Time; and when sign and
+// there is a Signer, a Signature over "<method> <path>\n<Client-Id>.<Response-Time>.<body>".
+// The wallet SDKs check an answer's signature only when the answer has a
+// Signature header (and a Response-Time); without one they take the answer
+// as it is, so an unsigned refusal reads the same to them.
+func (h *Handler) reply(w http.ResponseWriter, r *http.Request, clientID string, sign bool, httpStatus int, resp Response) {
 	body, err := json.Marshal(resp)
 	if err != nil {
 		http.Error(w, "internal error", http.StatusInternalServerError)
@@ -444,7 +573,7 @@ func (h *Handler) reply(w http.ResponseWriter, r *http.Request, clientID string,
 	}
 	respTime := apisig.FormatTime(h.cfg.Now())
 	hdr.Set(apisig.HeaderResponseTime, respTime)
-	if h.cfg.Signer != nil {
+	if sign && h.cfg.Signer != nil {
 		sig, err := h.cfg.Signer.Sign(r.Context(), apisig.Content(r.Method, r.URL.EscapedPath(), clientID, respTime, body))
 		if err != nil {
 			// An unsigned answer is all that is left; the SDKs will

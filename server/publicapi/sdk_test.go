@@ -50,7 +50,7 @@ func TestWalletSDK(t *testing.T) {
 		{name: "Request-Time in ISO 8601", req: request{requestTime: time.Now().Format("2006-01-02T15:04:05.000-07:00")}, wantCode: "SUCCESS"},
 		{name: "keyVersion 2", req: request{key: "v2", keyVersion: "2"}, wantCode: "SUCCESS"},
 		{name: "without customerId", req: request{body: `{}`}, wantCode: "SUCCESS"},
-		{name: "a refusal is signed too", req: request{key: "stranger"}, wantCode: "INVALID_SIGNATURE"},
+		{name: "a refusal after authentication is signed too", req: request{body: `{"customerId":"31"}`}, wantCode: "PARAM_ILLEGAL"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

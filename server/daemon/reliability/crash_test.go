@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer/store"
 )
 
@@ -24,9 +25,10 @@ import (
 //  1. no key decrypts twice: neither in the answers the clients got, nor in
 //     the ledger of decrypts that reached the token, kept across all runs;
 //  2. no object leaks: whatever the kill left in the token (the pool's keys,
-//     a claimed key's objects, half a destroyed pair) is gone once the next
-//     daemon has started, and after the last, orderly stop the token holds
-//     exactly the keys of issued records;
+//     a claimed key's objects, half a destroyed pair, an object SoftHSM was
+//     still making) is gone once the next daemon has started, and after
+//     the last, orderly stop the token holds exactly the keys of issued
+//     records;
 //  3. no record is lost or corrupted: the store opens after every kill,
 //     every uniqueId a client was given is there in a valid state with its
 //     salt, a key whose decrypt succeeded is never issued again, and an
@@ -109,6 +111,8 @@ type crashRun struct {
 	pending    []string // keys that may still decrypt
 	successes  map[string]int
 	mustVanish map[string]bool // objects a kill left that the next start must destroy
+	halfMade   int             // objects a kill left half-made (no label nor id): the same
+	seeded     bool            // the first kill's half-made objects were made sure of
 
 	// figures
 	plan                        string         // the crash point of the current cycle
@@ -118,6 +122,7 @@ type crashRun struct {
 	applies, applyRefusals      int
 	decryptOK, decryptRefused   int
 	halfDestroyed, claimsCut    int
+	halfMadeSeen                int // half-made objects kills left (each destroyed by the next start)
 	orphans, interruptedReplies int
 	expiredSeen, abandoned      int
 	unavailable                 int
@@ -147,6 +152,7 @@ func TestCrashCycles(t *testing.T) {
 	f := newFixture(t, fixtureConfig{
 		storage: "token", poolSize: 2, generators: 1,
 		ttl: ttl.String(), reap: "200ms", applyWait: "300ms",
+		dedicated: true, // one daemon at a time: half-made objects go at start-up
 	})
 	r := &crashRun{
 		t: t, f: f, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), ttl: ttl,
@@ -199,14 +205,17 @@ func TestCrashCycles(t *testing.T) {
 	if r.applies < cycle/minIssuedDiv {
 		t.Errorf("UNEXERCISED: %d keys issued in %d cycles; the floor is %d", r.applies, cycle, cycle/minIssuedDiv)
 	}
+	if r.halfMadeSeen < 3 {
+		t.Errorf("UNEXERCISED: kills left %d half-made objects; the first alone is made to leave 3", r.halfMadeSeen)
+	}
 	if r.decryptOK < cycle/minDecryptedDiv {
 		t.Errorf("UNEXERCISED: %d decrypts succeeded in %d cycles; the floor is %d", r.decryptOK, cycle, cycle/minDecryptedDiv)
 	}
 	t.Logf("crash harness: %d cycles in %s; kills by point %v; planned points not reached (the parent killed instead) %v; %d keys issued (%d left to expire), %d applies refused (pool empty); "+
 		"%d decrypts succeeded, %d refused; after kills: %d orphaned pool keys, %d claims cut short, "+
-		"%d half-destroyed pairs, %d answers lost; %d answered KEY_EXPIRED, %d HSM_UNAVAILABLE; %d double decrypts, %d leaked objects, %d lost records (CRASH_SEED=%d)",
+		"%d half-destroyed pairs, %d half-made objects, %d answers lost; %d answered KEY_EXPIRED, %d HSM_UNAVAILABLE; %d double decrypts, %d leaked objects, %d lost records (CRASH_SEED=%d)",
 		cycle, time.Since(start).Round(time.Second), r.kills, r.missed, r.applies, r.abandoned, r.applyRefusals,
-		r.decryptOK, r.decryptRefused, r.orphans, r.claimsCut, r.halfDestroyed, r.interruptedReplies, r.expiredSeen, r.unavailable,
+		r.decryptOK, r.decryptRefused, r.orphans, r.claimsCut, r.halfDestroyed, r.halfMadeSeen, r.interruptedReplies, r.expiredSeen, r.unavailable,
 		r.doubles, r.leaked, r.lost, seed)
 }
 
@@ -530,7 +539,18 @@ func (r *crashRun) afterKill(p *proc) {
 
 	ids := slices.Collect(maps.Keys(r.keys))
 	recs, active := r.f.records(ids) // the store opens after the kill
+	if !r.seeded {
+		// A kill lands inside SoftHSM's writes of a new object only now
+		// and then: the first kill of every run leaves one object of each
+		// half-made shape for certain, exactly as such a kill would.
+		for _, shape := range []hsmtest.HalfMade{hsmtest.HalfMadeClassless, hsmtest.HalfMadePublic, hsmtest.HalfMadePrivate} {
+			hsmtest.LeaveHalfMade(t, r.f.soft, shape)
+		}
+		r.seeded = true
+	}
 	objs := r.f.tokenObjects()
+	r.halfMade = r.f.halfMadeLeft
+	r.halfMadeSeen += r.halfMade
 
 	for _, id := range ids {
 		k := r.keys[id]
@@ -608,6 +628,22 @@ func (r *crashRun) checkVanished(cycle int) {
 		}
 	}
 	clear(r.mustVanish)
+	// Half-made objects have no id to find them by: the daemon that now
+	// serves must say it destroyed exactly as many at start-up, and left
+	// none (its own generations since make a live count meaningless).
+	r.f.mu.Lock()
+	p := r.f.procs[len(r.f.procs)-1]
+	r.f.mu.Unlock()
+	destroyed, left, ok := p.reconciled()
+	switch {
+	case !ok:
+		r.t.Errorf("cycle %d: the daemon logged no reconciliation with its half-made objects", cycle)
+	case destroyed != r.halfMade || left != 0:
+		r.leaked += max(r.halfMade-destroyed, left, 1)
+		r.t.Errorf("LEAKED OBJECTS: cycle %d: the kill left %d half-made objects (no label nor id); the next start destroyed %d and left %d",
+			cycle, r.halfMade, destroyed, left)
+	}
+	r.halfMade = 0
 }
 
 // finish starts a last daemon, decrypts what can still decrypt, stops it

@@ -288,7 +288,7 @@ func TestHostileInput(t *testing.T) {
 		storage: "token", poolSize: 4, generators: 1,
 		ttl: "2m", reap: "1s", applyWait: "30s",
 		api:    fmt.Sprintf("read_timeout = %q\nwrite_timeout = \"2s\"", apiReadTimeout),
-		extra:  "[limits]\nrate = 100000.0\nburst = 100000\n",
+		extra:  "[limits]\nrate = 100000.0\nburst = 100000\naddress_rate = 100000.0\nunverified_rate = 100000.0\n",
 		signed: true,
 	})
 	p := f.mustStart()
