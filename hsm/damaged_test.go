@@ -27,7 +27,8 @@ import (
 func TestDecryptWithDamagedKeyIsLostNotACrash(t *testing.T) {
 	ctx := context.Background()
 	tok := openToken(t, StorageToken)
-	k := damagedKey(t, tok, "damaged")
+	id := testID("damaged")
+	k := damagedKey(t, tok, id)
 	ct, err := Encrypt(k.Public, OAEPSHA256, []byte("pw"))
 	if err != nil {
 		t.Fatal(err)
@@ -38,7 +39,7 @@ func TestDecryptWithDamagedKeyIsLostNotACrash(t *testing.T) {
 	if err := tok.Destroy(ctx, k); err != nil {
 		t.Errorf("Destroy of the damaged key: %v", err)
 	}
-	if n := listIDs(t, tok)["damaged"]; n != 0 {
+	if n := listIDs(t, tok)[id]; n != 0 {
 		t.Errorf("after Destroy the token holds %d objects of the damaged key, want 0", n)
 	}
 }

@@ -61,7 +61,7 @@ func TestResetWhileHealthChecked(t *testing.T) {
 	if err := tok.healthy(); err != nil {
 		t.Fatalf("the token after %d resets: %v", resets, err)
 	}
-	k, err := tok.Generate(ctx, "after-resets")
+	k, err := tok.Generate(ctx, testID("afterresets"))
 	if err != nil {
 		t.Fatal(err)
 	}
