@@ -270,6 +270,8 @@ func (t *Token) init(ctx context.Context) error {
 }
 
 func (t *Token) findSlot() (uint, pkcs11.TokenInfo, error) {
+	t.mod.mu.RLock()
+	defer t.mod.mu.RUnlock()
 	slots, err := t.mod.ctx.GetSlotList(true)
 	if err != nil {
 		return 0, pkcs11.TokenInfo{}, fmt.Errorf("failed to list slots: %w", err)
@@ -441,7 +443,9 @@ func (t *Token) healthy() error {
 		if i > 0 {
 			time.Sleep(healthRetry)
 		}
+		t.mod.mu.RLock()
 		_, err = t.mod.ctx.GetTokenInfo(uint(t.slot.Load()))
+		t.mod.mu.RUnlock()
 		if err = t.after(OpGetTokenInfo, "", err); err == nil {
 			return nil
 		}
@@ -665,6 +669,14 @@ type module struct {
 	ctx  *pkcs11.Ctx
 	refs int
 	ours bool // we called C_Initialize, so we may call C_Finalize
+
+	// mu is held for reading by every call made without a session
+	// (C_GetTokenInfo, C_GetSlotList...) and for writing by C_Finalize and
+	// the C_Initialize after it. PKCS#11 leaves C_Finalize undefined while
+	// other threads make calls, and SoftHSM frees its slots and the
+	// library's instance under them. Calls in a session need no lock: a
+	// reset holds every session of the one Token that uses the module.
+	mu sync.RWMutex
 }
 
 var (
@@ -709,6 +721,8 @@ func (m *module) reinit() error {
 	if m.refs > 1 || !m.ours {
 		return nil
 	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	m.ctx.Finalize()
 	if err := m.ctx.Initialize(); err != nil {
 		return fmt.Errorf("failed to re-initialise PKCS#11 module %s: %w", m.path, err)
@@ -724,6 +738,8 @@ func (m *module) release() {
 		return
 	}
 	delete(modules, m.path)
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	if m.ours {
 		m.ctx.Finalize()
 	}

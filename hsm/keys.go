@@ -269,13 +269,17 @@ func (t *Token) Decrypt(ctx context.Context, k *Key, p Padding, ciphertext []byt
 		if err != nil {
 			return err
 		}
-		out, err = t.decrypt(s, k.ID, priv, p, method, k.Size(), ciphertext)
+		if err = t.intact(s, k, priv); err == nil {
+			out, err = t.decrypt(s, k.ID, priv, p, method, k.Size(), ciphertext)
+		}
 		if !s.committed && k.tokenStore && isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID) {
 			// C_DecryptInit refused the handle: nothing was decrypted.
 			if priv, err = t.handles(s, k, true); err != nil {
 				return err
 			}
-			out, err = t.decrypt(s, k.ID, priv, p, method, k.Size(), ciphertext)
+			if err = t.intact(s, k, priv); err == nil {
+				out, err = t.decrypt(s, k.ID, priv, p, method, k.Size(), ciphertext)
+			}
 		}
 		return err
 	})
@@ -303,6 +307,33 @@ func (t *Token) Decrypt(ctx context.Context, k *Key, p Padding, ciphertext []byt
 		return nil, ErrDecrypt
 	}
 	return nil, fmt.Errorf("failed to decrypt with key %s: %w", k.ID, err)
+}
+
+// intact checks, in token storage, that k's private half still holds k's
+// modulus before the token is asked to decrypt with it. SoftHSM 2.6.1 (its
+// file object store) lets another process that only reads the token damage
+// a key: C_GetAttributeValue on an object read while its creator was still
+// writing it finds attributes missing, writes their defaults (an empty
+// modulus, empty key material) and stores the object back over the
+// creator's. C_DecryptInit accepts such a key, and C_Decrypt with it
+// dereferences a null modulus: the daemon dies of a SIGSEGV (RELIABILITY.md,
+// "Bugs the suite found"). A key whose modulus is gone can never decrypt: it
+// is lost. Session objects live in this process's memory only and are not
+// checked.
+func (t *Token) intact(s *session, k *Key, priv pkcs11.ObjectHandle) error {
+	if !k.tokenStore {
+		return nil
+	}
+	attrs, err := t.mod.ctx.GetAttributeValue(s.h, priv, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_MODULUS, nil),
+	})
+	if err = t.after(OpGetAttributeValue, k.ID, err); err != nil {
+		return err
+	}
+	if new(big.Int).SetBytes(attrs[0].Value).Cmp(k.Public.N) != 0 {
+		return fmt.Errorf("%w: the private half of key %s no longer holds its modulus (damaged in the token)", ErrKeyLost, k.ID)
+	}
+	return nil
 }
 
 func (t *Token) decrypt(s *session, id string, priv pkcs11.ObjectHandle, p Padding, m Method, size int, ct []byte) ([]byte, error) {
@@ -673,7 +704,9 @@ func (t *Token) probe(ctx context.Context) error {
 }
 
 func (t *Token) mechanisms() (map[uint]bool, error) {
+	t.mod.mu.RLock()
 	ms, err := t.mod.ctx.GetMechanismList(uint(t.slot.Load()))
+	t.mod.mu.RUnlock()
 	if err != nil {
 		return nil, fmt.Errorf("failed to list mechanisms: %w", err)
 	}

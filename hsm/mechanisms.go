@@ -35,6 +35,8 @@ type mechInfo struct {
 // A mechanism whose info cannot be read is left out: it cannot be relied on.
 func (t *Token) mechanismInfos() (map[uint]mechInfo, error) {
 	slot := uint(t.slot.Load())
+	t.mod.mu.RLock() // calls without a session (module.mu)
+	defer t.mod.mu.RUnlock()
 	ms, err := t.mod.ctx.GetMechanismList(slot)
 	if err != nil {
 		return nil, fmt.Errorf("failed to list mechanisms: %w", err)

@@ -233,7 +233,9 @@ func (f *fixture) clearToken() {
 }
 
 // dumpOnFailure logs the warnings and errors of the fixture's daemons when
-// the test failed.
+// the test failed. A daemon that printed something other than log lines (a
+// crash's trace: every goroutine, see start) has its whole stderr kept in a
+// file that outlives the test, whose path is logged.
 func (f *fixture) dumpOnFailure() {
 	if !f.t.Failed() {
 		return
@@ -241,8 +243,16 @@ func (f *fixture) dumpOnFailure() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for i, p := range f.procs {
+		stderr := p.stderr.String()
+		if strings.Contains(stderr, "\ngoroutine ") {
+			if path, err := keepLog(stderr); err != nil {
+				f.t.Logf("daemon %d: keeping its stderr: %v", i+1, err)
+			} else {
+				f.t.Logf("daemon %d: its whole stderr, crash trace included, is kept in %s", i+1, path)
+			}
+		}
 		n := 0
-		for _, line := range strings.Split(p.stderr.String(), "\n") {
+		for _, line := range strings.Split(stderr, "\n") {
 			// Warnings, errors, and what is not a log line: a panic's trace.
 			if strings.Contains(line, `"level":"WARN"`) || strings.Contains(line, `"level":"ERROR"`) ||
 				line != "" && !strings.HasPrefix(line, "{") {
@@ -252,6 +262,20 @@ func (f *fixture) dumpOnFailure() {
 			}
 		}
 	}
+}
+
+// keepLog writes a daemon's stderr to a new file in the temporary directory
+// and returns its path.
+func keepLog(stderr string) (string, error) {
+	f, err := os.CreateTemp("", "keyissuerd-stderr-*.log")
+	if err != nil {
+		return "", err
+	}
+	if _, err := f.WriteString(stderr); err != nil {
+		f.Close()
+		return "", err
+	}
+	return f.Name(), f.Close()
 }
 
 // password returns a fresh password, remembered as a secret that must
@@ -396,6 +420,11 @@ func (f *fixture) start(env ...string) (*proc, error) {
 	t := f.t
 	t.Helper()
 	p := &proc{t: t, f: f, stderr: &daemontest.SyncBuffer{}, events: make(chan string, 64), exited: make(chan struct{}), clientKey: f.clientKey}
+	if _, set := os.LookupEnv("GOTRACEBACK"); !set {
+		// A crash prints every goroutine, not only the one that
+		// crashed: what the others were doing is the evidence of a race.
+		env = append(env, "GOTRACEBACK=all")
+	}
 	p.cmd = daemontest.Command(f.cfgPath, append(env, ledgerEnv+"="+f.ledger)...)
 	p.cmd.Stderr = p.stderr
 	// The daemon dies with the test binary, however that ends.
