@@ -68,13 +68,14 @@ cluster: build softhsm
 # Every test with the race detector, then every fuzz target for a few
 # seconds (TEST_FUZZTIME; 0 skips it). Integration tests make their own
 # SoftHSM tokens in a temp dir (hsm/hsmtest); the dev token is not touched.
-# On a machine without SoftHSM, softhsm-setup.sh installs it (as root) or
-# says how.
+# .ci/test-deps first installs the Debian packages the tests use (SoftHSM,
+# openCryptoki, PostgreSQL, Chromium, promtool, a JDK...) as root, or says
+# how; a test whose component is missing skips, and fails under CI=true.
 TEST_FUZZTIME ?= 3s
 test:
-	@command -v softhsm2-util >/dev/null || ./softhsm-setup.sh
+	@.ci/test-deps
 	$(GO) vet $(PKGS)
-	$(GO) test -race -count=1 -timeout 15m $(PKGS)
+	$(GO) test -race -count=1 -timeout 25m $(PKGS)
 	@if [ "$(TEST_FUZZTIME)" != 0 ]; then $(MAKE) --no-print-directory fuzz FUZZTIME=$(TEST_FUZZTIME); fi
 
 # The long runs of the reliability suite (RELIABILITY.md); `make test` runs
