@@ -56,7 +56,7 @@ func TestFindKeyMadeByAnotherProcess(t *testing.T) {
 func TestRescanKeepsKeys(t *testing.T) {
 	ctx := context.Background()
 	tok := openToken(t, StorageToken)
-	k, err := tok.Generate(ctx, "kept")
+	k, err := tok.Generate(ctx, testID("kept"))
 	if err != nil {
 		t.Fatal(err)
 	}

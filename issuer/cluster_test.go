@@ -299,7 +299,8 @@ func TestClusterReconcileSparesNeighbours(t *testing.T) {
 	waitFor(t, "the pools to fill", func() bool {
 		return c.nodes[0].is.Stats().PoolReady == 2 && c.nodes[1].is.Stats().PoolReady == 2
 	})
-	orphan, err := c.nodes[0].tok.Generate(ctx, "orphan") // no record, no pool entry
+	const orphanID = "orphan0000000000000000000000000a" // well formed; no record, no pool entry
+	orphan, err := c.nodes[0].tok.Generate(ctx, orphanID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -307,11 +308,11 @@ func TestClusterReconcileSparesNeighbours(t *testing.T) {
 	before := c.tokenIDs(c.nodes[0])
 	c.start("late", nil)
 	after := c.tokenIDs(c.nodes[0])
-	if after["orphan"] != 0 {
+	if after[orphanID] != 0 {
 		t.Error("reconciliation left the orphan")
 	}
 	for id, n := range before {
-		if id != "orphan" && after[id] != n {
+		if id != orphanID && after[id] != n {
 			t.Errorf("reconciliation of a new instance took %d objects of a neighbour's key %s", n-after[id], id)
 		}
 	}

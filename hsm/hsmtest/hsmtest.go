@@ -75,19 +75,20 @@ var (
 // It overrides any SOFTHSM2_CONF in the environment, so tests never see a
 // developer's token. It does not need SoftHSM to be installed: only
 // [NewToken] does, so tests that need no token still run without it.
-func Main(m *testing.M) {
-	if kind := os.Getenv(halfMadeEnv); kind != "" {
-		os.Exit(halfMadeChild(kind)) // a child of LeaveHalfMade
-	}
-	os.Exit(run(m))
-}
+func Main(m *testing.M) { os.Exit(Run(m)) }
 
 // Runner is what Run runs: a *testing.M, or a wrapper of one such as
 // pgtest.Wrap's, for a test binary that needs both harnesses.
 type Runner interface{ Run() int }
 
-// Run is Main without the exit: it returns m.Run's code.
-func Run(m Runner) int { return run(m) }
+// Run is Main without the exit: it returns m.Run's code. In a child of
+// [LeaveHalfMade] it makes the object and returns, running no test.
+func Run(m Runner) int {
+	if kind := os.Getenv(halfMadeEnv); kind != "" {
+		return halfMadeChild(kind)
+	}
+	return run(m)
+}
 
 func run(m Runner) int {
 	dir, err := os.MkdirTemp("", "hsmtest-")
