@@ -284,6 +284,7 @@ func TestPostgresVerdicts(t *testing.T) {
 		// and 0.9 ms: a drift between runs cancels out.
 		{name: "within 1 ms run by run", pg: runs(3.8, 4.9), bolt: runs(3.0, 4.0), want: "PASS"},
 		{name: "over 1 ms", pg: runs(4.6, 4.4), bolt: runs(3.0, 3.2), want: "FALL SHORT"},
+		{name: "faster than bbolt", pg: runs(2.5), bolt: runs(3.0), want: "PASS"},
 		{name: "no runs", want: "ERROR"},
 	}
 	for _, tt := range tests {
@@ -295,7 +296,10 @@ func TestPostgresVerdicts(t *testing.T) {
 			if r.Verdict == "ERROR" {
 				return
 			}
-			if !strings.HasPrefix(r.RatioCell, "+") || r.Detail["floorP50Ms"].(summary).Median != floor.Median || len(r.Notes) == 0 {
+			if tt.name == "faster than bbolt" && r.RatioCell != "-0.50 ms" {
+				t.Errorf("difference %q, want -0.50 ms", r.RatioCell)
+			}
+			if !strings.HasPrefix(r.RatioCell, "+") && !strings.HasPrefix(r.RatioCell, "-") || r.Detail["floorP50Ms"].(summary).Median != floor.Median || len(r.Notes) == 0 {
 				t.Errorf("the row does not carry the difference and the floor: %+v", r)
 			}
 		})

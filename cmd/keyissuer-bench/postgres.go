@@ -144,17 +144,10 @@ func (b *bench) rowPostgres(ctx context.Context) {
 		return
 	}
 	fl := summarize(floor)
-	for _, m := range []struct {
-		name     string
-		pg, bolt []float64
-		pl, bl   []time.Duration
-	}{
-		{"apply", sides[1].apply, sides[0].apply, sides[1].applyL, sides[0].applyL},
-		{"decrypt", sides[1].decrypt, sides[0].decrypt, sides[1].decryptL, sides[0].decryptL},
-	} {
-		rw := pgRow(m.name, n, m.pg, m.bolt, fl)
-		rw.Detail["postgres"], rw.Detail["bbolt"] = latencies(m.pl), latencies(m.bl)
-		rw.Notes = append(rw.Notes, fmt.Sprintf("latency postgres %s; bbolt %s", latencyText(m.pl), latencyText(m.bl)))
+	for _, m := range p50Compared(sides[1], sides[0]) {
+		rw := pgRow(m.name, n, m.p50, m.baseP50, fl)
+		rw.Detail["postgres"], rw.Detail["bbolt"] = latencies(m.lat), latencies(m.baseLat)
+		rw.Notes = append(rw.Notes, fmt.Sprintf("latency postgres %s; bbolt %s", latencyText(m.lat), latencyText(m.baseLat)))
 		b.add(rw)
 	}
 	b.add(row{ID: "8 floor", What: "postgres floor: one round trip and one commit (an autocommitted INSERT of a record-sized row, synchronous_commit on), concurrency 1: p50",
@@ -184,10 +177,10 @@ func pgRow(name string, perRun int, pg, bolt []float64, floor summary) row {
 		rw.Verdict, rw.Short = "ERROR", "no runs"
 		return rw
 	}
-	rw.RatioCell = "+" + spreadText(a, msText)
+	rw.RatioCell = spreadText(a, func(v float64) string { return fmt.Sprintf("%+.2f ms", v) })
 	rw.judge(a.Median <= pgAddedTarget, fmt.Sprintf("%.2f ms over", a.Median-pgAddedTarget))
 	if len(floor.Runs) > 0 {
-		rw.Notes = append(rw.Notes, fmt.Sprintf("postgres adds %.2f ms to bbolt's p50; its floor, one round trip and one commit, is %.2f ms in the same runs",
+		rw.Notes = append(rw.Notes, fmt.Sprintf("postgres's p50 is %+.2f ms from bbolt's (median of the runs' differences); the postgres floor, one round trip and one commit, is %.2f ms in the same runs",
 			a.Median, floor.Median))
 	}
 	return rw
@@ -236,25 +229,9 @@ func (b *bench) rowCluster(ctx context.Context) {
 					}
 					ds = append(ds, d)
 				}
-				if err := b.waitPool(ctx, ds...); err != nil {
-					return err
-				}
-				workers := n * (gens + 1) // always one apply waiting for each generator
-				for _, d := range ds {
-					if err := d.client.warmConnections(ctx, d.api, d.apiURL, gens+1); err != nil {
-						return err
-					}
-				}
-				run := timedRun(ctx, workers, b.sz.GenWarm, window, func(ctx context.Context, w, _ int) error {
-					_, err := ds[w%n].applyNow(ctx)
-					return err
-				})
-				if run.Errors > 0 {
-					notes = append(notes, fmt.Sprintf("%d instances: %d applies failed: %v", n, run.Errors, run.FirstErr))
-				}
-				rates[n] = append(rates[n], run.PerSecond())
-				b.progress("  %d instance(s): %.2f keys/s across the cluster (%d in %s)", n, run.PerSecond(), run.Ops, window)
-				return nil
+				rate, err := b.issueFresh(ctx, ds, 2*gens+2, window, fmt.Sprintf("%d instance(s), across the cluster", n), &notes)
+				rates[n] = append(rates[n], rate)
+				return err
 			})
 		}
 		b.progress("row 9: issuance with 1, 2 and 3 instances on one token, run %d/%d", r+1, b.sz.ScaleRuns)

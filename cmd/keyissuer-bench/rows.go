@@ -107,25 +107,9 @@ func (b *bench) rowKeygen(ctx context.Context, withScaling bool) {
 					return err
 				}
 				defer d.stop()
-				if err := b.waitPool(ctx, d); err != nil {
-					return err
-				}
-				workers := 2*g + 2 // always one apply waiting for each generator
-				if err := d.client.warmConnections(ctx, d.api, d.apiURL, workers); err != nil {
-					return err
-				}
-				// Signed inside the loop: at 7 applies/s the client's
-				// signatures cost next to nothing.
-				run := timedRun(ctx, workers, b.sz.GenWarm, window, func(ctx context.Context, _, _ int) error {
-					_, err := d.applyNow(ctx)
-					return err
-				})
-				if run.Errors > 0 {
-					notes = append(notes, fmt.Sprintf("%d generators: %d applies failed: %v", g, run.Errors, run.FirstErr))
-				}
-				kis[g] = append(kis[g], run.PerSecond())
-				b.progress("  keyissuer, %d generators: %.2f applies/s (%d in %s)", g, run.PerSecond(), run.Ops, window)
-				return nil
+				rate, err := b.issueFresh(ctx, []*daemon{d}, 2*g+2, window, fmt.Sprintf("keyissuer, %d generators", g), &notes)
+				kis[g] = append(kis[g], rate)
+				return err
 			}
 			measureRaw := func() error {
 				run, err := b.raw.keygen(ctx, g, b.sz.GenWarm, window)
@@ -183,6 +167,33 @@ func (b *bench) rowKeygen(ctx context.Context, withScaling bool) {
 		row6.Short += fmt.Sprintf("; %d measured %.0f%% of the best", 2, 100*summarize(kis[2]).Median/bestRate)
 	}
 	b.add(row6)
+}
+
+// issueFresh measures the load of rows 1 and 9, sustained issuance: with
+// every pool of ds full, perDaemon closed-loop workers on each daemon
+// (2 × generators + 2 keeps an apply waiting for each generator), every
+// apply waiting for a fresh key, counted over window after b.sz.GenWarm. It
+// returns applies/s and notes failed applies under what.
+func (b *bench) issueFresh(ctx context.Context, ds []*daemon, perDaemon int, window time.Duration, what string, notes *[]string) (float64, error) {
+	if err := b.waitPool(ctx, ds...); err != nil {
+		return 0, err
+	}
+	for _, d := range ds {
+		if err := d.client.warmConnections(ctx, d.api, d.apiURL, perDaemon); err != nil {
+			return 0, err
+		}
+	}
+	// Signed inside the loop: at 7 applies/s the client's signatures cost
+	// next to nothing.
+	run := timedRun(ctx, perDaemon*len(ds), b.sz.GenWarm, window, func(ctx context.Context, w, _ int) error {
+		_, err := ds[w%len(ds)].applyNow(ctx)
+		return err
+	})
+	if run.Errors > 0 {
+		*notes = append(*notes, fmt.Sprintf("%s: %d applies failed: %v", what, run.Errors, run.FirstErr))
+	}
+	b.progress("  %s: %.2f applies/s, a fresh key each (%d in %s)", what, run.PerSecond(), run.Ops, window)
+	return run.PerSecond(), nil
 }
 
 // rowApply measures row 2, warm-pool applies at concurrency 1, 16 and 64
@@ -513,18 +524,11 @@ func (b *bench) rowBigStore(ctx context.Context) {
 		b.fail("5", err)
 		return
 	}
-	for _, m := range []struct {
-		name       string
-		big, empty []float64
-		bl, el     []time.Duration
-	}{
-		{"apply", sides[1].apply, sides[0].apply, sides[1].applyL, sides[0].applyL},
-		{"decrypt", sides[1].decrypt, sides[0].decrypt, sides[1].decryptL, sides[0].decryptL},
-	} {
+	for _, m := range p50Compared(sides[1], sides[0]) {
 		rw := ratioRow("5 "+m.name, fmt.Sprintf("%s p50 at concurrency 1 with %d records in the store: ms", m.name, b.sz.Records),
-			"the same on an empty store", " ms", m.big, m.empty, 1.20, false)
+			"the same on an empty store", " ms", m.p50, m.baseP50, 1.20, false)
 		rw.Detail = map[string]any{"records": b.sz.Records, "perRun": n,
-			"bigStore": latencies(m.bl), "emptyStore": latencies(m.el),
+			"bigStore": latencies(m.lat), "emptyStore": latencies(m.baseLat),
 			"startup": map[string]string{"empty": empty.StartedIn.String(), "big": big.StartedIn.String()}}
 		rw.Notes = append(rw.Notes, fmt.Sprintf("keyissuerd start-up (token open, store open, reconciliation): %s with the big store, %s empty",
 			big.StartedIn.Round(time.Millisecond), empty.StartedIn.Round(time.Millisecond)))
@@ -541,6 +545,22 @@ type p50Side struct {
 	d                *daemon
 	apply, decrypt   []float64
 	applyL, decryptL []time.Duration
+}
+
+// p50Measure is one measure, apply or decrypt, of a p50 comparison: a
+// side's p50 per run and latencies, and the baseline side's.
+type p50Measure struct {
+	name         string
+	p50, baseP50 []float64
+	lat, baseLat []time.Duration
+}
+
+// p50Compared pairs side s with the baseline side base, apply then decrypt.
+func p50Compared(s, base *p50Side) []p50Measure {
+	return []p50Measure{
+		{"apply", s.apply, base.apply, s.applyL, base.applyL},
+		{"decrypt", s.decrypt, base.decrypt, s.decryptL, base.decryptL},
+	}
 }
 
 // p50Runs measures b.sz.Runs runs of n applies and then n decrypts of the
