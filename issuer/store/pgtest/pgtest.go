@@ -17,6 +17,9 @@
 // nothing, and stops when the tests end. Without PostgreSQL installed,
 // NewDatabase skips the test on a developer's machine and fails it under
 // CI=true, where .ci/run installs it.
+//
+// A program that is not a test (the benchmark) starts its own server with
+// [StartDurable], whose commits are flushed as in production.
 package pgtest
 
 import (
