@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"encoding/xml"
+	"errors"
+	"fmt"
 	"io"
 	"math"
 	"os"
@@ -11,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
 )
 
 // sampleCurves are the curves of a made-up run with every row measured.
@@ -33,8 +37,11 @@ func sampleCurves() curves {
 			{X: 16, PerSecond: map[string]summary{seriesKeyissuer: sum(644), seriesCeiling: sum(1019), seriesBare: sum(4025)}, Latency: lat(22, 54), Target: 815},
 			{X: 64, PerSecond: map[string]summary{seriesKeyissuer: sum(860), seriesCeiling: sum(1516), seriesBare: sum(6188)}, Latency: lat(65, 107), Target: 1213},
 		},
-		Decrypt:     map[string][]curvePoint{"session": dec(1), "token": dec(0.3)},
-		Keygen:      []curvePoint{{X: 1, PerSecond: map[string]summary{seriesKeyissuer: sum(4.2), seriesKeygen: sum(3.8)}}, {X: 2, PerSecond: map[string]summary{seriesKeyissuer: sum(7.0), seriesKeygen: sum(7.8)}}, {X: 4, PerSecond: map[string]summary{seriesKeyissuer: sum(8.2), seriesKeygen: sum(7.6)}}},
+		Decrypt: map[string][]curvePoint{"session": dec(1), "token": dec(0.3)},
+		Keygen:  []curvePoint{{X: 1, PerSecond: map[string]summary{seriesKeyissuer: sum(4.2), seriesKeygen: sum(3.8)}}, {X: 2, PerSecond: map[string]summary{seriesKeyissuer: sum(7.0), seriesKeygen: sum(7.8)}}, {X: 4, PerSecond: map[string]summary{seriesKeyissuer: sum(8.2), seriesKeygen: sum(7.6)}}},
+		Cluster: []curvePoint{{X: 1, PerSecond: map[string]summary{seriesCluster: sum(7.1, 6.8), seriesLinear: sum(7.1)}},
+			{X: 2, PerSecond: map[string]summary{seriesCluster: sum(7.3), seriesLinear: sum(14.2)}},
+			{X: 3, PerSecond: map[string]summary{seriesCluster: sum(7.0), seriesLinear: sum(21.3)}}},
 		P99TargetMs: 84.4,
 	}
 }
@@ -116,6 +123,7 @@ func TestChartsParse(t *testing.T) {
 		"decrypt-token":   {seriesKeyissuer, seriesFloor, seriesRaw, seriesDecryptTarget},
 		"latency":         {seriesP50, seriesP99, seriesP999, seriesP99Target},
 		"keygen":          {seriesKeyissuer, seriesKeygen},
+		"cluster":         {seriesCluster, seriesLinear},
 	}
 	if len(paths) != len(want) {
 		t.Errorf("wrote %v, want %d charts", paths, len(want))
@@ -181,7 +189,7 @@ func TestRedraw(t *testing.T) {
 	if err := redrawCharts(path); err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"apply", "decrypt-session", "decrypt-token", "latency", "keygen"} {
+	for _, name := range []string{"apply", "decrypt-session", "decrypt-token", "latency", "keygen", "cluster"} {
 		b, err := os.ReadFile(strings.TrimSuffix(path, ".json") + "-" + name + ".svg")
 		if err != nil {
 			t.Fatal(err)
@@ -259,4 +267,68 @@ func TestDurableLog(t *testing.T) {
 	if strings.Count(string(b), "\n") != 3 || len(b) != 3*len(l.line) {
 		t.Errorf("%d bytes, %d lines; want 3 lines of %d", len(b), strings.Count(string(b), "\n"), len(l.line))
 	}
+}
+
+// TestPostgresVerdicts: row 8 is judged on what PostgreSQL adds to bbolt's
+// p50, run by run, not on a ratio; row 9 reports its curve against linear
+// scaling; without PostgreSQL the rows are skipped, except in CI.
+func TestPostgresVerdicts(t *testing.T) {
+	runs := func(v ...float64) []float64 { return v }
+	floor := summarize(runs(0.4, 0.5))
+	tests := []struct {
+		name     string
+		pg, bolt []float64
+		want     string
+	}{
+		// The medians differ by 1.1 ms, but run by run postgres adds 0.8
+		// and 0.9 ms: a drift between runs cancels out.
+		{name: "within 1 ms run by run", pg: runs(3.8, 4.9), bolt: runs(3.0, 4.0), want: "PASS"},
+		{name: "over 1 ms", pg: runs(4.6, 4.4), bolt: runs(3.0, 3.2), want: "FALL SHORT"},
+		{name: "faster than bbolt", pg: runs(2.5), bolt: runs(3.0), want: "PASS"},
+		{name: "no runs", want: "ERROR"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := pgRow("decrypt", 10, tt.pg, tt.bolt, floor)
+			if r.Verdict != tt.want {
+				t.Errorf("%v vs %v: %s (%s), want %s", tt.pg, tt.bolt, r.Verdict, r.Short, tt.want)
+			}
+			if r.Verdict == "ERROR" {
+				return
+			}
+			if tt.name == "faster than bbolt" && r.RatioCell != "-0.50 ms" {
+				t.Errorf("difference %q, want -0.50 ms", r.RatioCell)
+			}
+			if !strings.HasPrefix(r.RatioCell, "+") && !strings.HasPrefix(r.RatioCell, "-") || r.Detail["floorP50Ms"].(summary).Median != floor.Median || len(r.Notes) == 0 {
+				t.Errorf("the row does not carry the difference and the floor: %+v", r)
+			}
+		})
+	}
+	t.Run("cluster curve", func(t *testing.T) {
+		r, pts := clusterRow(map[int][]float64{1: runs(7, 8), 2: runs(7.5, 8.5), 3: runs(8, 8)})
+		if r.Verdict != "REPORT" || len(pts) != 3 || len(r.Cells) != 3 {
+			t.Fatalf("%s, %d points, cells %v", r.Verdict, len(pts), r.Cells)
+		}
+		if got := pts[2].PerSecond[seriesLinear].Median; got != 22.5 {
+			t.Errorf("linear scaling at 3 instances: %v, want 3 × 7.5", got)
+		}
+		if !strings.Contains(r.Cells[1], "53% of 2 × one") || !strings.Contains(r.Short, "3 instances: 1.07× one") {
+			t.Errorf("cells %v, short %q", r.Cells, r.Short)
+		}
+		if r, _ := clusterRow(nil); r.Verdict != "ERROR" {
+			t.Errorf("no runs: %s", r.Verdict)
+		}
+	})
+	t.Run("skipped without PostgreSQL", func(t *testing.T) {
+		missing := fmt.Errorf("%w: PostgreSQL not found", pgtest.ErrNotInstalled)
+		if skip, why := pgSkip(missing, false); !skip || !strings.Contains(why, "not found") {
+			t.Errorf("not installed, outside CI: skip %v (%q), want a skip with the reason", skip, why)
+		}
+		if skip, _ := pgSkip(missing, true); skip {
+			t.Error("not installed, in CI: skipped, want a failure")
+		}
+		if skip, _ := pgSkip(errors.New("initdb failed"), false); skip {
+			t.Error("a broken PostgreSQL: skipped, want a failure")
+		}
+	})
 }

@@ -29,6 +29,12 @@ type daemonSpec struct {
 	Generators int
 	StorePath  string // "" for a fresh store in the daemon's directory
 	Profile    bool   // run the pprof build and serve profiles on loopback
+	// Postgres, when set, is the record store instead of bbolt (with token
+	// storage, as cluster mode requires); the instances of a cluster share
+	// it, and their Prefix, and each has its own InstanceID.
+	Postgres   *pgDatabase
+	Prefix     string // token.label_prefix without the colon; "" for Name
+	InstanceID string
 }
 
 // daemon is a keyissuerd child process.
@@ -81,6 +87,16 @@ func (b *bench) startDaemon(ctx context.Context, spec daemonSpec) (*daemon, erro
 	if storage == "" {
 		storage = "session"
 	}
+	prefix := spec.Prefix
+	if prefix == "" {
+		prefix = spec.Name
+	}
+	storeConf := fmt.Sprintf("path = %q\n", storePath)
+	if pg := spec.Postgres; pg != nil {
+		storage = "token"
+		storeConf += fmt.Sprintf("backend = \"postgres\"\ndsn = %q\npassword_file = %q\n\n[cluster]\ninstance_id = %q\n",
+			pg.DSN, pg.PasswordFile, spec.InstanceID)
+	}
 	clientKey, err := x509.MarshalPKIXPublicKey(&b.client.key.PublicKey)
 	if err != nil {
 		return nil, err
@@ -108,8 +124,7 @@ generators = %d
 apply_wait = "60s"
 
 [store]
-path = %q
-
+%s
 [api]
 listen = "127.0.0.1:%d"
 signing_key_label = %q
@@ -142,8 +157,8 @@ id = %q
 public_keys = { "1" = %q }
 rate = 1000000.0
 burst = 10000000
-`, b.hsm.Module, b.hsm.Label, b.hsm.PINFile, storage, spec.Name+":", max(8, spec.Generators+2),
-		keyBits, spec.PoolSize, spec.Generators, storePath, port, signingLabel, d.socket, adminPort,
+`, b.hsm.Module, b.hsm.Label, b.hsm.PINFile, storage, prefix+":", max(8, spec.Generators+2),
+		keyBits, spec.PoolSize, spec.Generators, storeConf, port, signingLabel, d.socket, adminPort,
 		filepath.Join(dir, "audit.jsonl"), b.client.id, base64.StdEncoding.EncodeToString(clientKey))
 	confPath := filepath.Join(dir, "keyissuerd.toml")
 	if err := os.WriteFile(confPath, []byte(conf), 0o600); err != nil {

@@ -18,6 +18,8 @@ const (
 	seriesFloor     = "durable floor"            // row 3's floor: raw decrypt + destroys + fdatasync
 	seriesRaw       = "raw C_Decrypt + destroys" // row 3's context, and its baseline at c=8
 	seriesKeygen    = "raw C_GenerateKeyPair"    // rows 1 and 6
+	seriesCluster   = "keyissuer cluster"        // row 9: keys/s across the instances
+	seriesLinear    = "N × one instance"         // row 9: linear scaling, what a token that scales would allow
 	// What keyissuer must reach, where it has a target.
 	seriesApplyTarget   = "target: 80% of the ceiling"
 	seriesDecryptTarget = "target: 85% floor, 70% raw"
@@ -33,6 +35,7 @@ type curves struct {
 	Apply   []curvePoint            `json:"apply,omitempty"`   // row 2, by concurrency
 	Decrypt map[string][]curvePoint `json:"decrypt,omitempty"` // row 3, by storage, then concurrency
 	Keygen  []curvePoint            `json:"keygen,omitempty"`  // rows 1 and 6, by generators
+	Cluster []curvePoint            `json:"cluster,omitempty"` // row 9, by instances
 	// P99TargetMs is row 2's latency target at concurrency 64,
 	// 2 × (64 / ceiling), in milliseconds.
 	P99TargetMs float64 `json:"p99TargetMs,omitempty"`
@@ -81,6 +84,11 @@ func (cv curves) charts() []chartFile {
 		out = append(out, chartFile{"keygen", throughputChart(
 			"Rows 1 and 6: key generation against a raw C_GenerateKeyPair loop", "generators (sessions)", "keys/s", cv.Keygen,
 			[]seriesSpec{{seriesKeyissuer, styleLine}, {seriesKeygen, styleFloor}}, "")})
+	}
+	if len(cv.Cluster) > 0 {
+		out = append(out, chartFile{"cluster", throughputChart(
+			"Row 9: key generation across keyissuerd instances on one token", "instances (2 generators each)", "keys/s", cv.Cluster,
+			[]seriesSpec{{seriesCluster, styleLine}, {seriesLinear, styleContext}}, "")})
 	}
 	return out
 }

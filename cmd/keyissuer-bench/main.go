@@ -8,7 +8,7 @@
 //
 // Usage (`make bench` builds the binaries and runs it):
 //
-//	keyissuer-bench [-scale F] [-runs N] [-rows 1,2,3,4,5,6] [-out DIR]
+//	keyissuer-bench [-scale F] [-runs N] [-rows 1,2,3,4,5,6,7,8,9] [-out DIR]
 //	                [-keyissuerd PATH] [-keyissuerd-pprof PATH]
 //	keyissuer-bench -redraw bench-results/<time>.json
 //
@@ -19,6 +19,12 @@
 // bench-results/<time>-<chart>.svg, and latest-<chart>.svg: throughput
 // against concurrency with the floor drawn in, latency percentiles, and the
 // key-generation curve.
+//
+// Rows 8 and 9 run keyissuerd on the postgres backend, against a
+// PostgreSQL the benchmark starts (Debian's package, on loopback, commits
+// flushed): apply and decrypt p50 against bbolt and the postgres floor (one
+// round trip and one commit), and issuance with 1, 2 and 3 instances on the
+// one token. Without PostgreSQL installed they report SKIPPED, except in CI.
 //
 // BENCH_SCALE (or -scale) stretches or shrinks every window, run and pool;
 // at 1 the whole benchmark takes some 12 minutes on 2 cores, most of it
@@ -41,6 +47,7 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/hsm"
+	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
 )
 
 const (
@@ -63,6 +70,8 @@ type bench struct {
 	client    *apiClient
 	seq       int
 	daemons   []*daemon
+	pg        *pgtest.Server // rows 8 and 9, started on first use
+	pgErr     error
 	profiles  []string
 	res       results
 	start     time.Time
@@ -73,7 +82,7 @@ func main() {
 	bareResponse := flag.String("bare-response", "", "internal: the bare handler's canned response")
 	scale := flag.Float64("scale", envScale(), "scale of every window, run and pool (default $BENCH_SCALE or 1)")
 	runs := flag.Int("runs", 3, "runs of each side-by-side comparison")
-	rowsFlag := flag.String("rows", "1,2,3,4,5,6,7", "rows of the table to measure")
+	rowsFlag := flag.String("rows", "1,2,3,4,5,6,7,8,9", "rows of the table to measure")
 	out := flag.String("out", "bench-results", "directory of the JSON results, logs and profiles")
 	daemonBin := flag.String("keyissuerd", "bin/keyissuerd", "the keyissuerd binary to measure")
 	pprofBin := flag.String("keyissuerd-pprof", "", "a keyissuerd built with -tags pprof: adds a profile pass")
@@ -168,6 +177,11 @@ func run(ctx context.Context, o options) (*results, error) {
 		for _, d := range b.daemons {
 			d.stop()
 		}
+		if b.pg != nil {
+			if err := b.pg.Close(); err != nil {
+				b.progress("%v", err)
+			}
+		}
 	}()
 	m := b.res.Machine
 	b.progress("keyissuer-bench: %d cores, %s, SoftHSM %s, load %s; BENCH_SCALE=%g, %d runs per comparison",
@@ -192,6 +206,8 @@ func run(ctx context.Context, o options) (*results, error) {
 		{want["3"], func() { b.rowDecrypt(ctx) }},
 		{want["5"], func() { b.rowBigStore(ctx) }},
 		{want["7"], func() { b.rowTokens(ctx) }},
+		{want["8"], func() { b.rowPostgres(ctx) }},
+		{want["9"], func() { b.rowCluster(ctx) }},
 		{true, func() { b.profilePass(ctx) }},
 	} {
 		if err := ctx.Err(); err != nil {

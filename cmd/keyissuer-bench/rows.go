@@ -42,6 +42,7 @@ type sizes struct {
 	Outstanding int           // row 4: outstanding keys
 	Records     int           // row 5: records in the big store
 	P50         int           // row 5: applies and decrypts per run
+	PGP50       int           // row 8: applies, decrypts and floor commits per run, each side
 	Profile     int           // the profile pass: requests per profile
 }
 
@@ -66,6 +67,7 @@ func sizesFor(scale float64, runs int) sizes {
 		Outstanding: n(1000, 10),
 		Records:     n(1_000_000, 1000),
 		P50:         n(30, 5),
+		PGP50:       n(30, 5),
 		Profile:     n(60, 16),
 	}
 	s.Outstanding = min(s.Outstanding, 1000)
@@ -105,25 +107,9 @@ func (b *bench) rowKeygen(ctx context.Context, withScaling bool) {
 					return err
 				}
 				defer d.stop()
-				if err := b.waitPool(ctx, d); err != nil {
-					return err
-				}
-				workers := 2*g + 2 // always one apply waiting for each generator
-				if err := d.client.warmConnections(ctx, d.api, d.apiURL, workers); err != nil {
-					return err
-				}
-				// Signed inside the loop: at 7 applies/s the client's
-				// signatures cost next to nothing.
-				run := timedRun(ctx, workers, b.sz.GenWarm, window, func(ctx context.Context, _, _ int) error {
-					_, err := d.applyNow(ctx)
-					return err
-				})
-				if run.Errors > 0 {
-					notes = append(notes, fmt.Sprintf("%d generators: %d applies failed: %v", g, run.Errors, run.FirstErr))
-				}
-				kis[g] = append(kis[g], run.PerSecond())
-				b.progress("  keyissuer, %d generators: %.2f applies/s (%d in %s)", g, run.PerSecond(), run.Ops, window)
-				return nil
+				rate, err := b.issueFresh(ctx, []*daemon{d}, 2*g+2, window, fmt.Sprintf("keyissuer, %d generators", g), &notes)
+				kis[g] = append(kis[g], rate)
+				return err
 			}
 			measureRaw := func() error {
 				run, err := b.raw.keygen(ctx, g, b.sz.GenWarm, window)
@@ -181,6 +167,33 @@ func (b *bench) rowKeygen(ctx context.Context, withScaling bool) {
 		row6.Short += fmt.Sprintf("; %d measured %.0f%% of the best", 2, 100*summarize(kis[2]).Median/bestRate)
 	}
 	b.add(row6)
+}
+
+// issueFresh measures the load of rows 1 and 9, sustained issuance: with
+// every pool of ds full, perDaemon closed-loop workers on each daemon
+// (2 × generators + 2 keeps an apply waiting for each generator), every
+// apply waiting for a fresh key, counted over window after b.sz.GenWarm. It
+// returns applies/s and notes failed applies under what.
+func (b *bench) issueFresh(ctx context.Context, ds []*daemon, perDaemon int, window time.Duration, what string, notes *[]string) (float64, error) {
+	if err := b.waitPool(ctx, ds...); err != nil {
+		return 0, err
+	}
+	for _, d := range ds {
+		if err := d.client.warmConnections(ctx, d.api, d.apiURL, perDaemon); err != nil {
+			return 0, err
+		}
+	}
+	// Signed inside the loop: at 7 applies/s the client's signatures cost
+	// next to nothing.
+	run := timedRun(ctx, perDaemon*len(ds), b.sz.GenWarm, window, func(ctx context.Context, w, _ int) error {
+		_, err := ds[w%len(ds)].applyNow(ctx)
+		return err
+	})
+	if run.Errors > 0 {
+		*notes = append(*notes, fmt.Sprintf("%s: %d applies failed: %v", what, run.Errors, run.FirstErr))
+	}
+	b.progress("  %s: %.2f applies/s, a fresh key each (%d in %s)", what, run.PerSecond(), run.Ops, window)
+	return run.PerSecond(), nil
 }
 
 // rowApply measures row 2, warm-pool applies at concurrency 1, 16 and 64
@@ -502,80 +515,20 @@ func (b *bench) rowBigStore(ctx context.Context) {
 	b.progress("  keyissuerd started in %s on the empty store, %s on the big one (open and reconciliation)",
 		empty.StartedIn.Round(time.Millisecond), big.StartedIn.Round(time.Millisecond))
 
-	type side struct {
-		d                *daemon
-		apply, decrypt   []float64 // p50 per run, ms
-		applyL, decryptL []time.Duration
-	}
-	sides := []*side{{d: empty}, {d: big}}
-	for r := range b.sz.Runs {
-		order := sides
-		if r%2 == 1 {
-			order = []*side{sides[1], sides[0]}
-		}
-		for _, s := range order {
-			if err := b.waitPool(ctx, empty, big); err != nil {
-				b.fail("5", err)
-				return
-			}
-			if err := s.d.client.warmConnections(ctx, s.d.api, s.d.apiURL, 1); err != nil {
-				b.fail("5", err)
-				return
-			}
-			reqs, err := b.client.requests(ctx, n)
-			if err != nil {
-				b.fail("5", err)
-				return
-			}
-			keys := make([]issuedKey, n)
-			run := countedRun(ctx, 1, n, func(ctx context.Context, _, i int) error {
-				k, err := s.d.apply(ctx, reqs[i])
-				keys[i] = k
-				return err
-			})
-			if run.Errors > 0 {
-				b.fail("5", run.FirstErr)
-				return
-			}
-			s.apply = append(s.apply, ms(percentile(run.Latencies, 50)))
-			s.applyL = append(s.applyL, run.Latencies...)
-			for i := range keys {
-				if err := keys[i].encrypt(); err != nil {
-					b.fail("5", err)
-					return
-				}
-			}
-			if err := b.waitPool(ctx, empty, big); err != nil {
-				b.fail("5", err)
-				return
-			}
-			if _, err := s.d.health(ctx); err != nil {
-				b.fail("5", err)
-				return
-			}
-			run = countedRun(ctx, 1, n, func(ctx context.Context, _, i int) error { return s.d.decrypt(ctx, keys[i]) })
-			if run.Errors > 0 {
-				b.fail("5", run.FirstErr)
-				return
-			}
-			s.decrypt = append(s.decrypt, ms(percentile(run.Latencies, 50)))
-			s.decryptL = append(s.decryptL, run.Latencies...)
-		}
+	sides := []*p50Side{{d: empty}, {d: big}}
+	err = b.p50Runs(ctx, n, sides, nil, func(r int) {
 		b.progress("  run %d/%d: apply p50 %.2f ms (1M) vs %.2f ms (empty); decrypt p50 %.2f vs %.2f ms", r+1, b.sz.Runs,
 			last(sides[1].apply), last(sides[0].apply), last(sides[1].decrypt), last(sides[0].decrypt))
+	})
+	if err != nil {
+		b.fail("5", err)
+		return
 	}
-	for _, m := range []struct {
-		name       string
-		big, empty []float64
-		bl, el     []time.Duration
-	}{
-		{"apply", sides[1].apply, sides[0].apply, sides[1].applyL, sides[0].applyL},
-		{"decrypt", sides[1].decrypt, sides[0].decrypt, sides[1].decryptL, sides[0].decryptL},
-	} {
+	for _, m := range p50Compared(sides[1], sides[0]) {
 		rw := ratioRow("5 "+m.name, fmt.Sprintf("%s p50 at concurrency 1 with %d records in the store: ms", m.name, b.sz.Records),
-			"the same on an empty store", " ms", m.big, m.empty, 1.20, false)
+			"the same on an empty store", " ms", m.p50, m.baseP50, 1.20, false)
 		rw.Detail = map[string]any{"records": b.sz.Records, "perRun": n,
-			"bigStore": latencies(m.bl), "emptyStore": latencies(m.el),
+			"bigStore": latencies(m.lat), "emptyStore": latencies(m.baseLat),
 			"startup": map[string]string{"empty": empty.StartedIn.String(), "big": big.StartedIn.String()}}
 		rw.Notes = append(rw.Notes, fmt.Sprintf("keyissuerd start-up (token open, store open, reconciliation): %s with the big store, %s empty",
 			big.StartedIn.Round(time.Millisecond), empty.StartedIn.Round(time.Millisecond)))
@@ -584,6 +537,101 @@ func (b *bench) rowBigStore(ctx context.Context) {
 		}
 		b.add(rw)
 	}
+}
+
+// p50Side is one daemon of a comparison of apply and decrypt p50 at
+// concurrency 1: the p50 of each run, in ms, and every latency.
+type p50Side struct {
+	d                *daemon
+	apply, decrypt   []float64
+	applyL, decryptL []time.Duration
+}
+
+// p50Measure is one measure, apply or decrypt, of a p50 comparison: a
+// side's p50 per run and latencies, and the baseline side's.
+type p50Measure struct {
+	name         string
+	p50, baseP50 []float64
+	lat, baseLat []time.Duration
+}
+
+// p50Compared pairs side s with the baseline side base, apply then decrypt.
+func p50Compared(s, base *p50Side) []p50Measure {
+	return []p50Measure{
+		{"apply", s.apply, base.apply, s.applyL, base.applyL},
+		{"decrypt", s.decrypt, base.decrypt, s.decryptL, base.decryptL},
+	}
+}
+
+// p50Runs measures b.sz.Runs runs of n applies and then n decrypts of the
+// keys issued, one at a time, on each side in turn, with every pool full
+// before each timed run, the order rotating from one run to the next.
+// extra, if set, is a baseline measured in the same rotation; after, if
+// set, reports each run.
+func (b *bench) p50Runs(ctx context.Context, n int, sides []*p50Side, extra func() error, after func(r int)) error {
+	ds := make([]*daemon, len(sides))
+	for i, s := range sides {
+		ds[i] = s.d
+	}
+	for r := range b.sz.Runs {
+		var measures []func() error
+		for _, s := range sides {
+			measures = append(measures, func() error { return b.p50Run(ctx, n, s, ds) })
+		}
+		if extra != nil {
+			measures = append(measures, extra)
+		}
+		if err := b.sideBySide(r, measures...); err != nil {
+			return err
+		}
+		if after != nil {
+			after(r)
+		}
+	}
+	return nil
+}
+
+// p50Run is one run of p50Runs on one side.
+func (b *bench) p50Run(ctx context.Context, n int, s *p50Side, all []*daemon) error {
+	if err := b.waitPool(ctx, all...); err != nil {
+		return err
+	}
+	if err := s.d.client.warmConnections(ctx, s.d.api, s.d.apiURL, 1); err != nil {
+		return err
+	}
+	reqs, err := b.client.requests(ctx, n)
+	if err != nil {
+		return err
+	}
+	keys := make([]issuedKey, n)
+	run := countedRun(ctx, 1, n, func(ctx context.Context, _, i int) error {
+		k, err := s.d.apply(ctx, reqs[i])
+		keys[i] = k
+		return err
+	})
+	if run.Errors > 0 {
+		return run.FirstErr
+	}
+	s.apply = append(s.apply, ms(percentile(run.Latencies, 50)))
+	s.applyL = append(s.applyL, run.Latencies...)
+	for i := range keys {
+		if err := keys[i].encrypt(); err != nil {
+			return err
+		}
+	}
+	if err := b.waitPool(ctx, all...); err != nil {
+		return err
+	}
+	if _, err := s.d.health(ctx); err != nil {
+		return err
+	}
+	run = countedRun(ctx, 1, n, func(ctx context.Context, _, i int) error { return s.d.decrypt(ctx, keys[i]) })
+	if run.Errors > 0 {
+		return run.FirstErr
+	}
+	s.decrypt = append(s.decrypt, ms(percentile(run.Latencies, 50)))
+	s.decryptL = append(s.decryptL, run.Latencies...)
+	return nil
 }
 
 // makeStore writes n finished records, closed over the last 20 days (inside

@@ -17,6 +17,9 @@
 // nothing, and stops when the tests end. Without PostgreSQL installed,
 // NewDatabase skips the test on a developer's machine and fails it under
 // CI=true, where .ci/run installs it.
+//
+// A program that is not a test (the benchmark) starts its own server with
+// [StartDurable], whose commits are flushed as in production.
 package pgtest
 
 import (
@@ -61,11 +64,12 @@ type Server struct {
 	Port     int
 	Password string
 
-	bin  string // directory of initdb, pg_ctl, postgres
-	uid  int    // who runs the server; -1: this process's user
-	gid  int
-	mu   sync.Mutex
-	down bool
+	bin     string // directory of initdb, pg_ctl, postgres
+	uid     int    // who runs the server; -1: this process's user
+	gid     int
+	durable bool // fsync on: commits are flushed, as in production
+	mu      sync.Mutex
+	down    bool
 }
 
 var (
@@ -145,10 +149,10 @@ func Get(t testing.TB) *Server {
 	}
 	if !started {
 		started = true
-		server, startErr = start()
+		server, startErr = start(false)
 	}
 	if startErr != nil {
-		if errors.Is(startErr, errNotInstalled) {
+		if errors.Is(startErr, ErrNotInstalled) {
 			unavailable(t, startErr)
 		}
 		t.Fatalf("pgtest: %v", startErr)
@@ -156,7 +160,22 @@ func Get(t testing.TB) *Server {
 	return server
 }
 
-var errNotInstalled = errors.New("not installed")
+// ErrNotInstalled is wrapped by [StartDurable]'s error when Debian's
+// PostgreSQL is not installed.
+var ErrNotInstalled = errors.New("not installed")
+
+// StartDurable starts a server outside a test, for a program such as the
+// benchmark, in a new temporary directory. Unlike the tests' server it
+// flushes its commits (fsync on, synchronous_commit on), so a commit costs
+// what it costs in production. Close stops it and removes its directory.
+func StartDurable() (*Server, error) { return start(true) }
+
+// Close stops a server from [StartDurable] and removes its directory.
+func (s *Server) Close() error {
+	err := s.stop("fast")
+	os.RemoveAll(s.Dir)
+	return err
+}
 
 // NewDatabase creates a fresh database on the test binary's server.
 func NewDatabase(t testing.TB) Database {
@@ -166,17 +185,26 @@ func NewDatabase(t testing.TB) Database {
 	seq++
 	name := fmt.Sprintf("test_%d", seq)
 	mu.Unlock()
+	db, err := s.CreateDatabase(name)
+	if err != nil {
+		t.Fatalf("pgtest: %v", err)
+	}
+	return db
+}
+
+// CreateDatabase creates an empty database called name on the server.
+func (s *Server) CreateDatabase(name string) (Database, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	c, err := pgx.Connect(ctx, s.dsn("postgres")+" password="+s.Password)
 	if err != nil {
-		t.Fatalf("pgtest: failed to connect: %v", err)
+		return Database{}, fmt.Errorf("failed to connect: %w", err)
 	}
 	defer c.Close(ctx)
-	if _, err := c.Exec(ctx, "CREATE DATABASE "+name); err != nil {
-		t.Fatalf("pgtest: failed to create database %s: %v", name, err)
+	if _, err := c.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
+		return Database{}, fmt.Errorf("failed to create database %s: %w", name, err)
 	}
-	return Database{Name: name, DSN: s.dsn(name), Password: s.Password, Server: s}
+	return Database{Name: name, DSN: s.dsn(name), Password: s.Password, Server: s}, nil
 }
 
 func (s *Server) dsn(db string) string {
@@ -184,16 +212,16 @@ func (s *Server) dsn(db string) string {
 }
 
 // start initialises a cluster in a new temporary directory and starts it.
-func start() (*Server, error) {
+func start(durable bool) (*Server, error) {
 	bin, err := Bin()
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", errNotInstalled, err)
+		return nil, fmt.Errorf("%w: %w", ErrNotInstalled, err)
 	}
 	dir, err := os.MkdirTemp("", "pgtest-")
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{Dir: dir, bin: bin, uid: -1, gid: -1}
+	s := &Server{Dir: dir, bin: bin, uid: -1, gid: -1, durable: durable}
 	if err := s.init(); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
@@ -268,12 +296,17 @@ func (s *Server) command(name string, args ...string) *exec.Cmd {
 
 // run starts the server and waits until it accepts connections.
 func (s *Server) run() error {
+	fsync := "fsync=off" // a test server: a crash loses nothing a test needs
+	if s.durable {
+		fsync = "fsync=on"
+	}
 	opts := strings.Join([]string{
 		"-p", strconv.Itoa(s.Port),
 		"-k", filepath.Join(s.Dir, "sock"),
 		"-c", "listen_addresses=127.0.0.1",
 		"-c", "max_connections=200",
-		"-c", "fsync=off", // a test server: a crash loses nothing a test needs
+		"-c", fsync,
+		"-c", "synchronous_commit=on",
 		"-c", "shared_buffers=32MB",
 	}, " ")
 	cmd := s.command("pg_ctl", "-D", filepath.Join(s.Dir, "data"), "-l", filepath.Join(s.Dir, "log"),
