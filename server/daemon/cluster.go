@@ -126,3 +126,39 @@ func (d *Daemon) clusterStatus(ctx context.Context) *admin.Cluster {
 	}
 	return out
 }
+
+// The cluster's replay cache (a table in PostgreSQL) is pruned every
+// replayPruneInterval by each instance, replayPruneBatch digests a
+// statement, for at most replayPruneTime a round: short statements that
+// neither hold locks long nor compete with the applies for long.
+const (
+	replayPruneInterval = time.Minute
+	replayPruneBatch    = 10_000
+	replayPruneTime     = 20 * time.Second
+)
+
+// pruneReplay deletes the replay cache's expired digests until ctx is
+// done (cluster mode only). A failed round is retried at the next.
+func (d *Daemon) pruneReplay(ctx context.Context, pg *postgres.Store) {
+	every(ctx, replayPruneInterval, func() {
+		pctx, cancel := context.WithTimeout(ctx, replayPruneTime)
+		defer cancel()
+		total := 0
+		for {
+			n, err := pg.PruneReplay(pctx, replayPruneBatch)
+			total += n
+			if err != nil {
+				if ctx.Err() == nil {
+					d.log.Warn("failed to prune the replay cache; will retry", "pruned", total, "err", err)
+				}
+				return
+			}
+			if n < replayPruneBatch {
+				break
+			}
+		}
+		if total > 0 {
+			d.log.Debug("replay cache pruned", "digests", total)
+		}
+	})
+}

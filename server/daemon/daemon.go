@@ -308,6 +308,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	g.Go(func() error { d.watchBlocklist(gctx); return nil })
 	if d.cluster != nil {
 		g.Go(func() error { return d.heartbeat(gctx) })
+		g.Go(func() error { d.pruneReplay(gctx, d.store.(*postgres.Store)); return nil })
 	}
 	g.Go(func() error {
 		<-gctx.Done()

@@ -3,12 +3,17 @@ package reliability
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/base64"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -18,6 +23,7 @@ import (
 
 	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
 	"github.com/keyissuer/keyissuer/server/admin"
+	"github.com/keyissuer/keyissuer/server/apisig"
 	"github.com/keyissuer/keyissuer/server/audit"
 )
 
@@ -90,8 +96,52 @@ func mustApply(t *testing.T, p *proc, customer string) keyInfo {
 }
 
 func TestClusterDaemons(t *testing.T) {
-	c := newClusterFixture(t, 3, "[limits]\nmax_outstanding_per_customer = 10\n")
+	// A registered client beside the unsigned applies: its signed
+	// requests go through the cluster's replay cache.
+	clientKey, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(&clientKey.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newClusterFixture(t, 3, fmt.Sprintf("[limits]\nmax_outstanding_per_customer = 10\n"+
+		"[[clients]]\nid = %q\n[clients.public_keys]\n1 = %q\n", clientID, base64.StdEncoding.EncodeToString(der)))
 	f := c.fs[0]
+	// signed returns a signed apply to p, and one with the same headers
+	// and body for any other instance: the replay.
+	signed := func(p *proc) (first *http.Request, replay func(p *proc) *http.Request) {
+		body := fmt.Sprintf(`{"customerId":%q}`, newCustomerID())
+		build := func(p *proc) *http.Request {
+			req, _ := http.NewRequest(http.MethodPost, p.api, strings.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			return req
+		}
+		first = build(p)
+		if err := apisig.SignRequest(first, clientID, 1, clientKey, []byte(body), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		return first, func(p *proc) *http.Request {
+			req := build(p)
+			for _, h := range []string{apisig.HeaderClientID, apisig.HeaderRequestTime, apisig.HeaderSignature} {
+				req.Header.Set(h, first.Header.Get(h))
+			}
+			return req
+		}
+	}
+
+	t.Run("a signed apply replayed to another instance", func(t *testing.T) {
+		first, replay := signed(c.procs[0])
+		if r, err := c.procs[0].doApply(first); err != nil || r.code != "SUCCESS" {
+			t.Fatalf("signed apply on n1 = %+v, %v", r, err)
+		}
+		for i, p := range c.procs {
+			if r, err := p.doApply(replay(p)); err != nil || r.code != "REPEAT_REQUEST" || r.resultStatus != "U" || r.key.UniqueID != "" {
+				t.Errorf("the replay to n%d = %+v, %v; want REPEAT_REQUEST/U and no key", i+1, r, err)
+			}
+		}
+	})
 
 	t.Run("metrics count the live instances", func(t *testing.T) {
 		waitFor(t, "n1 to count three live instances", func() bool {
@@ -179,6 +229,11 @@ func TestClusterDaemons(t *testing.T) {
 		c.db.Server.Stop(t)
 		if r, err := p.apply(""); err != nil || r.resultStatus != "U" {
 			t.Errorf("apply with PostgreSQL down = %+v, %v; want resultStatus U", r, err)
+		}
+		// The replay cache is in PostgreSQL too: it cannot tell, so U.
+		first, _ := signed(p)
+		if r, err := p.doApply(first); err != nil || r.code != "UNKNOWN_EXCEPTION" || r.resultStatus != "U" {
+			t.Errorf("signed apply with PostgreSQL down = %+v, %v; want UNKNOWN_EXCEPTION/U", r, err)
 		}
 		if r, err := c.procs[1].decrypt(k.UniqueID, seal(t, k, pw)); err != nil || r.status != http.StatusServiceUnavailable || r.code != "STORE_UNAVAILABLE" {
 			t.Errorf("decrypt with PostgreSQL down = %+v, %v; want 503 STORE_UNAVAILABLE", r, err)
