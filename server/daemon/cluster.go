@@ -30,6 +30,7 @@ func (d *Daemon) joinCluster(ctx context.Context) error {
 		return err
 	}
 	d.cluster, d.instanceID = cl, id
+	d.storeOK.Store(true)
 	d.countInstances(ctx)
 	d.ops.metrics.Cluster(func() int { return int(d.instances.Load()) }, cl.LastHeartbeat)
 	d.log.Info("joined the cluster", "instance", id, "live_instances", d.instances.Load(),
@@ -93,8 +94,14 @@ func (d *Daemon) heartbeat(ctx context.Context) error {
 			d.log.Info("cluster heartbeat back", "instance", d.instanceID)
 		}
 		failing = err != nil
+		d.storeOK.Store(!failing)
 	}
 }
+
+// storeUp is keyissuer_store_up: a bolt store answers while it is open;
+// PostgreSQL answered if the last heartbeat (every cluster.heartbeat)
+// reached it.
+func (d *Daemon) storeUp() bool { return d.cluster == nil || d.storeOK.Load() }
 
 // leaveCluster ends the lease on a clean stop, once the pool is drained.
 func (d *Daemon) leaveCluster(ctx context.Context) {

@@ -72,6 +72,7 @@ type Daemon struct {
 	cluster    *postgres.Cluster
 	instanceID string
 	instances  atomic.Int32 // live instances, for the rate limits' share
+	storeOK    atomic.Bool  // the last heartbeat reached PostgreSQL
 }
 
 // New binds the listeners, opens the token and the store, and reconciles
@@ -161,6 +162,7 @@ func (d *Daemon) open(ctx context.Context) error {
 	if err := d.joinCluster(ctx); err != nil {
 		return err
 	}
+	d.ops.metrics.StoreUp(d.storeUp)
 	var (
 		tok issuer.Token = d.token
 		st  issuer.Store = d.ops.metrics.Store(d.store) // timed

@@ -143,16 +143,22 @@ func TestClusterDaemons(t *testing.T) {
 		}
 	})
 
+	// metric reports whether p's /metrics has the line that starts so.
+	metric := func(p *proc, line string) bool {
+		resp, err := http.Get(p.admin + admin.MetricsPath)
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return bytes.Contains(b, []byte("\n"+line))
+	}
+
 	t.Run("metrics count the live instances", func(t *testing.T) {
 		waitFor(t, "n1 to count three live instances", func() bool {
-			resp, err := http.Get(c.procs[0].admin + admin.MetricsPath)
-			if err != nil {
-				return false
-			}
-			defer resp.Body.Close()
-			b, _ := io.ReadAll(resp.Body)
-			return bytes.Contains(b, []byte("keyissuer_cluster_instances_live 3")) &&
-				bytes.Contains(b, []byte("keyissuer_cluster_heartbeat_age_seconds "))
+			return metric(c.procs[0], "keyissuer_cluster_instances_live 3") &&
+				metric(c.procs[0], "keyissuer_cluster_heartbeat_age_seconds ") &&
+				metric(c.procs[0], "keyissuer_store_up 1")
 		})
 	})
 
@@ -243,7 +249,9 @@ func TestClusterDaemons(t *testing.T) {
 		} else {
 			resp.Body.Close()
 		}
+		waitFor(t, "n1's keyissuer_store_up to be 0", func() bool { return metric(p, "keyissuer_store_up 0") })
 		c.db.Server.Start(t)
+		waitFor(t, "n1's keyissuer_store_up to be 1", func() bool { return metric(p, "keyissuer_store_up 1") })
 		waitFor(t, "applies to succeed again", func() bool {
 			r, err := p.apply("")
 			return err == nil && r.code == "SUCCESS"
