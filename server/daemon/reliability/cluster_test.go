@@ -3,10 +3,6 @@ package reliability
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"crypto/rsa"
-	"crypto/x509"
-	"encoding/base64"
 	"fmt"
 	"io"
 	"net/http"
@@ -98,16 +94,8 @@ func mustApply(t *testing.T, p *proc, customer string) keyInfo {
 func TestClusterDaemons(t *testing.T) {
 	// A registered client beside the unsigned applies: its signed
 	// requests go through the cluster's replay cache.
-	clientKey, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	der, err := x509.MarshalPKIXPublicKey(&clientKey.PublicKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := newClusterFixture(t, 3, fmt.Sprintf("[limits]\nmax_outstanding_per_customer = 10\n"+
-		"[[clients]]\nid = %q\n[clients.public_keys]\n1 = %q\n", clientID, base64.StdEncoding.EncodeToString(der)))
+	clientKey, client := newClient(t)
+	c := newClusterFixture(t, 3, "[limits]\nmax_outstanding_per_customer = 10\n"+client)
 	f := c.fs[0]
 	// signed returns a signed apply to p, and one with the same headers
 	// and body for any other instance: the replay.
