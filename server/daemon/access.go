@@ -13,6 +13,7 @@ import (
 
 	"github.com/keyissuer/keyissuer/hsm"
 	"github.com/keyissuer/keyissuer/issuer"
+	"github.com/keyissuer/keyissuer/issuer/store/postgres"
 	"github.com/keyissuer/keyissuer/server/blocklist"
 	"github.com/keyissuer/keyissuer/server/config"
 	"github.com/keyissuer/keyissuer/server/publicapi"
@@ -24,8 +25,12 @@ type access struct {
 	signer    *hsm.Signer     // nil: answers unsigned
 	blocklist *blocklist.List // nil: none
 	clients   []publicapi.Client
-	gate      *publicapi.Gate              // the limits before authentication; kept across reloads
-	replay    *publicapi.MemoryReplayGuard // signatures accepted; kept across reloads
+	gate      *publicapi.Gate // the limits before authentication; kept across reloads
+	// replay remembers the signatures accepted, across reloads: on one
+	// host in memory (memReplay), in a cluster in PostgreSQL, so that a
+	// request accepted by one instance is refused by every other.
+	replay    publicapi.ReplayGuard
+	memReplay *publicapi.MemoryReplayGuard // nil in a cluster
 }
 
 // openAccess finds the response-signing key, loads the blocklist and parses
@@ -69,7 +74,12 @@ func (d *Daemon) openAccess(ctx context.Context) error {
 		UnverifiedRate: rate.Limit(l.UnverifiedRate), UnverifiedBurst: l.UnverifiedBurst,
 		Addresses: l.Addresses,
 	})
-	d.access.replay = publicapi.NewMemoryReplayGuard(d.replayCapacity(d.cfg), nil)
+	if pg, ok := d.store.(*postgres.Store); ok {
+		d.access.replay = pg
+	} else {
+		d.access.memReplay = publicapi.NewMemoryReplayGuard(d.replayCapacity(d.cfg), nil)
+		d.access.replay = d.access.memReplay
+	}
 	if cfg.AllowUnsigned {
 		d.log.Warn("api.allow_unsigned is true: applyPublicKey accepts requests without a signature, " +
 			"so anyone who reaches api.listen can take keys; for local development only")

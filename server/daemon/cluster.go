@@ -30,6 +30,7 @@ func (d *Daemon) joinCluster(ctx context.Context) error {
 		return err
 	}
 	d.cluster, d.instanceID = cl, id
+	d.storeOK.Store(true)
 	d.countInstances(ctx)
 	d.ops.metrics.Cluster(func() int { return int(d.instances.Load()) }, cl.LastHeartbeat)
 	d.log.Info("joined the cluster", "instance", id, "live_instances", d.instances.Load(),
@@ -93,8 +94,14 @@ func (d *Daemon) heartbeat(ctx context.Context) error {
 			d.log.Info("cluster heartbeat back", "instance", d.instanceID)
 		}
 		failing = err != nil
+		d.storeOK.Store(!failing)
 	}
 }
+
+// storeUp is keyissuer_store_up: a bolt store answers while it is open;
+// PostgreSQL answered if the last heartbeat (every cluster.heartbeat)
+// reached it.
+func (d *Daemon) storeUp() bool { return d.cluster == nil || d.storeOK.Load() }
 
 // leaveCluster ends the lease on a clean stop, once the pool is drained.
 func (d *Daemon) leaveCluster(ctx context.Context) {
@@ -125,4 +132,40 @@ func (d *Daemon) clusterStatus(ctx context.Context) *admin.Cluster {
 			PoolReady: in.PoolReady, PoolKeys: in.PoolKeys, PendingDestroys: in.PendingDestroys})
 	}
 	return out
+}
+
+// The cluster's replay cache (a table in PostgreSQL) is pruned every
+// replayPruneInterval by each instance, replayPruneBatch digests a
+// statement, for at most replayPruneTime a round: short statements that
+// neither hold locks long nor compete with the applies for long.
+const (
+	replayPruneInterval = time.Minute
+	replayPruneBatch    = 10_000
+	replayPruneTime     = 20 * time.Second
+)
+
+// pruneReplay deletes the replay cache's expired digests until ctx is
+// done (cluster mode only). A failed round is retried at the next.
+func (d *Daemon) pruneReplay(ctx context.Context, pg *postgres.Store) {
+	every(ctx, replayPruneInterval, func() {
+		pctx, cancel := context.WithTimeout(ctx, replayPruneTime)
+		defer cancel()
+		total := 0
+		for {
+			n, err := pg.PruneReplay(pctx, replayPruneBatch)
+			total += n
+			if err != nil {
+				if ctx.Err() == nil {
+					d.log.Warn("failed to prune the replay cache; will retry", "pruned", total, "err", err)
+				}
+				return
+			}
+			if n < replayPruneBatch {
+				break
+			}
+		}
+		if total > 0 {
+			d.log.Debug("replay cache pruned", "digests", total)
+		}
+	})
 }

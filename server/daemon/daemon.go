@@ -76,6 +76,7 @@ type Daemon struct {
 	cluster    *postgres.Cluster
 	instanceID string
 	instances  atomic.Int32 // live instances, for the rate limits' share
+	storeOK    atomic.Bool  // the last heartbeat reached PostgreSQL
 }
 
 // New binds the listeners, opens the token and the store, and reconciles
@@ -165,6 +166,7 @@ func (d *Daemon) open(ctx context.Context) error {
 	if err := d.joinCluster(ctx); err != nil {
 		return err
 	}
+	d.ops.metrics.StoreUp(d.storeUp)
 	var (
 		tok issuer.Token = d.token
 		st  issuer.Store = d.ops.metrics.Store(d.store) // timed
@@ -312,6 +314,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	g.Go(func() error { d.watchBlocklist(gctx); return nil })
 	if d.cluster != nil {
 		g.Go(func() error { return d.heartbeat(gctx) })
+		g.Go(func() error { d.pruneReplay(gctx, d.store.(*postgres.Store)); return nil })
 	}
 	g.Go(func() error {
 		<-gctx.Done()

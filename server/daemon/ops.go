@@ -485,7 +485,9 @@ func (d *Daemon) Reload(cfg config.Config) error {
 		d.cfg.Clients, d.cfg.Limits = cfg.Clients, cfg.Limits
 		d.cfg.API.AllowUnsigned, d.cfg.API.ClockSkew = cfg.API.AllowUnsigned, cfg.API.ClockSkew
 		d.access.clients = clients
-		d.access.replay.SetMax(d.replayCapacity(d.cfg))
+		if d.access.memReplay != nil {
+			d.access.memReplay.SetMax(d.replayCapacity(d.cfg))
+		}
 		d.ops.public.set(d.publicHandler())
 		if cfg.API.AllowUnsigned {
 			d.log.Warn("api.allow_unsigned is true: applyPublicKey accepts requests without a signature")

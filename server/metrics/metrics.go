@@ -270,6 +270,19 @@ func (m *Metrics) Cluster(live func() int, lastHeartbeat func() time.Time) {
 		func() float64 { return time.Since(lastHeartbeat()).Seconds() })
 }
 
+// StoreUp registers keyissuer_store_up, read from up at each scrape: 1
+// while the record store answers (bolt: while it is open; PostgreSQL: the
+// last heartbeat reached it), else 0.
+func (m *Metrics) StoreUp(up func() bool) {
+	factory{m.reg}.gaugeFunc("store_up", "1 while the record store answers (PostgreSQL: this instance's last heartbeat reached it), else 0.",
+		func() float64 {
+			if up() {
+				return 1
+			}
+			return 0
+		})
+}
+
 // Store wraps an [issuer.Store] and times its durable writes. Reads pass
 // through untimed.
 func (m *Metrics) Store(s issuer.Store) issuer.Store { return &timedStore{Store: s, m: m} }

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"io"
 	"net/http/httptest"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -121,6 +123,28 @@ func TestMetrics(t *testing.T) {
 	tok.ready = false
 	if got := scrape(t, m); got["keyissuer_token_up"] != "0" {
 		t.Errorf("token_up = %s with the token down, want 0", got["keyissuer_token_up"])
+	}
+}
+
+// TestStoreUpAndCluster: keyissuer_store_up follows the daemon's answer at
+// each scrape; the cluster's gauges are this instance's, unlabelled.
+func TestStoreUpAndCluster(t *testing.T) {
+	m := New(&fakeIssuer{}, &fakeToken{ready: true}, "v1")
+	var up atomic.Bool
+	up.Store(true)
+	m.StoreUp(up.Load)
+	beat := time.Now().Add(-30 * time.Second)
+	m.Cluster(func() int { return 2 }, func() time.Time { return beat })
+	got := scrape(t, m)
+	if got["keyissuer_store_up"] != "1" || got["keyissuer_cluster_instances_live"] != "2" {
+		t.Errorf("store_up = %q, cluster_instances_live = %q; want 1 and 2", got["keyissuer_store_up"], got["keyissuer_cluster_instances_live"])
+	}
+	if age, err := strconv.ParseFloat(got["keyissuer_cluster_heartbeat_age_seconds"], 64); err != nil || age < 30 {
+		t.Errorf("cluster_heartbeat_age_seconds = %q, want at least 30", got["keyissuer_cluster_heartbeat_age_seconds"])
+	}
+	up.Store(false)
+	if got := scrape(t, m); got["keyissuer_store_up"] != "0" {
+		t.Errorf("store_up = %q with the store down, want 0", got["keyissuer_store_up"])
 	}
 }
 

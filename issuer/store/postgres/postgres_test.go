@@ -2,6 +2,7 @@ package postgres_test
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/keyissuer/keyissuer/issuer"
+	"github.com/keyissuer/keyissuer/issuer/store"
 	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
 	"github.com/keyissuer/keyissuer/issuer/store/postgres"
 	"github.com/keyissuer/keyissuer/issuer/store/storetest"
@@ -136,5 +138,25 @@ func TestFirstUse(t *testing.T) {
 	}
 	if n, err := a.PruneReplay(ctx, 100); err != nil || n != 0 {
 		t.Errorf("PruneReplay() = %d, %v; want nothing expired", n, err)
+	}
+	// Pruning takes the expired digests, a bounded batch at a time.
+	for _, d := range []string{"old-1", "old-2", "old-3"} {
+		if ok, err := a.FirstUse(ctx, []byte(d), time.Now().Add(-time.Second)); !ok || err != nil {
+			t.Fatalf("FirstUse(%s) = %v, %v", d, ok, err)
+		}
+	}
+	for _, want := range []int{2, 1, 0} {
+		if n, err := b.PruneReplay(ctx, 2); err != nil || n != want {
+			t.Errorf("PruneReplay(2) = %d, %v; want %d", n, err, want)
+		}
+	}
+	if ok, _ := a.FirstUse(ctx, []byte("digest-2"), future); ok {
+		t.Error("pruning forgot an unexpired digest")
+	}
+	// A guard that cannot reach PostgreSQL says so: the public API answers
+	// UNKNOWN_EXCEPTION and accepts nothing.
+	b.Close()
+	if ok, err := b.FirstUse(ctx, []byte("digest-3"), future); ok || !errors.Is(err, store.ErrUnavailable) {
+		t.Errorf("FirstUse on a closed store = %v, %v; want false, ErrUnavailable", ok, err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
 	"github.com/keyissuer/keyissuer/server/admin"
+	"github.com/keyissuer/keyissuer/server/apisig"
 	"github.com/keyissuer/keyissuer/server/audit"
 )
 
@@ -90,19 +92,61 @@ func mustApply(t *testing.T, p *proc, customer string) keyInfo {
 }
 
 func TestClusterDaemons(t *testing.T) {
-	c := newClusterFixture(t, 3, "[limits]\nmax_outstanding_per_customer = 10\n")
+	// A registered client beside the unsigned applies: its signed
+	// requests go through the cluster's replay cache.
+	clientKey, client := newClient(t)
+	c := newClusterFixture(t, 3, "[limits]\nmax_outstanding_per_customer = 10\n"+client)
 	f := c.fs[0]
+	// signed returns a signed apply to p, and one with the same headers
+	// and body for any other instance: the replay.
+	signed := func(p *proc) (first *http.Request, replay func(p *proc) *http.Request) {
+		body := fmt.Sprintf(`{"customerId":%q}`, newCustomerID())
+		build := func(p *proc) *http.Request {
+			req, _ := http.NewRequest(http.MethodPost, p.api, strings.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			return req
+		}
+		first = build(p)
+		if err := apisig.SignRequest(first, clientID, 1, clientKey, []byte(body), time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		return first, func(p *proc) *http.Request {
+			req := build(p)
+			for _, h := range []string{apisig.HeaderClientID, apisig.HeaderRequestTime, apisig.HeaderSignature} {
+				req.Header.Set(h, first.Header.Get(h))
+			}
+			return req
+		}
+	}
+
+	t.Run("a signed apply replayed to another instance", func(t *testing.T) {
+		first, replay := signed(c.procs[0])
+		if r, err := c.procs[0].doApply(first); err != nil || r.code != "SUCCESS" {
+			t.Fatalf("signed apply on n1 = %+v, %v", r, err)
+		}
+		for i, p := range c.procs {
+			if r, err := p.doApply(replay(p)); err != nil || r.code != "REPEAT_REQUEST" || r.resultStatus != "U" || r.key.UniqueID != "" {
+				t.Errorf("the replay to n%d = %+v, %v; want REPEAT_REQUEST/U and no key", i+1, r, err)
+			}
+		}
+	})
+
+	// metric reports whether p's /metrics has the line that starts so.
+	metric := func(p *proc, line string) bool {
+		resp, err := http.Get(p.admin + admin.MetricsPath)
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return bytes.Contains(b, []byte("\n"+line))
+	}
 
 	t.Run("metrics count the live instances", func(t *testing.T) {
 		waitFor(t, "n1 to count three live instances", func() bool {
-			resp, err := http.Get(c.procs[0].admin + admin.MetricsPath)
-			if err != nil {
-				return false
-			}
-			defer resp.Body.Close()
-			b, _ := io.ReadAll(resp.Body)
-			return bytes.Contains(b, []byte("keyissuer_cluster_instances_live 3")) &&
-				bytes.Contains(b, []byte("keyissuer_cluster_heartbeat_age_seconds "))
+			return metric(c.procs[0], "keyissuer_cluster_instances_live 3") &&
+				metric(c.procs[0], "keyissuer_cluster_heartbeat_age_seconds ") &&
+				metric(c.procs[0], "keyissuer_store_up 1")
 		})
 	})
 
@@ -180,6 +224,11 @@ func TestClusterDaemons(t *testing.T) {
 		if r, err := p.apply(""); err != nil || r.resultStatus != "U" {
 			t.Errorf("apply with PostgreSQL down = %+v, %v; want resultStatus U", r, err)
 		}
+		// The replay cache is in PostgreSQL too: it cannot tell, so U.
+		first, _ := signed(p)
+		if r, err := p.doApply(first); err != nil || r.code != "UNKNOWN_EXCEPTION" || r.resultStatus != "U" {
+			t.Errorf("signed apply with PostgreSQL down = %+v, %v; want UNKNOWN_EXCEPTION/U", r, err)
+		}
 		if r, err := c.procs[1].decrypt(k.UniqueID, seal(t, k, pw)); err != nil || r.status != http.StatusServiceUnavailable || r.code != "STORE_UNAVAILABLE" {
 			t.Errorf("decrypt with PostgreSQL down = %+v, %v; want 503 STORE_UNAVAILABLE", r, err)
 		}
@@ -188,7 +237,9 @@ func TestClusterDaemons(t *testing.T) {
 		} else {
 			resp.Body.Close()
 		}
+		waitFor(t, "n1's keyissuer_store_up to be 0", func() bool { return metric(p, "keyissuer_store_up 0") })
 		c.db.Server.Start(t)
+		waitFor(t, "n1's keyissuer_store_up to be 1", func() bool { return metric(p, "keyissuer_store_up 1") })
 		waitFor(t, "applies to succeed again", func() bool {
 			r, err := p.apply("")
 			return err == nil && r.code == "SUCCESS"

@@ -75,6 +75,21 @@ type fixtureConfig struct {
 // clientID is the Client-Id of a signed fixture's client.
 const clientID = "reliability"
 
+// newClient returns a fresh key for clientID and the [[clients]] TOML that
+// registers it.
+func newClient(t testing.TB) (*rsa.PrivateKey, string) {
+	t.Helper()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return key, fmt.Sprintf("\n[[clients]]\nid = %q\n[clients.public_keys]\n1 = %q\n", clientID, base64.StdEncoding.EncodeToString(der))
+}
+
 // fixture is one daemon's configuration, files and token label prefix, and
 // everything its children wrote, for the secret scans.
 type fixture struct {
@@ -151,16 +166,9 @@ func newFixture(t *testing.T, fc fixtureConfig) *fixture {
 	unsigned := "true"
 	if fc.signed {
 		unsigned = "false"
-		key, err := rsa.GenerateKey(rand.Reader, 2048)
-		if err != nil {
-			t.Fatal(err)
-		}
-		der, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.clientKey = key
-		fc.extra += fmt.Sprintf("\n[[clients]]\nid = %q\n[clients.public_keys]\n1 = %q\n", clientID, base64.StdEncoding.EncodeToString(der))
+		var client string
+		f.clientKey, client = newClient(t)
+		fc.extra += client
 	}
 	cfg := fmt.Sprintf(`
 [token]
