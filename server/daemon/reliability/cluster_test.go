@@ -17,6 +17,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/keyissuer/keyissuer/hsm/hsmtest"
 	"github.com/keyissuer/keyissuer/issuer/store/pgtest"
 	"github.com/keyissuer/keyissuer/server/admin"
 	"github.com/keyissuer/keyissuer/server/apisig"
@@ -48,8 +49,13 @@ func newClusterFixture(t *testing.T, n int, extra string) *clusterFixture {
 			storage: "token", poolSize: 4, generators: 1,
 			ttl: "1m", reap: "200ms", applyWait: "30s",
 			prefix: prefix,
-			store:  fmt.Sprintf("backend = \"postgres\"\ndsn = %q\npassword_file = %q", c.db.DSN, pw),
-			extra:  fmt.Sprintf("[cluster]\ninstance_id = \"n%d\"\nheartbeat = \"500ms\"\nlease = \"5s\"\n%s", i+1, extra),
+			// A kill -9 inside C_GenerateKeyPair leaves SoftHSM a key
+			// object with no label nor id; the survivors sweep it once
+			// it has stayed so for the grace, which outlasts any of
+			// their own generations in progress.
+			dedicated: true, halfMadeGrace: "3s",
+			store: fmt.Sprintf("backend = \"postgres\"\ndsn = %q\npassword_file = %q", c.db.DSN, pw),
+			extra: fmt.Sprintf("[cluster]\ninstance_id = \"n%d\"\nheartbeat = \"500ms\"\nlease = \"5s\"\n%s", i+1, extra),
 		})
 		// The PostgreSQL password is a secret too: the scans look for it.
 		f.mu.Lock()
@@ -361,6 +367,19 @@ func (c *clusterFixture) killUnderLoad(t *testing.T, v int, oks map[string]int) 
 		return c.count(conn, "SELECT count(*) FROM pool_keys WHERE instance_id = $1", id) == 0 &&
 			c.count(conn, "SELECT count(*) FROM records WHERE state = 'consuming'") == 0 &&
 			c.count(conn, "SELECT count(*) FROM instances WHERE instance_id = $1", id) == 0
+	})
+	// What the kill left half-made, the survivors' token checks destroy
+	// once it has stayed half-made for the grace (3s).
+	// Looked at once a second: reading a SoftHSM object's attributes while
+	// another process writes it can damage it (RELIABILITY.md, bug 6).
+	waitFor(t, "the survivors to destroy the kill's half-made key objects", func() bool {
+		for _, o := range hsmtest.Added(c.fs[0].baseline, hsmtest.Objects(t, c.fs[0].soft)) {
+			if halfMade(o) {
+				time.Sleep(time.Second)
+				return false
+			}
+		}
+		return true
 	})
 	return len(sent)
 }

@@ -63,6 +63,9 @@ type fixtureConfig struct {
 	// (no label nor id) are then not leaks at once: the next start must
 	// destroy them (crashRun.checkVanished).
 	dedicated bool
+	// halfMadeGrace, with dedicated, is token.half_made_grace ("1ms" if
+	// empty): instances sharing a token need one longer than a generation.
+	halfMadeGrace string
 	// signed registers a client and refuses unsigned applies; the
 	// fixture's procs sign as it.
 	signed bool
@@ -158,7 +161,7 @@ func newFixture(t *testing.T, fc fixtureConfig) *fixture {
 	f.dedicated = fc.dedicated
 	tokenExtra := ""
 	if fc.dedicated {
-		tokenExtra = "dedicated = true\nhalf_made_grace = \"1ms\"\n"
+		tokenExtra = fmt.Sprintf("dedicated = true\nhalf_made_grace = %q\n", cmp.Or(fc.halfMadeGrace, "1ms"))
 	}
 	if err := os.WriteFile(filepath.Join(dir, "pin"), []byte(soft.PIN+"\n"), 0o600); err != nil {
 		t.Fatal(err)
