@@ -55,7 +55,7 @@ func tokenRun(ctx context.Context, module, label, pin, prefix string, n int) (ge
 	method = tok.Info().Methods[hsm.OAEPSHA256]
 	keys := make([]*hsm.Key, n)
 	gen = countedRun(ctx, 2, n, func(ctx context.Context, _, i int) error {
-		k, err := tok.Generate(ctx, fmt.Sprintf("k%d-%d", time.Now().UnixNano(), i))
+		k, err := tok.Generate(ctx, fmt.Sprintf("k%019d%012d", time.Now().UnixNano(), i)) // a well-formed id: 32 digits
 		keys[i] = k
 		return err
 	})
