@@ -88,18 +88,9 @@ func leaveHalfMade(shape HalfMade, label, pin string) error {
 	if err := p.Initialize(); err != nil {
 		return fmt.Errorf("C_Initialize: %w", err)
 	}
-	slots, err := p.GetSlotList(true)
+	slot, err := slotLabelled(p, label)
 	if err != nil {
-		return fmt.Errorf("C_GetSlotList: %w", err)
-	}
-	slot, found := uint(0), false
-	for _, s := range slots {
-		if ti, err := p.GetTokenInfo(s); err == nil && strings.TrimSpace(ti.Label) == label {
-			slot, found = s, true
-		}
-	}
-	if !found {
-		return fmt.Errorf("no token labelled %q", label)
+		return err
 	}
 	s, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {

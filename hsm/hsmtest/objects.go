@@ -127,19 +127,9 @@ func inSession(tok Token, fn func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error) 
 	} else if !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
 		return fmt.Errorf("C_Initialize: %w", err)
 	}
-	slots, err := p.GetSlotList(true)
+	slot, err := slotLabelled(p, tok.Label)
 	if err != nil {
-		return fmt.Errorf("C_GetSlotList: %w", err)
-	}
-	slot, found := uint(0), false
-	for _, s := range slots {
-		if ti, err := p.GetTokenInfo(s); err == nil && strings.TrimSpace(ti.Label) == tok.Label {
-			slot, found = s, true
-			break
-		}
-	}
-	if !found {
-		return fmt.Errorf("no token labelled %q", tok.Label)
+		return err
 	}
 	s, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
 	if err != nil {
@@ -255,4 +245,18 @@ func Added(before, after []Object) []Object {
 		return strings.Compare(a.String(), b.String())
 	})
 	return added
+}
+
+// slotLabelled returns the slot of p whose token is labelled label.
+func slotLabelled(p *pkcs11.Ctx, label string) (uint, error) {
+	slots, err := p.GetSlotList(true)
+	if err != nil {
+		return 0, fmt.Errorf("C_GetSlotList: %w", err)
+	}
+	for _, s := range slots {
+		if ti, err := p.GetTokenInfo(s); err == nil && strings.TrimSpace(ti.Label) == label {
+			return s, nil
+		}
+	}
+	return 0, fmt.Errorf("no token labelled %q", label)
 }

@@ -352,19 +352,9 @@ func destroyUnder(p *pkcs11.Ctx, tok Token, prefix string) (int, error) {
 	} else if err == nil {
 		defer p.Finalize()
 	}
-	slots, err := p.GetSlotList(true)
+	slot, err := slotLabelled(p, tok.Label)
 	if err != nil {
 		return 0, err
-	}
-	slot, found := uint(0), false
-	for _, sl := range slots {
-		if ti, err := p.GetTokenInfo(sl); err == nil && strings.TrimSpace(ti.Label) == tok.Label {
-			slot, found = sl, true
-			break
-		}
-	}
-	if !found {
-		return 0, fmt.Errorf("no token labelled %q", tok.Label)
 	}
 	s, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {
