@@ -86,12 +86,9 @@ func serve(log *slog.Logger, args []string) error {
 		return err
 	}
 	o := Options{APIURL: *api, CAFile: *ca, Socket: *socket, ClientID: *clientID, Password: *password, Log: log}
-	b, err := os.ReadFile(*serverKey)
-	if err != nil {
+	var err error
+	if o.ServerKey, err = apisig.ReadPublicKey(*serverKey); err != nil {
 		return fmt.Errorf("-server-key: %w (make softhsm writes it; `keyissuer signing-key -config FILE` prints it)", err)
-	}
-	if o.ServerKey, err = apisig.ParsePublicKey(string(b)); err != nil {
-		return fmt.Errorf("-server-key %s: %w", *serverKey, err)
 	}
 	if o.MerchantKey, err = apisig.ReadPrivateKey(*merchantKey); err != nil {
 		return fmt.Errorf("-merchant-key: %w (keyissuer-demo setup makes it)", err)

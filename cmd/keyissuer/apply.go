@@ -14,7 +14,6 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"os"
 	"time"
 
 	"github.com/keyissuer/keyissuer/hsm"
@@ -125,16 +124,11 @@ func applyCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return printJSON(stdout, out.PublicKeyInfo)
 }
 
-// readPublicKey reads an RSA public key file, PEM or base64 DER, as
-// `keyissuer signing-key` prints it; what names the flag in errors.
+// readPublicKey is [apisig.ReadPublicKey]; what names the flag in errors.
 func readPublicKey(what, path string) (*rsa.PublicKey, error) {
-	b, err := os.ReadFile(path)
+	pub, err := apisig.ReadPublicKey(path)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
-	}
-	pub, err := apisig.ParsePublicKey(string(b))
-	if err != nil {
-		return nil, fmt.Errorf("%s %s: %w", what, path, err)
 	}
 	return pub, nil
 }

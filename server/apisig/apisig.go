@@ -365,6 +365,21 @@ func VerifyResponse(h http.Header, path string, body []byte, pub *rsa.PublicKey)
 	return Verify(pub, content, sig.Value)
 }
 
+// ReadPublicKey reads an RSA public key file, PEM or base64 DER, as
+// `keyissuer signing-key` prints it ([ParsePublicKey]). A client checks
+// keyissuerd's answers with it.
+func ReadPublicKey(path string) (*rsa.PublicKey, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pub, err := ParsePublicKey(string(b))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return pub, nil
+}
+
 // ReadPrivateKey reads an RSA private key, PEM: PKCS #8 ("PRIVATE KEY", as
 // `openssl genpkey` writes) or PKCS #1 ("RSA PRIVATE KEY"). Errors never
 // quote the file. A client signs its requests with it.
