@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sync"
 	"time"
 
@@ -28,6 +29,17 @@ import (
 //   - a public or private RSA key object with an empty CKA_LABEL, an empty
 //     CKA_ID and no modulus.
 //
+// A third shape is a finished key that lost its mark: SoftHSM 2.6.1's
+// C_GetAttributeValue writes the defaults of the attributes it did not
+// find back into an object's file, from its own copy of the file. When
+// another process reads a key that a generation is making, after the
+// defaults and before the template, its write-back can land after the
+// template and wipe it; the key material is written after that. What is
+// left is
+//
+//   - a public or private RSA key object with an empty CKA_LABEL and an
+//     empty CKA_ID, and a modulus (RELIABILITY.md, bug 6).
+//
 // (A kill inside one of those writes can also leave an empty file, which
 // SoftHSM takes for no object at all: PKCS#11 cannot see it, nor remove it.
 // See OPERATIONS.md.) Nothing keyissuer does can mark such an object: every
@@ -35,11 +47,12 @@ import (
 // passes through the empty file. Reconciliation goes by label, so without
 // this sweep they would stay in the token for good.
 //
-// Neither shape is a usable object of anybody's: an RSA key needs its
-// modulus, an object its class. So the sweep never takes a finished object,
-// keyissuer's or another application's. What it must not take is an object
-// still being made, by this process or by another (a neighbour keyissuerd
-// in cluster mode, another application). Hence:
+// keyissuer never makes an unlabelled object, and nobody can use one of
+// these as its own: an object without a class is nothing, and a key without
+// label and id cannot be found by its owner. So the sweep never takes a key
+// with a label or an id, keyissuer's or another application's. What it must
+// not take is an object still being made, by this process or by another (a
+// neighbour keyissuerd in cluster mode, another application). Hence:
 //
 //   - Only with [Config.SweepHalfMade], which states that the token (the
 //     partition) is keyissuer's alone; without it half-made objects are
@@ -55,9 +68,14 @@ import (
 //     a handle to two objects in one process, so an object seen at the
 //     first look is not one a later generation made.
 //
-// Reading an object's attributes makes SoftHSM write its missing default
-// attributes into it, as [Token.List] and any other reader do; that changes
-// nothing of the above (the label and id it writes are empty).
+// The sweep looks with C_FindObjects alone, which compares attributes
+// without writing them: reading the attributes of every object, as it once
+// did, made the sweep itself a cause of the third shape on a token that
+// other processes make keys in. The key shapes are what a search for an
+// RSA key with an empty label and an empty id finds; an object without a
+// class is one that no search by class finds, and its missing class is
+// read (no write-back without a class) only when it is due to go, after a
+// grace in which no generation stays classless.
 
 // HalfMadeSweep is what one look for half-made key objects found.
 type HalfMadeSweep struct {
@@ -136,23 +154,11 @@ func (t *Token) SweepHalfMade(ctx context.Context) (HalfMadeSweep, error) {
 	oldest := h.oldestInFlightLocked()
 	h.mu.Unlock()
 
-	var found []pkcs11.ObjectHandle
+	var found, classless []pkcs11.ObjectHandle
 	err := t.do(ctx, func(s *session) error {
-		found = found[:0]
-		all, err := t.findAll(s, nil)
-		if err != nil {
-			return err
-		}
-		for _, o := range all {
-			half, err := t.isHalfMade(s, o)
-			if err != nil {
-				return err
-			}
-			if half {
-				found = append(found, o)
-			}
-		}
-		return nil
+		var err error
+		found, classless, err = t.findHalfMade(s)
+		return err
 	})
 	if err == nil && len(found) == 0 {
 		err = t.confirmGone() // an empty answer is believed from a healthy token only
@@ -189,6 +195,18 @@ func (t *Token) SweepHalfMade(ctx context.Context) (HalfMadeSweep, error) {
 
 	var errs []error
 	for _, o := range due {
+		if slices.Contains(classless, o) {
+			ok, err := t.stillClassless(ctx, o)
+			if err != nil {
+				errs = append(errs, err)
+				res.Waiting++
+				continue
+			}
+			if !ok {
+				res.Found-- // a class after all: not half-made
+				continue
+			}
+		}
 		if err := t.destroyHalfMade(ctx, o); err != nil {
 			errs = append(errs, err)
 			continue
@@ -199,7 +217,7 @@ func (t *Token) SweepHalfMade(ctx context.Context) (HalfMadeSweep, error) {
 		h.mu.Unlock()
 	}
 	if res.Found > 0 {
-		t.cfg.Log.Warn("half-made key objects in the token (no label, no id, no key: a generation cut short)",
+		t.cfg.Log.Warn("half-made key objects in the token (no class, or a key with no label and no id: a generation cut short, or a key whose mark SoftHSM wiped)",
 			"found", res.Found, "destroyed", res.Destroyed, "waiting", res.Waiting, "sweep", t.cfg.SweepHalfMade)
 	}
 	return res, errors.Join(errs...)
@@ -224,62 +242,74 @@ func (t *Token) sweepHalfMadeDue(ctx context.Context) error {
 	return err
 }
 
-// isHalfMade reads what tells a half-made object: no class, or a public or
-// private RSA key with an empty label, an empty id and no modulus. One
-// call reads class and label, which settles every finished key object.
-func (t *Token) isHalfMade(s *session, o pkcs11.ObjectHandle) (bool, error) {
-	attrs, err := t.mod.ctx.GetAttributeValue(s.h, o, []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, nil),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
-	})
-	err = t.after(OpGetAttributeValue, "", err)
-	switch {
-	case isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_BUFFER_TOO_SMALL):
-		// Destroyed meanwhile, or being written by another process:
-		// not half-made now, and the next look will see.
-		return false, nil
-	case err == nil:
-		if len(attrs[1].Value) > 0 {
-			return false, nil // labelled: List's business
+// keyClasses are the classes that a half-made or unmarked key object has.
+var keyClasses = []uint{pkcs11.CKO_PUBLIC_KEY, pkcs11.CKO_PRIVATE_KEY}
+
+// standardClasses are PKCS#11's object classes: an object that no search
+// for one of them finds has no class, or a vendor's (see stillClassless).
+var standardClasses = []uint{
+	pkcs11.CKO_DATA, pkcs11.CKO_CERTIFICATE, pkcs11.CKO_PUBLIC_KEY, pkcs11.CKO_PRIVATE_KEY,
+	pkcs11.CKO_SECRET_KEY, pkcs11.CKO_HW_FEATURE, pkcs11.CKO_DOMAIN_PARAMETERS,
+	pkcs11.CKO_MECHANISM, pkcs11.CKO_OTP_KEY,
+}
+
+// findHalfMade finds, by searches alone, the objects that look half-made
+// now: RSA keys with an empty label and an empty id, and objects that no
+// search by class finds, which it also returns apart. It reads no
+// attribute (see the top of the file).
+func (t *Token) findHalfMade(s *session) (found, classless []pkcs11.ObjectHandle, err error) {
+	for _, class := range keyClasses {
+		hs, err := t.findAll(s, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
+			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, []byte{}),
+			pkcs11.NewAttribute(pkcs11.CKA_ID, []byte{}),
+		})
+		if err != nil {
+			return nil, nil, err
 		}
-	case !isRV(err, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID):
-		return false, err
+		found = append(found, hs...)
 	}
-	class, err := t.attribute(s, o, pkcs11.CKA_CLASS)
-	switch {
-	case isRV(err, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID):
-		// No class: SoftHSM answers so for an object whose file has
-		// no attribute yet, or only its key type.
-		return true, nil
-	case err != nil:
-		return false, skipGone(err)
-	case len(class) == 0:
-		return true, nil
+	all, err := t.findAll(s, nil)
+	if err != nil {
+		return nil, nil, err
 	}
-	if c := ulong(class); c != pkcs11.CKO_PUBLIC_KEY && c != pkcs11.CKO_PRIVATE_KEY {
-		return false, nil
+	classed := make(map[pkcs11.ObjectHandle]bool, len(all))
+	for _, class := range standardClasses {
+		hs, err := t.findAll(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)})
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, h := range hs {
+			classed[h] = true
+		}
 	}
-	for _, a := range []struct {
-		typ  uint
-		want func([]byte) bool
-	}{
-		{pkcs11.CKA_KEY_TYPE, func(v []byte) bool { return len(v) == 0 || ulong(v) == pkcs11.CKK_RSA }},
-		{pkcs11.CKA_LABEL, func(v []byte) bool { return len(v) == 0 }},
-		{pkcs11.CKA_ID, func(v []byte) bool { return len(v) == 0 }},
-		{pkcs11.CKA_MODULUS, func(v []byte) bool { return len(v) == 0 }},
-	} {
-		v, err := t.attribute(s, o, a.typ)
+	for _, h := range all {
+		if !classed[h] {
+			classless = append(classless, h)
+		}
+	}
+	return append(found, classless...), classless, nil
+}
+
+// stillClassless reports whether o, which no search by class found, has
+// no class indeed, rather than a vendor's class or one written since. Its
+// class is read only now, when it is due to go: it has been classless for
+// a grace, so no generation is still making it (a read of an object being
+// made is what damages it, see the top of the file).
+func (t *Token) stillClassless(ctx context.Context, o pkcs11.ObjectHandle) (bool, error) {
+	var ok bool
+	err := t.do(ctx, func(s *session) error {
+		_, err := t.attribute(s, o, pkcs11.CKA_CLASS)
 		switch {
-		case isRV(err, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID):
-			v = nil // not there: empty
+		case isRV(err, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_VALUE_INVALID):
+			ok = true
 		case err != nil:
-			return false, skipGone(err)
+			return skipGone(err)
 		}
-		if !a.want(v) {
-			return false, nil
-		}
-	}
-	return true, nil
+		return nil
+	})
+	return ok, err
 }
 
 // attribute reads one attribute of o.
@@ -298,15 +328,6 @@ func skipGone(err error) error {
 		return nil
 	}
 	return err
-}
-
-// ulong decodes a CK_ULONG attribute in the host's byte order.
-func ulong(b []byte) uint {
-	var v uint
-	for i := len(b) - 1; i >= 0; i-- {
-		v = v<<8 | uint(b[i])
-	}
-	return v
 }
 
 // destroyHalfMade destroys one half-made object; gone already is fine,
