@@ -535,16 +535,22 @@ type Object struct {
 // ([ParseLabel]) and its CKA_ID is the same; any other is never touched.
 // It searches the token, so it is slow with many objects; it is meant for
 // start-up reconciliation and for tests, never for the hot path.
+//
+// It reads the label of a key object only once no generation is making it
+// (see settled): on SoftHSM 2.6.1 a read of a key that another process is
+// making can wipe its label and id (RELIABILITY.md, bugs 6 and 11), and a
+// cluster instance lists the token at start-up while its neighbours make
+// keys.
 func (t *Token) List(ctx context.Context) ([]Object, error) {
 	var objs []Object
 	err := t.do(ctx, func(s *session) error {
 		objs = objs[:0]
-		for _, class := range []uint{pkcs11.CKO_PRIVATE_KEY, pkcs11.CKO_PUBLIC_KEY} {
-			hs, err := t.findAll(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)})
-			if err != nil {
-				return err
-			}
-			for _, h := range hs {
+		byClass, err := t.settled(s)
+		if err != nil {
+			return err
+		}
+		for _, class := range keyClasses {
+			for _, h := range byClass[class] {
 				attrs, err := t.listAttrs(s, h)
 				if err != nil {
 					if isRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
@@ -574,6 +580,69 @@ func (t *Token) List(ctx context.Context) ([]Object, error) {
 		return nil, fmt.Errorf("failed to list key objects: %w", err)
 	}
 	return objs, nil
+}
+
+// listSettle is how long an object that no generation is known to have
+// finished must stay in view before List reads it.
+const listSettle = 100 * time.Millisecond
+
+// settled finds, by searches, the key objects of each class that List may
+// read: those whose generation has finished (CKA_LOCAL true, which SoftHSM
+// writes in one transaction with the key material, after the label and
+// id), and the others (keys a generation cut short, keys put in the token
+// by C_CreateObject or C_UnwrapKey, a token that does not set CKA_LOCAL)
+// once they are still in view, still not finished, listSettle after the
+// first search: a key being made is finished within milliseconds. Objects
+// that appeared after the first search are left out; List's callers judge
+// only what existed when it began.
+func (t *Token) settled(s *session) (map[uint][]pkcs11.ObjectHandle, error) {
+	first := time.Now()
+	out := map[uint][]pkcs11.ObjectHandle{}
+	pending := map[uint][]pkcs11.ObjectHandle{}
+	finished := func(class uint) (map[pkcs11.ObjectHandle]bool, error) {
+		hs, err := t.findAll(s, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
+			pkcs11.NewAttribute(pkcs11.CKA_LOCAL, true),
+		})
+		set := make(map[pkcs11.ObjectHandle]bool, len(hs))
+		for _, h := range hs {
+			set[h] = true
+		}
+		return set, err
+	}
+	for _, class := range keyClasses {
+		all, err := t.findAll(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)})
+		if err != nil {
+			return nil, err
+		}
+		done, err := finished(class)
+		if err != nil {
+			return nil, err
+		}
+		for _, h := range all {
+			if done[h] {
+				out[class] = append(out[class], h)
+			} else {
+				pending[class] = append(pending[class], h)
+			}
+		}
+	}
+	if len(pending[pkcs11.CKO_PRIVATE_KEY])+len(pending[pkcs11.CKO_PUBLIC_KEY]) == 0 {
+		return out, nil
+	}
+	time.Sleep(time.Until(first.Add(listSettle)))
+	for _, class := range keyClasses {
+		again, err := t.findAll(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)})
+		if err != nil {
+			return nil, err
+		}
+		for _, h := range pending[class] {
+			if slices.Contains(again, h) {
+				out[class] = append(out[class], h)
+			}
+		}
+	}
+	return out, nil
 }
 
 // listAttrs reads an object's CKA_LABEL, CKA_TOKEN and CKA_ID. The module reads

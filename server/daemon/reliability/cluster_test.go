@@ -63,6 +63,11 @@ func newClusterFixture(t *testing.T, n int, extra string) *clusterFixture {
 		f.mu.Unlock()
 		c.fs = append(c.fs, f)
 		c.procs = append(c.procs, f.mustStart())
+		// The next instance's start-up reconciliation reads the label of
+		// every key object, which on SoftHSM can damage a key this one
+		// is making (RELIABILITY.md, bug 6): start it once this one's
+		// pool is full.
+		c.waitQuiet(t, -1)
 	}
 	return c
 }
@@ -397,8 +402,8 @@ func (c *clusterFixture) killUnderLoad(t *testing.T, v int, oks map[string]int) 
 	return len(sent)
 }
 
-// waitQuiet waits until every instance but the dead one v has its pool
-// full, so that none is making a key: the token may then be read.
+// waitQuiet waits until every instance but the dead one v (-1: none) has
+// its pool full, so that none is making a key: the token may then be read.
 func (c *clusterFixture) waitQuiet(t *testing.T, v int) {
 	t.Helper()
 	waitFor(t, "the survivors to refill their pools", func() bool {
