@@ -67,7 +67,7 @@ func Objects(t testing.TB, tok Token) []Object {
 func objects(tok Token) ([]Object, error) {
 	var objs []Object
 	err := inSession(tok, func(p *pkcs11.Ctx, s pkcs11.SessionHandle) error {
-		hs, err := find(p, s, nil)
+		hs, err := settled(p, s)
 		if err != nil {
 			return err
 		}
@@ -83,6 +83,46 @@ func objects(tok Token) ([]Object, error) {
 		return nil
 	})
 	return objs, err
+}
+
+// settled finds every object, but returns a key that may be being made
+// only once it is not: reading a SoftHSM 2.6.1 object that another process
+// is making can wipe its label and id (RELIABILITY.md, bugs 6 and 11). A
+// generated key whose CKA_LOCAL is true is finished (SoftHSM writes it with
+// the key material); any other object is returned if it is still in view
+// 100 ms after the first search, as hsm.List does.
+func settled(p *pkcs11.Ctx, s pkcs11.SessionHandle) ([]pkcs11.ObjectHandle, error) {
+	first := time.Now()
+	all, err := find(p, s, nil)
+	if err != nil {
+		return nil, err
+	}
+	local, err := find(p, s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LOCAL, true)})
+	if err != nil {
+		return nil, err
+	}
+	var out, pending []pkcs11.ObjectHandle
+	for _, h := range all {
+		if slices.Contains(local, h) {
+			out = append(out, h)
+		} else {
+			pending = append(pending, h)
+		}
+	}
+	if len(pending) == 0 {
+		return out, nil
+	}
+	time.Sleep(time.Until(first.Add(100 * time.Millisecond)))
+	again, err := find(p, s, nil)
+	if err != nil {
+		return nil, err
+	}
+	for _, h := range pending {
+		if slices.Contains(again, h) {
+			out = append(out, h)
+		}
+	}
+	return out, nil
 }
 
 // Count counts the objects of tok of each of classes, as [Objects] sees
