@@ -48,35 +48,3 @@ func TestLowerThreadPriority(t *testing.T) {
 		t.Errorf("another thread: nice %d, want it untouched at %d", other, 20-base)
 	}
 }
-
-// policyOfThread runs fn on a thread of its own, as niceOfThread does, and
-// returns that thread's scheduling policy afterwards.
-func policyOfThread(t *testing.T, fn func(), hold <-chan struct{}) uint32 {
-	out := make(chan uint32, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
-		fn()
-		a, err := unix.SchedGetAttr(0, 0)
-		if err != nil {
-			t.Errorf("sched_getattr: %v", err)
-			out <- 0
-		} else {
-			out <- a.Policy
-		}
-		<-hold
-	}()
-	return <-out
-}
-
-// The generators' threads run at SCHED_IDLE, so that they use only the CPU
-// no request wants; other threads keep the normal policy.
-func TestLowerThreadPriorityIdlePolicy(t *testing.T) {
-	hold := make(chan struct{})
-	defer close(hold)
-	if p := policyOfThread(t, lowerThreadPriority, hold); p != unix.SCHED_IDLE {
-		t.Errorf("generator thread: policy %d, want SCHED_IDLE (%d)", p, unix.SCHED_IDLE)
-	}
-	if p := policyOfThread(t, func() {}, hold); p != unix.SCHED_NORMAL {
-		t.Errorf("another thread: policy %d, want it untouched at SCHED_NORMAL", p)
-	}
-}
