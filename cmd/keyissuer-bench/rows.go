@@ -281,7 +281,14 @@ func (b *bench) rowApply(ctx context.Context, withRSS bool) {
 				kisLat[c] = append(kisLat[c], run.Latencies...)
 				return nil
 			}
+			// Every side starts with the daemon's pool full: after
+			// keyissuer's run the daemon refills what it drained, and
+			// that key generation must not take the cores from the
+			// baselines measured next.
 			measureBare := func() error {
+				if err := b.waitPool(ctx, d); err != nil {
+					return err
+				}
 				if err := b.client.warmConnections(ctx, bare, bareURL, c); err != nil {
 					return err
 				}
@@ -303,6 +310,9 @@ func (b *bench) rowApply(ctx context.Context, withRSS bool) {
 				return nil
 			}
 			measureSign := func() error {
+				if err := b.waitPool(ctx, d); err != nil {
+					return err
+				}
 				var run loadRun
 				var err error
 				signCPU[c].add(metered(0, func() {
