@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // The benchmark's load generator and the processes it measures share the
@@ -31,15 +33,26 @@ func (u cpuUse) sub(v cpuUse) cpuUse {
 	return cpuUse{Bench: u.Bench - v.Bench, Daemon: u.Daemon - v.Daemon, Niced: u.Niced - v.Niced}
 }
 
-// procCPU sums the CPU time of every thread of pid, from
-// /proc/<pid>/task/*/schedstat (nanoseconds on the CPU), and the part of it
-// on threads whose nice value is positive. Threads that have exited are
-// not counted; Go keeps its threads.
+// procCPU returns the CPU time pid has used, from its process CPU clock
+// (clock_gettime of the clock clock_getcpuclockid would give, exact to the
+// nanosecond), and the part of it on threads whose nice value is positive,
+// summed from /proc/<pid>/task/*/schedstat: a running thread's figure there
+// lags by up to a scheduler tick, so the niced part is approximate. Threads
+// that have exited are not counted in the niced part; Go keeps its threads.
 func procCPU(pid int) (all, niced time.Duration, err error) {
 	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", pid))
 	if err != nil || len(tasks) == 0 {
 		return 0, 0, fmt.Errorf("no threads of process %d: %v", pid, err)
 	}
+	var summed time.Duration
+	defer func() {
+		var ts unix.Timespec
+		if unix.ClockGettime(processClock(pid), &ts) == nil {
+			all = time.Duration(ts.Nano())
+		} else {
+			all = summed
+		}
+	}()
 	for _, t := range tasks {
 		ss, err := os.ReadFile(filepath.Join(t, "schedstat"))
 		if err != nil {
@@ -53,13 +66,17 @@ func procCPU(pid int) (all, niced time.Duration, err error) {
 		if err != nil {
 			continue
 		}
-		all += time.Duration(ns)
+		summed += time.Duration(ns)
 		if threadNiced(filepath.Join(t, "stat")) {
 			niced += time.Duration(ns)
 		}
 	}
 	return all, niced, nil
 }
+
+// processClock is the CPU clock of process pid, as glibc's
+// clock_getcpuclockid makes it: CPUCLOCK_SCHED (2) of the whole process.
+func processClock(pid int) int32 { return int32(^pid<<3 | 2) }
 
 // threadNiced says whether the thread's nice value (the 19th field of its
 // stat file) is positive.
