@@ -247,6 +247,10 @@ func (b *bench) rowApply(ctx context.Context, withRSS bool) {
 
 	kisRate, bareRate, signRate := map[int][]float64{}, map[int][]float64{}, map[int][]float64{}
 	kisLat, bareLat := map[int][]time.Duration{}, map[int][]time.Duration{}
+	kisCPU, bareCPU, signCPU := map[int]*cpuTally{}, map[int]*cpuTally{}, map[int]*cpuTally{}
+	for _, c := range applyConcurrency {
+		kisCPU[c], bareCPU[c], signCPU[c] = &cpuTally{}, &cpuTally{}, &cpuTally{}
+	}
 	var notes []string
 	for r := range b.sz.Runs {
 		for ci, c := range applyConcurrency {
@@ -263,10 +267,13 @@ func (b *bench) rowApply(ctx context.Context, withRSS bool) {
 				if err := d.client.warmConnections(ctx, d.api, d.apiURL, c); err != nil {
 					return err
 				}
-				run := countedRun(ctx, c, n, func(ctx context.Context, _, i int) error {
-					_, err := d.apply(ctx, reqs[i])
-					return err
-				})
+				var run loadRun
+				kisCPU[c].add(metered(d.cmd.Process.Pid, func() {
+					run = countedRun(ctx, c, n, func(ctx context.Context, _, i int) error {
+						_, err := d.apply(ctx, reqs[i])
+						return err
+					})
+				}), n)
 				if run.Errors > 0 {
 					notes = append(notes, fmt.Sprintf("c=%d: %d applies failed: %v", c, run.Errors, run.FirstErr))
 				}
@@ -274,17 +281,27 @@ func (b *bench) rowApply(ctx context.Context, withRSS bool) {
 				kisLat[c] = append(kisLat[c], run.Latencies...)
 				return nil
 			}
+			// Every side starts with the daemon's pool full: after
+			// keyissuer's run the daemon refills what it drained, and
+			// that key generation must not take the cores from the
+			// baselines measured next.
 			measureBare := func() error {
+				if err := b.waitPool(ctx, d); err != nil {
+					return err
+				}
 				if err := b.client.warmConnections(ctx, bare, bareURL, c); err != nil {
 					return err
 				}
-				run := countedRun(ctx, c, n, func(ctx context.Context, _, i int) error {
-					ar, _, _, err := b.client.post(ctx, bare, bareURL, reqs[i])
-					if err == nil && ar.Result.ResultCode != "SUCCESS" {
-						err = errBadResponse
-					}
-					return err
-				})
+				var run loadRun
+				bareCPU[c].add(metered(0, func() {
+					run = countedRun(ctx, c, n, func(ctx context.Context, _, i int) error {
+						ar, _, _, err := b.client.post(ctx, bare, bareURL, reqs[i])
+						if err == nil && ar.Result.ResultCode != "SUCCESS" {
+							err = errBadResponse
+						}
+						return err
+					})
+				}), n)
 				if run.Errors > 0 {
 					return fmt.Errorf("bare handler: %d errors: %w", run.Errors, run.FirstErr)
 				}
@@ -293,7 +310,14 @@ func (b *bench) rowApply(ctx context.Context, withRSS bool) {
 				return nil
 			}
 			measureSign := func() error {
-				run, err := b.raw.sign(ctx, min(c, tokenSessions), n, signKey, signed)
+				if err := b.waitPool(ctx, d); err != nil {
+					return err
+				}
+				var run loadRun
+				var err error
+				signCPU[c].add(metered(0, func() {
+					run, err = b.raw.sign(ctx, min(c, tokenSessions), n, signKey, signed)
+				}), n)
 				if err != nil {
 					return err
 				}
@@ -309,7 +333,9 @@ func (b *bench) rowApply(ctx context.Context, withRSS bool) {
 		}
 	}
 	for _, c := range applyConcurrency {
-		b.add(applyRow(c, b.sz.Apply[c], kisRate[c], signRate[c], bareRate[c], kisLat[c], bareLat[c], notes))
+		rw := applyRow(c, b.sz.Apply[c], kisRate[c], signRate[c], bareRate[c], kisLat[c], bareLat[c], notes)
+		applyCPUNotes(&rw, summarize(signRate[c]).Median, *kisCPU[c], *bareCPU[c], *signCPU[c])
+		b.add(rw)
 		k, ceil, bare := summarize(kisRate[c]), summarize(signRate[c]), summarize(bareRate[c])
 		pt := curvePoint{X: c, PerSecond: map[string]summary{seriesKeyissuer: k, seriesCeiling: ceil, seriesBare: bare}}
 		if applyJudged(c) {
@@ -413,6 +439,11 @@ func (b *bench) rowDecrypt(ctx context.Context) {
 		mech := decryptMechanism(d.paddingMethod())
 		kisRate, rawRate, floorRate := map[int][]float64{}, map[int][]float64{}, map[int][]float64{}
 		kisLat, rawLat, floorLat := map[int][]time.Duration{}, map[int][]time.Duration{}, map[int][]time.Duration{}
+		kisCPU, floorCPU := map[int]*cpuTally{}, map[int]*cpuTally{}
+		rttRate := map[int][]float64{} // no-op requests over the same socket and client
+		for _, c := range decryptConcurrency {
+			kisCPU[c], floorCPU[c] = &cpuTally{}, &cpuTally{}
+		}
 		for r := range b.sz.Runs {
 			for ci, c := range decryptConcurrency {
 				measureKIS := func() error {
@@ -430,9 +461,20 @@ func (b *bench) rowDecrypt(ctx context.Context) {
 					if err := d.decrypt(ctx, keys[0]); err != nil { // warm-up, untimed
 						return err
 					}
-					run := countedRun(ctx, c, n, func(ctx context.Context, _, i int) error {
-						return d.decrypt(ctx, keys[1+i])
-					})
+					// The client's path alone: as many no-op requests
+					// (health) over the same socket, client and
+					// concurrency, which the floors do not pay.
+					rtt := countedRun(ctx, c, n, func(ctx context.Context, _, _ int) error { _, err := d.health(ctx); return err })
+					if rtt.Errors > 0 {
+						return fmt.Errorf("health requests: %d errors: %w", rtt.Errors, rtt.FirstErr)
+					}
+					rttRate[c] = append(rttRate[c], rtt.PerSecond())
+					var run loadRun
+					kisCPU[c].add(metered(d.cmd.Process.Pid, func() {
+						run = countedRun(ctx, c, n, func(ctx context.Context, _, i int) error {
+							return d.decrypt(ctx, keys[1+i])
+						})
+					}), n)
 					if run.Errors > 0 {
 						return fmt.Errorf("keyissuer decrypts: %d errors: %w", run.Errors, run.FirstErr)
 					}
@@ -451,9 +493,13 @@ func (b *bench) rowDecrypt(ctx context.Context) {
 						if _, err := b.raw.decryptDestroy(ctx, 1, keys[:1], mech, log); err != nil { // warm-up
 							return err
 						}
-						run, err := b.raw.decryptDestroy(ctx, c, keys[1:], mech, log)
+						var run loadRun
+						u := metered(0, func() { run, err = b.raw.decryptDestroy(ctx, c, keys[1:], mech, log) })
 						if err != nil {
 							return err
+						}
+						if log != nil {
+							floorCPU[c].add(u, len(keys)-1)
 						}
 						rate[c] = append(rate[c], run.PerSecond())
 						lat[c] = append(lat[c], run.Latencies...)
@@ -476,7 +522,10 @@ func (b *bench) rowDecrypt(ctx context.Context) {
 			b.res.Curves.Decrypt = map[string][]curvePoint{}
 		}
 		for _, c := range decryptConcurrency {
-			b.add(decryptRow(storage, c, n, kisRate[c], floorRate[c], rawRate[c], kisLat[c], floorLat[c], rawLat[c]))
+			rw := decryptRow(storage, c, n, kisRate[c], floorRate[c], rawRate[c], kisLat[c], floorLat[c], rawLat[c])
+			decryptCPUNotes(&rw, *kisCPU[c], *floorCPU[c])
+			decryptRTTNotes(&rw, kisRate[c], floorRate[c], rttRate[c])
+			b.add(rw)
 			k, fl, raw := summarize(kisRate[c]), summarize(floorRate[c]), summarize(rawRate[c])
 			l := latencies(kisLat[c])
 			b.res.Curves.Decrypt[storage] = append(b.res.Curves.Decrypt[storage], curvePoint{X: c, Latency: &l,
