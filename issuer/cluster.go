@@ -3,6 +3,7 @@ package issuer
 import (
 	"context"
 	"errors"
+	"sync"
 	"time"
 
 	"github.com/keyissuer/keyissuer/hsm"
@@ -41,7 +42,8 @@ type finder interface {
 }
 
 // find returns the key of uniqueID: from this instance's map, else (in a
-// cluster) from the token, where a neighbour made it.
+// cluster) from the keys this instance issued, else from the token, where
+// a neighbour made it.
 func (is *Issuer) find(ctx context.Context, id string) (*hsm.Key, error) {
 	is.mu.Lock()
 	k := is.keys[id]
@@ -49,7 +51,64 @@ func (is *Issuer) find(ctx context.Context, id string) (*hsm.Key, error) {
 	if k != nil || is.cfg.Cluster == nil {
 		return k, nil
 	}
+	if k := is.made.take(id); k != nil {
+		return k, nil
+	}
 	return is.findShared(ctx, id)
+}
+
+// madeKeys are the keys this instance issued in a cluster, kept so that
+// its own decrypts find them without searching the shared token
+// (C_FindObjects costs SoftHSM milliseconds, BENCHMARKS.md row 8). An
+// entry grants nothing: any instance may still decrypt or expire the key,
+// and the durable claim (Cluster.Claim) judges, as for a key found in the
+// token; a handle is only used once the claim has made the key this
+// request's, and no instance destroys the objects of a record it has not
+// moved out of issued. A decrypt takes its key's entry out, so that only
+// one request holds the pointer; the reaper drops the entries of keys past
+// expiry, which a neighbour decrypted or expired meanwhile. The zero value
+// is empty and ready.
+type madeKeys struct {
+	mu sync.Mutex
+	m  map[string]madeKey
+}
+
+type madeKey struct {
+	k       *hsm.Key
+	expires time.Time
+}
+
+// put keeps k, issued until expires.
+func (mk *madeKeys) put(k *hsm.Key, expires time.Time) {
+	mk.mu.Lock()
+	defer mk.mu.Unlock()
+	if mk.m == nil {
+		mk.m = map[string]madeKey{}
+	}
+	mk.m[k.ID] = madeKey{k: k, expires: expires}
+}
+
+// take removes the key of id and returns it, or nil.
+func (mk *madeKeys) take(id string) *hsm.Key {
+	mk.mu.Lock()
+	defer mk.mu.Unlock()
+	e, ok := mk.m[id]
+	if !ok {
+		return nil
+	}
+	delete(mk.m, id)
+	return e.k
+}
+
+// prune drops the keys whose expiry is not after now.
+func (mk *madeKeys) prune(now time.Time) {
+	mk.mu.Lock()
+	defer mk.mu.Unlock()
+	for id, e := range mk.m {
+		if !now.Before(e.expires) {
+			delete(mk.m, id)
+		}
+	}
 }
 
 // findRetries are the waits before the searches made again for a key that

@@ -27,6 +27,7 @@ import (
 type node struct {
 	id    string
 	tok   *hsm.Token
+	finds atomic.Int32 // searches of the token by CKA_ID (Find)
 	st    *postgres.Store
 	cl    *postgres.Cluster
 	is    *issuer.Issuer
@@ -89,7 +90,7 @@ func (c *cluster) start(id string, afterClaim func(string)) *node {
 		t.Fatal(err)
 	}
 	nd.is, err = issuer.New(issuer.Config{
-		Token: nd.tok, Store: nd.st, Cluster: nd.cl, Storage: hsm.StorageToken,
+		Token: findCounter{nd.tok, &nd.finds}, Store: nd.st, Cluster: nd.cl, Storage: hsm.StorageToken,
 		Paddings: []hsm.Padding{hsm.OAEPSHA256}, Log: slog.New(slog.DiscardHandler),
 		TTL: time.Minute, PoolSize: 2, Generators: 1, ApplyWait: 30 * time.Second,
 		ReapInterval: time.Hour, // tests call Reap themselves
@@ -120,6 +121,17 @@ func (c *cluster) start(id string, afterClaim func(string)) *node {
 	}
 	t.Cleanup(nd.stop)
 	return nd
+}
+
+// findCounter counts a node's searches of the token by CKA_ID.
+type findCounter struct {
+	*hsm.Token
+	n *atomic.Int32
+}
+
+func (f findCounter) Find(ctx context.Context, id string) (*hsm.Key, error) {
+	f.n.Add(1)
+	return f.Token.Find(ctx, id)
 }
 
 // expireLease ends a node's lease, as time would after its death.
@@ -183,6 +195,36 @@ func TestClusterDecryptThroughAnotherInstance(t *testing.T) {
 		}
 		if n := c.tokenIDs(third)[k.UniqueID]; n != 0 {
 			t.Errorf("%d objects of consumed key %s left in the token", n, k.UniqueID)
+		}
+	}
+}
+
+// TestClusterDecryptOnIssuerSkipsSearch: the instance that issued a key
+// decrypts it with the handles it made, without searching the shared
+// token (slow in SoftHSM: BENCHMARKS.md row 8); a neighbour searches.
+func TestClusterDecryptOnIssuerSkipsSearch(t *testing.T) {
+	ctx := context.Background()
+	c := newCluster(t, 2)
+	own, other := c.nodes[0], c.nodes[1]
+	for _, via := range []*node{own, other} {
+		k, err := own.is.Apply(ctx, "cust", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := via.finds.Load()
+		got, err := via.is.Decrypt(ctx, k.UniqueID, encrypt(t, k, "pw"))
+		if err != nil || string(got) != "pw" {
+			t.Fatalf("decrypt through %s = %q, %v", via.id, got, err)
+		}
+		searched := via.finds.Load() - before
+		switch {
+		case via == own && searched != 0:
+			t.Errorf("the issuing instance searched the token %d times for its own key, want 0", searched)
+		case via == other && searched == 0:
+			t.Errorf("the neighbour decrypted a key it never searched for: the test did not reach the token")
+		}
+		if _, err := own.is.Decrypt(ctx, k.UniqueID, encrypt(t, k, "pw")); !errors.Is(err, issuer.ErrConsumed) {
+			t.Errorf("second decrypt through %s = %v, want ErrConsumed", own.id, err)
 		}
 	}
 }

@@ -254,6 +254,7 @@ type Issuer struct {
 	tally    tally               // outstanding keys by holder (quota.go)
 	lost     []string            // ids reported lost by the token
 	kick     chan struct{}       // wakes the maintenance loop
+	made     madeKeys            // cluster mode: keys issued here (cluster.go)
 
 	stats stats
 }
@@ -511,6 +512,7 @@ func (is *Issuer) apply(ctx context.Context, h holder, lim Limits) (Issued, erro
 		is.mu.Lock()
 		is.untrackLocked(k.ID)
 		is.mu.Unlock()
+		is.made.put(k, rec.ExpiresAt)
 	}
 	is.stats.issued.Add(1)
 	is.emit(ctx, Event{Kind: EventIssued, UniqueID: k.ID, CustomerID: customerID, ClientID: clientID})
@@ -966,10 +968,11 @@ const reapBatch = 1000
 func (is *Issuer) Reap(ctx context.Context) {
 	start := time.Now()
 	defer func() { is.emit(ctx, Event{Kind: EventReaped, Duration: time.Since(start)}) }()
+	now := is.cfg.Now()
 	if is.cfg.Cluster != nil {
 		is.takeOver(ctx)
+		is.made.prune(now)
 	}
-	now := is.cfg.Now()
 	due, err := is.cfg.Store.Active(ctx, now, reapBatch)
 	if err != nil {
 		is.log.Error("reaper failed to scan records", "err", err)

@@ -154,6 +154,69 @@ func (b *bench) rowPostgres(ctx context.Context) {
 		Unit: " ms", Cells: []string{spreadText(fl, msText)}, Target: "the floor of row 8", Verdict: "REPORT",
 		Detail: map[string]any{"perRun": n, "p50Ms": fl, "latency": latencies(floorL)},
 		Notes:  []string{"floor latency " + latencyText(floorL)}})
+	b.profilePostgres(ctx, n)
+}
+
+// profilePostgres profiles a postgres daemon under row 8's load, n applies
+// and then n decrypts one at a time, with a pprof build: on a fresh
+// database and a daemon of its own, after the timed runs, so that the
+// profiler touches none of them.
+func (b *bench) profilePostgres(ctx context.Context, n int) {
+	if b.pprofBin == "" {
+		return
+	}
+	b.progress("row 8 profile: the postgres daemon under row 8's load (%d applies, %d decrypts)", n, n)
+	fail := func(err error) { b.note("row 8 profile failed: %v", err) }
+	db, err := b.database("row8_profile")
+	if err != nil {
+		fail(err)
+		return
+	}
+	d, err := b.startDaemon(ctx, daemonSpec{Name: "pg-profile", PoolSize: n, Generators: 2, Postgres: db, InstanceID: "bench-profile", Profile: true})
+	if err != nil {
+		fail(err)
+		return
+	}
+	defer d.stop()
+	dir := filepath.Join(b.runDir, "profiles")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		fail(err)
+		return
+	}
+	err = b.waitPool(ctx, d)
+	if err == nil {
+		err = d.client.warmConnections(ctx, d.api, d.apiURL, 1)
+	}
+	if err != nil {
+		fail(err)
+		return
+	}
+	reqs, err := b.client.requests(ctx, n)
+	if err != nil {
+		fail(err)
+		return
+	}
+	keys := make([]issuedKey, n)
+	b.profileLoad(ctx, d, dir, "postgres-apply-c1", func() loadRun {
+		return countedRun(ctx, 1, n, func(ctx context.Context, _, i int) error {
+			k, err := d.apply(ctx, reqs[i])
+			keys[i] = k
+			return err
+		})
+	})
+	for i := range keys {
+		if err := keys[i].encrypt(); err != nil {
+			fail(err)
+			return
+		}
+	}
+	if err := b.waitPool(ctx, d); err != nil {
+		fail(err)
+		return
+	}
+	b.profileLoad(ctx, d, dir, "postgres-decrypt-c1", func() loadRun {
+		return countedRun(ctx, 1, n, func(ctx context.Context, _, i int) error { return d.decrypt(ctx, keys[i]) })
+	})
 }
 
 // pgAddedTarget is row 8's target: what PostgreSQL on loopback may add to

@@ -778,29 +778,7 @@ func (b *bench) profilePass(ctx context.Context) {
 		b.note("profile pass failed: %v", err)
 		return
 	}
-	profile := func(name string, load func() loadRun) {
-		path := filepath.Join(profDir, name+".pprof")
-		stop, err := d.cpuProfile(ctx, 250, path)
-		if err != nil {
-			b.note("profile %s: %v", name, err)
-			return
-		}
-		tracePath := filepath.Join(profDir, name+".trace")
-		traced := make(chan error, 1)
-		go func() { traced <- d.trace(ctx, time.Second, tracePath) }()
-		run := load()
-		if err := stop(); err != nil {
-			b.note("profile %s: %v", name, err)
-			return
-		}
-		if err := <-traced; err != nil {
-			b.note("trace %s: %v", name, err)
-		}
-		b.progress("  %s: %d ops, %.0f/s under the profiler, p50 %.2f ms -> %s", name, run.Ops, run.PerSecond(),
-			ms(percentile(run.Latencies, 50)), path)
-		b.profiles = append(b.profiles, path, tracePath)
-		b.summarizeProfile(profDir, name)
-	}
+	profile := func(name string, load func() loadRun) { b.profileLoad(ctx, d, profDir, name, load) }
 	waitApply := func(count int) ([]signedRequest, bool) {
 		if err := b.waitPool(ctx, d); err != nil {
 			b.note("profile pass failed: %v", err)
@@ -850,6 +828,33 @@ func (b *bench) profilePass(ctx context.Context) {
 	}
 }
 
+// profileLoad takes a CPU profile (250 Hz) and an execution trace (its
+// first second) of d, a profiling daemon, under load, into dir as
+// name.pprof and name.trace, with their summaries.
+func (b *bench) profileLoad(ctx context.Context, d *daemon, dir, name string, load func() loadRun) {
+	path := filepath.Join(dir, name+".pprof")
+	stop, err := d.cpuProfile(ctx, 250, path)
+	if err != nil {
+		b.note("profile %s: %v", name, err)
+		return
+	}
+	tracePath := filepath.Join(dir, name+".trace")
+	traced := make(chan error, 1)
+	go func() { traced <- d.trace(ctx, time.Second, tracePath) }()
+	run := load()
+	if err := stop(); err != nil {
+		b.note("profile %s: %v", name, err)
+		return
+	}
+	if err := <-traced; err != nil {
+		b.note("trace %s: %v", name, err)
+	}
+	b.progress("  %s: %d ops, %.0f/s under the profiler, p50 %.2f ms -> %s", name, run.Ops, run.PerSecond(),
+		ms(percentile(run.Latencies, 50)), path)
+	b.profiles = append(b.profiles, path, tracePath)
+	b.summarizeProfile(dir, name)
+}
+
 // summarizeProfile writes the top of a CPU profile and of the blocking
 // profiles drawn from its trace, as text, with the go command if there is
 // one.
@@ -864,7 +869,7 @@ func (b *bench) summarizeProfile(dir, name string) {
 		}
 	}
 	top(filepath.Join(dir, name+".pprof"), filepath.Join(dir, name+".cpu.txt"))
-	for _, kind := range []string{"syscall", "sync"} {
+	for _, kind := range []string{"syscall", "sync", "net"} {
 		prof := filepath.Join(dir, name+"."+kind+".pprof")
 		out, err := exec.Command(gobin, "tool", "trace", "-pprof="+kind, filepath.Join(dir, name+".trace")).Output()
 		if err != nil || os.WriteFile(prof, out, 0o644) != nil {

@@ -166,62 +166,63 @@ func (c *Cluster) Forget(ctx context.Context, id string) error {
 
 // Issue turns pooled key r.UniqueID into record r, in one transaction,
 // within caps counted over the whole cluster: the caps' scopes are locked
-// (transaction-scoped advisory locks, always in the same order) while they
-// are counted, so concurrent issues on any instances never pass a cap. It
-// fails with a *store.CapError (nothing changed), or ErrTakenOver.
+// (transaction-scoped advisory locks, always in the same order) before
+// they are counted, so concurrent issues on any instances never pass a
+// cap. It fails with a *store.CapError (nothing changed), or ErrTakenOver.
+//
+// The transaction is one round trip and one commit: its statements go in
+// one pipeline, which PostgreSQL runs as one implicit transaction (all or
+// nothing, committed at its end). The locks are statements of their own,
+// before the statement that counts, deletes the pool entry and inserts the
+// record: under READ COMMITTED that statement's snapshot is taken once
+// every lock is held, so it counts every issue committed under them.
 func (c *Cluster) Issue(ctx context.Context, r store.Record, caps store.Caps) error {
 	scopes := []struct {
-		name, key, where string
-		limit            int
+		name, key string
+		limit     int
 	}{
-		{"total", "", "TRUE", caps.Total},
-		{"client", r.ClientID, "client_id = $1", caps.Client},
-		{"customer", r.CustomerID, "customer_id = $1", caps.Customer},
+		{"total", "", caps.Total},
+		{"client", r.ClientID, caps.Client},
+		{"customer", r.CustomerID, caps.Customer},
 	}
-	var capErr *store.CapError
-	err := pgx.BeginFunc(ctx, c.s.pool, func(tx pgx.Tx) error {
-		capErr = nil
-		for _, sc := range scopes {
-			if sc.limit <= 0 || (sc.name != "total" && sc.key == "") {
-				continue
-			}
-			if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "keyissuer quota "+sc.name+":"+sc.key); err != nil {
-				return err
-			}
-			var n int
-			q := "SELECT count(*) FROM records WHERE state = 'issued' AND " + sc.where
-			args := []any{}
-			if sc.name != "total" {
-				args = append(args, sc.key)
-			}
-			if err := tx.QueryRow(ctx, q, args...).Scan(&n); err != nil {
-				return err
-			}
-			if n >= sc.limit {
-				capErr = &store.CapError{Scope: sc.name, Limit: sc.limit}
-				return nil
-			}
+	counted := [3]bool{}
+	b := &pgx.Batch{}
+	for i, sc := range scopes {
+		if sc.limit <= 0 || (sc.name != "total" && sc.key == "") {
+			continue
 		}
-		tag, err := tx.Exec(ctx, "DELETE FROM pool_keys WHERE unique_id = $1 AND instance_id = $2 AND state = 'ready'", r.UniqueID, c.id)
-		if err != nil {
-			return err
-		}
-		if tag.RowsAffected() == 0 {
-			return ErrTakenOver
-		}
-		_, err = tx.Exec(ctx, `INSERT INTO records (`+columns+`, instance_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
-			r.UniqueID, r.Salt, r.CustomerID, r.ClientID, string(r.State), r.IssuedAt, r.ExpiresAt, nullTime(r.ClosedAt), c.id)
-		return err
-	})
-	switch {
-	case errors.Is(err, ErrTakenOver):
-		return fmt.Errorf("failed to issue key %s: %w", r.UniqueID, err)
-	case err != nil:
+		counted[i] = true
+		b.Queue("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "keyissuer quota "+sc.name+":"+sc.key)
+	}
+	// The counts of the scopes not capped are not made ($10..$12 false).
+	var n [3]int
+	var issued bool
+	b.Queue(`WITH counts AS (SELECT
+			CASE WHEN $10 THEN (SELECT count(*) FROM records WHERE state = 'issued') ELSE 0 END AS total,
+			CASE WHEN $11 THEN (SELECT count(*) FROM records WHERE state = 'issued' AND client_id = $4) ELSE 0 END AS client,
+			CASE WHEN $12 THEN (SELECT count(*) FROM records WHERE state = 'issued' AND customer_id = $3) ELSE 0 END AS customer),
+		ok AS (SELECT (NOT $10 OR total < $13) AND (NOT $11 OR client < $14) AND (NOT $12 OR customer < $15) AS ok FROM counts),
+		taken AS (DELETE FROM pool_keys WHERE unique_id = $1 AND instance_id = $9 AND state = 'ready' AND (SELECT ok FROM ok)
+			RETURNING unique_id),
+		made AS (INSERT INTO records (`+columns+`, instance_id)
+			SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 FROM taken RETURNING unique_id)
+		SELECT total, client, customer, EXISTS (SELECT 1 FROM made) FROM counts`,
+		r.UniqueID, r.Salt, r.CustomerID, r.ClientID, string(r.State), r.IssuedAt, r.ExpiresAt, nullTime(r.ClosedAt), c.id,
+		counted[0], counted[1], counted[2], caps.Total, caps.Client, caps.Customer).
+		QueryRow(func(row pgx.Row) error { return row.Scan(&n[0], &n[1], &n[2], &issued) })
+	err := c.s.pool.SendBatch(ctx, b).Close()
+	if err != nil {
 		return fmt.Errorf("failed to issue key %s: %w", r.UniqueID, unavailable(err))
-	case capErr != nil:
-		return capErr
 	}
-	return nil
+	if issued {
+		return nil
+	}
+	for i, sc := range scopes {
+		if counted[i] && n[i] >= sc.limit {
+			return &store.CapError{Scope: sc.name, Limit: sc.limit}
+		}
+	}
+	return fmt.Errorf("failed to issue key %s: %w", r.UniqueID, ErrTakenOver)
 }
 
 // Claim is the decrypt's claim, issued → consuming, recording this

@@ -352,14 +352,22 @@ func (s *Store) transition(ctx context.Context, id string, from, to store.State,
 	return cur, &store.StateError{Current: cur, Want: from}
 }
 
-// Settle is Transition without a result: the write is made before it
-// returns (one statement), bounded by Options.SettleTimeout; should it
-// fail, the record stays in state from, as a crash would leave it, and the
-// reaper or reconciliation finishes it.
+// Settle is Transition without a result, committed without waiting for
+// the commit to be flushed (synchronous_commit off for its transaction
+// alone): one round trip, no flush. Like every commit it is seen at once by
+// every instance; what a crash of PostgreSQL may lose is its durability,
+// and then the record is back in state from, as a crash of the instance
+// would leave it, which the reaper or reconciliation finishes. Should the
+// write fail (bounded by Options.SettleTimeout), the same holds.
 func (s *Store) Settle(id string, from, to store.State, at time.Time) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.settleTimeout)
 	defer cancel()
-	s.Transition(ctx, id, from, to, at)
+	// One pipeline is one implicit transaction, the setting local to it.
+	b := &pgx.Batch{}
+	b.Queue("SELECT set_config('synchronous_commit', 'off', true)")
+	b.Queue(`UPDATE records SET state = $3, closed_at = CASE WHEN $4 THEN $5 ELSE closed_at END
+		WHERE unique_id = $1 AND state = $2`, id, string(from), string(to), !to.Active(), at.UTC())
+	s.pool.SendBatch(ctx, b).Close()
 }
 
 // Active returns up to limit records (all if limit <= 0) in an active state

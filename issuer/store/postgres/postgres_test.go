@@ -160,3 +160,40 @@ func TestFirstUse(t *testing.T) {
 		t.Errorf("FirstUse on a closed store = %v, %v; want false, ErrUnavailable", ok, err)
 	}
 }
+
+// TestSettleLeavesCommitsDurable: Settle commits without waiting for the
+// flush, and that setting ends with its own transaction: every later
+// statement on the connection (a claim, an issue) commits durably again.
+func TestSettleLeavesCommitsDurable(t *testing.T) {
+	ctx := context.Background()
+	db := pgtest.NewDatabase(t)
+	s, err := postgres.Open(ctx, postgres.Options{DSN: db.DSN, Password: db.Password, MaxConns: 1})
+	if err != nil {
+		t.Fatalf("Open() = %v", err)
+	}
+	defer s.Close()
+	var want string
+	if err := s.Pool().QueryRow(ctx, "SHOW synchronous_commit").Scan(&want); err != nil {
+		t.Fatal(err)
+	}
+	if want == "off" {
+		t.Fatal("the test server commits asynchronously already: the test would prove nothing")
+	}
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	r := store.Record{UniqueID: "settle-1", Salt: "s", State: store.Consuming, IssuedAt: now, ExpiresAt: now.Add(time.Hour)}
+	if err := s.Create(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	s.Settle(r.UniqueID, store.Consuming, store.Consumed, now)
+	got, err := s.Get(ctx, r.UniqueID)
+	if err != nil || got.State != store.Consumed {
+		t.Fatalf("Get() after Settle = %v, %v; want consumed", got.State, err)
+	}
+	var after string
+	if err := s.Pool().QueryRow(ctx, "SHOW synchronous_commit").Scan(&after); err != nil {
+		t.Fatal(err)
+	}
+	if after != want {
+		t.Errorf("synchronous_commit on the connection after Settle = %q, want %q", after, want)
+	}
+}
