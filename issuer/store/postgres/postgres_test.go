@@ -197,3 +197,36 @@ func TestSettleLeavesCommitsDurable(t *testing.T) {
 		t.Errorf("synchronous_commit on the connection after Settle = %q, want %q", after, want)
 	}
 }
+
+// FirstUse commits without waiting for the flush, for its own transaction
+// only: the replay guard's answer stays exact, and the connection's later
+// commits (the issue that makes the digest durable) still wait.
+func TestFirstUseLeavesCommitsDurable(t *testing.T) {
+	ctx := context.Background()
+	db := pgtest.NewDatabase(t)
+	s, err := postgres.Open(ctx, postgres.Options{DSN: db.DSN, Password: db.Password, MaxConns: 1})
+	if err != nil {
+		t.Fatalf("Open() = %v", err)
+	}
+	defer s.Close()
+	var want string
+	if err := s.Pool().QueryRow(ctx, "SHOW synchronous_commit").Scan(&want); err != nil {
+		t.Fatal(err)
+	}
+	if want == "off" {
+		t.Fatal("the test server commits asynchronously already: the test would prove nothing")
+	}
+	digest, expires := []byte("first-use-digest"), time.Now().Add(time.Hour)
+	for i, wantFirst := range []bool{true, false} {
+		if first, err := s.FirstUse(ctx, digest, expires); err != nil || first != wantFirst {
+			t.Errorf("FirstUse() #%d = %v, %v; want %v", i+1, first, err, wantFirst)
+		}
+	}
+	var after string
+	if err := s.Pool().QueryRow(ctx, "SHOW synchronous_commit").Scan(&after); err != nil {
+		t.Fatal(err)
+	}
+	if after != want {
+		t.Errorf("synchronous_commit on the connection after FirstUse = %q, want %q", after, want)
+	}
+}
