@@ -362,12 +362,29 @@ func (s *Store) transition(ctx context.Context, id string, from, to store.State,
 func (s *Store) Settle(id string, from, to store.State, at time.Time) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.settleTimeout)
 	defer cancel()
-	// One pipeline is one implicit transaction, the setting local to it.
+	s.execUnflushed(ctx, `UPDATE records SET state = $3, closed_at = CASE WHEN $4 THEN $5 ELSE closed_at END
+		WHERE unique_id = $1 AND state = $2`, id, string(from), string(to), !to.Active(), at.UTC())
+}
+
+// execUnflushed runs one statement in a transaction of its own that
+// commits without waiting for the write-ahead log to be flushed
+// (synchronous_commit off, local to that transaction: one pipeline is one
+// implicit transaction). Every instance sees the commit at once; a crash
+// of PostgreSQL may lose it, until a later flushed commit covers it.
+func (s *Store) execUnflushed(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
 	b := &pgx.Batch{}
 	b.Queue("SELECT set_config('synchronous_commit', 'off', true)")
-	b.Queue(`UPDATE records SET state = $3, closed_at = CASE WHEN $4 THEN $5 ELSE closed_at END
-		WHERE unique_id = $1 AND state = $2`, id, string(from), string(to), !to.Active(), at.UTC())
-	s.pool.SendBatch(ctx, b).Close()
+	b.Queue(sql, args...)
+	br := s.pool.SendBatch(ctx, b)
+	_, err := br.Exec()
+	var tag pgconn.CommandTag
+	if err == nil {
+		tag, err = br.Exec()
+	}
+	if cerr := br.Close(); err == nil {
+		err = cerr
+	}
+	return tag, err
 }
 
 // Active returns up to limit records (all if limit <= 0) in an active state
@@ -436,19 +453,8 @@ func (s *Store) Prune(ctx context.Context, before time.Time, limit int) (int, er
 // issued a key (refused, or failed before the issue): that request could
 // then be served once after the crash, within its request-time window.
 func (s *Store) FirstUse(ctx context.Context, digest []byte, expires time.Time) (bool, error) {
-	b := &pgx.Batch{} // one pipeline is one implicit transaction, the setting local to it
-	b.Queue("SELECT set_config('synchronous_commit', 'off', true)")
-	b.Queue(`INSERT INTO replay AS r (digest, expires_at) VALUES ($1, $2)
+	tag, err := s.execUnflushed(ctx, `INSERT INTO replay AS r (digest, expires_at) VALUES ($1, $2)
 		ON CONFLICT (digest) DO UPDATE SET expires_at = EXCLUDED.expires_at WHERE r.expires_at < now()`, digest, expires)
-	br := s.pool.SendBatch(ctx, b)
-	_, err := br.Exec()
-	var tag pgconn.CommandTag
-	if err == nil {
-		tag, err = br.Exec()
-	}
-	if cerr := br.Close(); err == nil {
-		err = cerr
-	}
 	if err != nil {
 		return false, fmt.Errorf("failed to check the replay cache: %w", unavailable(err))
 	}

@@ -166,19 +166,7 @@ func TestFirstUse(t *testing.T) {
 // statement on the connection (a claim, an issue) commits durably again.
 func TestSettleLeavesCommitsDurable(t *testing.T) {
 	ctx := context.Background()
-	db := pgtest.NewDatabase(t)
-	s, err := postgres.Open(ctx, postgres.Options{DSN: db.DSN, Password: db.Password, MaxConns: 1})
-	if err != nil {
-		t.Fatalf("Open() = %v", err)
-	}
-	defer s.Close()
-	var want string
-	if err := s.Pool().QueryRow(ctx, "SHOW synchronous_commit").Scan(&want); err != nil {
-		t.Fatal(err)
-	}
-	if want == "off" {
-		t.Fatal("the test server commits asynchronously already: the test would prove nothing")
-	}
+	s, check := oneConnection(t)
 	now := time.Now().UTC().Truncate(time.Microsecond)
 	r := store.Record{UniqueID: "settle-1", Salt: "s", State: store.Consuming, IssuedAt: now, ExpiresAt: now.Add(time.Hour)}
 	if err := s.Create(ctx, r); err != nil {
@@ -189,13 +177,7 @@ func TestSettleLeavesCommitsDurable(t *testing.T) {
 	if err != nil || got.State != store.Consumed {
 		t.Fatalf("Get() after Settle = %v, %v; want consumed", got.State, err)
 	}
-	var after string
-	if err := s.Pool().QueryRow(ctx, "SHOW synchronous_commit").Scan(&after); err != nil {
-		t.Fatal(err)
-	}
-	if after != want {
-		t.Errorf("synchronous_commit on the connection after Settle = %q, want %q", after, want)
-	}
+	check("Settle")
 }
 
 // FirstUse commits without waiting for the flush, for its own transaction
@@ -203,30 +185,43 @@ func TestSettleLeavesCommitsDurable(t *testing.T) {
 // commits (the issue that makes the digest durable) still wait.
 func TestFirstUseLeavesCommitsDurable(t *testing.T) {
 	ctx := context.Background()
-	db := pgtest.NewDatabase(t)
-	s, err := postgres.Open(ctx, postgres.Options{DSN: db.DSN, Password: db.Password, MaxConns: 1})
-	if err != nil {
-		t.Fatalf("Open() = %v", err)
-	}
-	defer s.Close()
-	var want string
-	if err := s.Pool().QueryRow(ctx, "SHOW synchronous_commit").Scan(&want); err != nil {
-		t.Fatal(err)
-	}
-	if want == "off" {
-		t.Fatal("the test server commits asynchronously already: the test would prove nothing")
-	}
+	s, check := oneConnection(t)
 	digest, expires := []byte("first-use-digest"), time.Now().Add(time.Hour)
 	for i, wantFirst := range []bool{true, false} {
 		if first, err := s.FirstUse(ctx, digest, expires); err != nil || first != wantFirst {
 			t.Errorf("FirstUse() #%d = %v, %v; want %v", i+1, first, err, wantFirst)
 		}
 	}
-	var after string
-	if err := s.Pool().QueryRow(ctx, "SHOW synchronous_commit").Scan(&after); err != nil {
-		t.Fatal(err)
+	check("FirstUse")
+}
+
+// oneConnection opens a store of one connection on a database of its own,
+// on a server that flushes its commits, and returns it with check, which
+// fails the test unless the connection still flushes them after what.
+func oneConnection(t *testing.T) (s *postgres.Store, check func(what string)) {
+	t.Helper()
+	ctx := context.Background()
+	db := pgtest.NewDatabase(t)
+	s, err := postgres.Open(ctx, postgres.Options{DSN: db.DSN, Password: db.Password, MaxConns: 1})
+	if err != nil {
+		t.Fatalf("Open() = %v", err)
 	}
-	if after != want {
-		t.Errorf("synchronous_commit on the connection after FirstUse = %q, want %q", after, want)
+	t.Cleanup(func() { s.Close() })
+	setting := func() string {
+		var v string
+		if err := s.Pool().QueryRow(ctx, "SHOW synchronous_commit").Scan(&v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	want := setting()
+	if want == "off" {
+		t.Fatal("the test server commits asynchronously already: the test would prove nothing")
+	}
+	return s, func(what string) {
+		t.Helper()
+		if after := setting(); after != want {
+			t.Errorf("synchronous_commit on the connection after %s = %q, want %q", what, after, want)
+		}
 	}
 }
