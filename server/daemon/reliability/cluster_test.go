@@ -144,13 +144,7 @@ func TestClusterDaemons(t *testing.T) {
 
 	// metric reports whether p's /metrics has the line that starts so.
 	metric := func(p *proc, line string) bool {
-		resp, err := http.Get(p.admin + admin.MetricsPath)
-		if err != nil {
-			return false
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return bytes.Contains(b, []byte("\n"+line))
+		return strings.Contains(scrape(p), "\n"+line)
 	}
 
 	t.Run("metrics count the live instances", func(t *testing.T) {
@@ -420,16 +414,21 @@ func (c *clusterFixture) waitQuiet(t *testing.T, v int) {
 	})
 }
 
-// poolGauges reads p's keyissuer_pool_keys_ready and _target; 0s if it
-// cannot.
-func poolGauges(p *proc) (ready, target float64) {
+// scrape returns p's /metrics, or "" if it cannot.
+func scrape(p *proc) string {
 	resp, err := http.Get(p.admin + admin.MetricsPath)
 	if err != nil {
-		return 0, 0
+		return ""
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(b), "\n") {
+	return string(b)
+}
+
+// poolGauges reads p's keyissuer_pool_keys_ready and _target; 0s if it
+// cannot.
+func poolGauges(p *proc) (ready, target float64) {
+	for _, line := range strings.Split(scrape(p), "\n") {
 		name, value, _ := strings.Cut(line, " ")
 		f, err := strconv.ParseFloat(value, 64)
 		if err != nil {
