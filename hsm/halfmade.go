@@ -242,8 +242,10 @@ func (t *Token) sweepHalfMadeDue(ctx context.Context) error {
 	return err
 }
 
-// keyClasses are the classes that a half-made or unmarked key object has.
-var keyClasses = []uint{pkcs11.CKO_PUBLIC_KEY, pkcs11.CKO_PRIVATE_KEY}
+// keyClasses are the classes of key objects, the private first: the
+// order List reports them in, and so reconciliation destroys them in, as
+// Destroy does.
+var keyClasses = []uint{pkcs11.CKO_PRIVATE_KEY, pkcs11.CKO_PUBLIC_KEY}
 
 // standardClasses are PKCS#11's object classes: an object that no search
 // for one of them finds has no class, or a vendor's (see stillClassless).
