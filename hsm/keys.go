@@ -599,44 +599,36 @@ func (t *Token) settled(s *session) (map[uint][]pkcs11.ObjectHandle, error) {
 	first := time.Now()
 	out := map[uint][]pkcs11.ObjectHandle{}
 	pending := map[uint][]pkcs11.ObjectHandle{}
-	finished := func(class uint) (map[pkcs11.ObjectHandle]bool, error) {
-		hs, err := t.findAll(s, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
-			pkcs11.NewAttribute(pkcs11.CKA_LOCAL, true),
-		})
-		set := make(map[pkcs11.ObjectHandle]bool, len(hs))
-		for _, h := range hs {
-			set[h] = true
-		}
-		return set, err
-	}
 	for _, class := range keyClasses {
 		all, err := t.findAll(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)})
 		if err != nil {
 			return nil, err
 		}
-		done, err := finished(class)
+		done, err := t.findAll(s, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
+			pkcs11.NewAttribute(pkcs11.CKA_LOCAL, true),
+		})
 		if err != nil {
 			return nil, err
 		}
 		for _, h := range all {
-			if done[h] {
+			if slices.Contains(done, h) {
 				out[class] = append(out[class], h)
 			} else {
 				pending[class] = append(pending[class], h)
 			}
 		}
 	}
-	if len(pending[pkcs11.CKO_PRIVATE_KEY])+len(pending[pkcs11.CKO_PUBLIC_KEY]) == 0 {
+	if len(pending) == 0 {
 		return out, nil
 	}
 	time.Sleep(time.Until(first.Add(listSettle)))
-	for _, class := range keyClasses {
+	for class, hs := range pending {
 		again, err := t.findAll(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)})
 		if err != nil {
 			return nil, err
 		}
-		for _, h := range pending[class] {
+		for _, h := range hs {
 			if slices.Contains(again, h) {
 				out[class] = append(out[class], h)
 			}
