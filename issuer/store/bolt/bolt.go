@@ -272,10 +272,13 @@ func (b *Store) Settle(id string, from, to store.State, at time.Time) {
 }
 
 // Active returns up to limit records (all if limit <= 0) in an active state
-// whose expiry is before the given time, earliest first.
+// whose expiry is before the given time, earliest first. Like Get it sees
+// settled changes that are not committed yet: a record a settle takes out
+// of the active states is not listed.
 func (b *Store) Active(ctx context.Context, before time.Time, limit int) ([]store.Record, error) {
 	var out []store.Record
 	end := timeKey(before, "")
+	settling := b.w.pendingAll() // before the read: see Get
 	err := b.db.View(func(tx *bbolt.Tx) error {
 		c := tx.Bucket(bucketActive).Cursor()
 		for k, _ := c.First(); k != nil && bytes.Compare(k, end) < 0; k, _ = c.Next() {
@@ -288,6 +291,11 @@ func (b *Store) Active(ctx context.Context, before time.Time, limit int) ([]stor
 			r, err := get(tx, string(k[8:]))
 			if err != nil {
 				return err
+			}
+			if s, ok := settling[r.UniqueID]; ok {
+				if r = s.applyTo(r); !r.State.Active() {
+					continue
+				}
 			}
 			out = append(out, r)
 		}

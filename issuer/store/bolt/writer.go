@@ -2,6 +2,7 @@ package bolt
 
 import (
 	"errors"
+	"maps"
 	"sync"
 	"time"
 
@@ -123,6 +124,13 @@ func (w *writer) pending(id string) (settled, bool) {
 	defer w.mu.Unlock()
 	s, ok := w.settling[id]
 	return s, ok
+}
+
+// pendingAll returns a copy of every uncommitted settled change, by id.
+func (w *writer) pendingAll() map[string]settled {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return maps.Clone(w.settling)
 }
 
 // stop commits what is queued and stops the writer. Later writes fail with

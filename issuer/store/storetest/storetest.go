@@ -367,6 +367,15 @@ func testSettle(t *testing.T, newStore func(testing.TB) Store) {
 			if !tt.want.Active() && !r.ClosedAt.Equal(at) {
 				t.Errorf("ClosedAt = %v, want %v", r.ClosedAt, at)
 			}
+			// So does the scan of active records, which the reaper and
+			// every "is anything left" check run.
+			active, err := s.Active(ctx, base.Add(time.Hour), 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if listed := len(active) == 1; listed != tt.want.Active() || listed && active[0].State != tt.want {
+				t.Errorf("Active() right after Settle = %v, want the record listed only if %s is active", active, tt.want)
+			}
 			// A compare-and-swap sees it too.
 			from := store.Consuming
 			if !tt.claim {
