@@ -312,7 +312,7 @@ func (b *Store) Active(ctx context.Context, before time.Time, limit int) ([]stor
 func (b *Store) Prune(ctx context.Context, before time.Time, limit int) (int, error) {
 	var n int
 	end := timeKey(before, "")
-	err := b.db.Update(func(tx *bbolt.Tx) error {
+	err := b.batch(ctx, func(tx *bbolt.Tx) error { // after the queued settles: see Settle
 		n = 0
 		idx := tx.Bucket(bucketClosed)
 		recs := tx.Bucket(bucketRecords)

@@ -52,6 +52,7 @@ func Run(t *testing.T, newStore func(t testing.TB) Store) {
 		{"CompareAndSwapRace", testCompareAndSwapRace},
 		{"ManyRecordsRace", testManyRecordsRace},
 		{"Settle", testSettle},
+		{"SettleThenPrune", testSettleThenPrune},
 		{"Active", testActive},
 		{"Prune", testPrune},
 		{"Import", testImport},
@@ -387,6 +388,22 @@ func testSettle(t *testing.T, newStore func(testing.TB) Store) {
 				t.Errorf("Transition(%s→expired) after Settle = %v, want a StateError in state %s", from, err, tt.want)
 			}
 		})
+	}
+}
+
+// A settled record is closed for Prune at once too, committed or not.
+func testSettleThenPrune(t *testing.T, newStore func(testing.TB) Store) {
+	ctx := context.Background()
+	s := newStore(t)
+	mustCreate(t, s, Issued("a", base))
+	mustTransition(t, s, "a", store.Issued, store.Consuming, base)
+	at := base.Add(time.Second)
+	s.Settle("a", store.Consuming, store.Consumed, at)
+	if n, err := s.Prune(ctx, at.Add(time.Hour), 0); err != nil || n != 1 {
+		t.Errorf("Prune() right after Settle = %d, %v; want 1", n, err)
+	}
+	if _, err := s.Get(ctx, "a"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("Get() of the pruned record = %v, want ErrNotFound", err)
 	}
 }
 
